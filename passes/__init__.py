@@ -1,0 +1,1 @@
+"""Built-in passes. Importing this package registers them by name."""
