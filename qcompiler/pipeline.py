@@ -21,6 +21,16 @@ from .ir import Graph, eliminate_dead_code, verify
 EXACT, TOLERANT, NUMERICS = "exact", "tolerant", "numerics"
 
 
+def _snake(name: str) -> str:
+    out = []
+    for i, c in enumerate(name):
+        if c.isupper() and i and not name[i - 1].isupper():
+            out.append("_")
+        out.append(c.lower())
+    return "".join(out)
+
+
+
 @dataclass
 class PassResult:
     graph: Graph
@@ -201,11 +211,3 @@ class PassManager:
             done.append(p.name)
         return graph
 
-
-def _snake(name: str) -> str:
-    out = []
-    for i, c in enumerate(name):
-        if c.isupper() and i and not name[i - 1].isupper():
-            out.append("_")
-        out.append(c.lower())
-    return "".join(out)
