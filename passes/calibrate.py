@@ -1,0 +1,155 @@
+"""Calibration (observers over real data) and the per-layer quality report (SQNR)."""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+import torch.fx as fx
+from tqdm import tqdm
+
+from qcompiler.calib import CalibData
+from qcompiler.errors import QCError
+from qcompiler.ir import QMETA, Graph
+from qcompiler.pipeline import NUMERICS, Pass, PassContext, PassResult, register
+from qcompiler.qspec import Observer, QuantSpec
+
+from .quantize import layers
+
+
+class _Recorder(fx.Interpreter):
+    """Runs a graph and hands the value of each watched node to a callback."""
+
+    def __init__(self, gm, watch: set[str], on_value):
+        super().__init__(gm)
+        self.watch, self.on_value = watch, on_value
+
+    def run_node(self, n):
+        v = super().run_node(n)
+        if n.name in self.watch:
+            self.on_value(n, v)
+        return v
+
+
+def _progress(it: Iterable, total: int, desc: str):
+    return tqdm(it, total=total, desc=desc, unit="batch", leave=False, dynamic_ncols=True,
+                disable=None)  # None: hide when not a terminal
+
+
+@register
+class Calibrate(Pass):
+    """Run the calibration set through the float graph; every annotated activation gets
+    QParams from its observer (min-max, percentile, MSE or KL, as its QuantSpec says)."""
+
+    name = "calibrate"
+    numerics = NUMERICS
+    requires = ("annotated",)
+    provides = ("calibrated",)
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        calib: CalibData | None = ctx.calib
+        if calib is None:
+            raise QCError("calibration data is required (no silent random calibration)")
+        calib.validate(graph.inputs)
+        observers: dict[tuple[str, QuantSpec], Observer] = {}
+        by_node: dict[str, list[Observer]] = {}
+        for node in layers(graph):
+            for i, q in node.meta[QMETA]["inputs"].items():
+                if q["role"] != "act":
+                    continue
+                src = node.args[i]
+                key = (src.name, q["spec"])
+                if key not in observers:
+                    observers[key] = Observer(q["spec"])
+                    by_node.setdefault(src.name, []).append(observers[key])
+
+        def observe(n, v):
+            for o in by_node[n.name]:
+                try:
+                    o.observe(v)
+                except QCError as e:
+                    raise QCError(str(e), node=n.name, op=str(n.target)) from None
+
+        rec = _Recorder(graph.gm, set(by_node), observe)
+        with torch.no_grad():
+            for batch in _progress(calib.batches(graph.inputs), calib.num_batches(), "calibrating"):
+                rec.run(*batch)
+        for node in layers(graph):
+            for i, q in node.meta[QMETA]["inputs"].items():
+                if q["role"] == "act":
+                    q["qparams"] = observers[(node.args[i].name, q["spec"])].qparams()
+        return PassResult(graph, bool(observers), {"activation_observers": len(observers),
+                                                   "batches": calib.num_batches()})
+
+
+def _sqnr_db(signal: float, noise: float) -> float:
+    if noise <= 0.0:
+        return math.inf
+    if signal <= 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
+
+
+def quality_report(float_graph: Graph, quant_graph: Graph, calib: CalibData, max_batches: int = 8) -> list[dict]:
+    """Per quantized layer: SQNR (dB) of its quantized weight, of its quantized input
+    activation(s), and of its output against the float model, on calibration data."""
+    qlayers = layers(quant_graph)
+    names = {n.name for n in qlayers}
+    fq_nodes = {}
+    for n in qlayers:
+        for i, q in n.meta[QMETA]["inputs"].items():
+            fq_nodes.setdefault(n.args[i].name, n.args[i])
+    acc: dict[str, list[float]] = {}
+
+    def add(key, s, e):
+        a = acc.setdefault(key, [0.0, 0.0])
+        a[0] += s
+        a[1] += e
+
+    float_vals: dict[str, torch.Tensor] = {}
+    f_rec = _Recorder(float_graph.gm, names, lambda n, v: float_vals.__setitem__(n.name, v))
+
+    def on_quant(n, v):
+        if n.name in names:
+            ref = float_vals[n.name].double()
+            add(f"out:{n.name}", float((ref ** 2).sum()), float(((v.double() - ref) ** 2).sum()))
+        if n.name in fq_nodes:
+            x = n.args[0]
+            xv = x_vals.get(x.name)
+            if xv is not None:
+                add(f"fq:{n.name}", float((xv.double() ** 2).sum()), float(((v.double() - xv.double()) ** 2).sum()))
+
+    x_vals: dict[str, torch.Tensor] = {}
+    watch = names | set(fq_nodes) | {n.args[0].name for n in fq_nodes.values()}
+
+    def record(n, v):
+        if n.name in {f.args[0].name for f in fq_nodes.values()}:
+            x_vals[n.name] = v
+        on_quant(n, v)
+
+    q_rec = _Recorder(quant_graph.gm, watch, record)
+    with torch.no_grad():
+        for k, batch in enumerate(calib.batches(float_graph.inputs)):
+            if k >= max_batches:
+                break
+            float_vals.clear(), x_vals.clear()
+            f_rec.run(*batch)
+            q_rec.run(*batch)
+    rows = []
+    for n in qlayers:
+        info = n.meta[QMETA]
+        row = {"layer": n.name, "op": info["op"]}
+        for i, q in sorted(info["inputs"].items()):
+            fq = n.args[i]
+            role = q["role"]
+            key = "weight" if role == "weight" else f"input{i}"
+            s, e = acc.get(f"fq:{fq.name}", (0.0, 0.0))
+            if role == "weight":
+                w = quant_graph.attr(fq.args[0]).double()
+                wq = fq.target(*[quant_graph.attr(a) if isinstance(a, fx.Node) else a for a in fq.args]).double()
+                s, e = float((w ** 2).sum()), float(((wq - w) ** 2).sum())
+            row[f"{key}_sqnr_db"] = round(_sqnr_db(s, e), 2)
+        s, e = acc.get(f"out:{n.name}", (0.0, 0.0))
+        row["output_sqnr_db"] = round(_sqnr_db(s, e), 2)
+        rows.append(row)
+    return rows

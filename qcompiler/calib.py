@@ -1,0 +1,78 @@
+"""Calibration data: arrays keyed by model input name, samples along axis 0, checked
+against the model's inputs before any pass sees them."""
+from __future__ import annotations
+
+import os
+import zipfile
+from typing import Iterator, Mapping
+
+import numpy as np
+import torch
+
+from .errors import QCError
+from .ir import TensorSpec
+
+
+class CalibData:
+    def __init__(self, arrays: Mapping[str, np.ndarray], batch_size: int = 8, source: str = "calibration data"):
+        self.arrays = {k: np.asarray(v) for k, v in arrays.items()}
+        self.batch_size = max(1, int(batch_size))
+        self.source = source
+
+    @staticmethod
+    def from_npz(path: str | os.PathLike, batch_size: int = 8) -> "CalibData":
+        path = str(path)
+        if not os.path.exists(path):
+            raise QCError(f"{path}: calibration file not found")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
+            raise QCError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
+        return CalibData(arrays, batch_size, source=path)
+
+    @property
+    def num_samples(self) -> int:
+        return min((len(v) for v in self.arrays.values()), default=0)
+
+    def validate(self, inputs: list[TensorSpec]) -> None:
+        """Names, sample counts, shapes and values must fit the model's inputs."""
+        src = self.source
+        if not self.arrays:
+            raise QCError(f"{src}: contains no arrays")
+        names = [s.name for s in inputs]
+        missing = [n for n in names if n not in self.arrays]
+        extra = [k for k in self.arrays if k not in names]
+        if missing or extra:
+            raise QCError(f"{src}: arrays {sorted(self.arrays)} do not match the model inputs {names}"
+                          + (f" (missing {missing})" if missing else "") + (f" (unexpected {extra})" if extra else ""))
+        counts = {k: len(v) if v.ndim else 0 for k, v in self.arrays.items()}
+        if any(c == 0 for c in counts.values()):
+            raise QCError(f"{src}: empty calibration set (0 samples in {[k for k, c in counts.items() if c == 0]})")
+        if len(set(counts.values())) > 1:
+            raise QCError(f"{src}: inputs have different sample counts {counts}")
+        for spec in inputs:
+            a = self.arrays[spec.name]
+            if a.ndim != len(spec.shape):
+                raise QCError(f"{src}: '{spec.name}' has shape {list(a.shape)} but the model input is {list(spec.shape)} "
+                              "(samples go along axis 0)")
+            for i, (d, s) in enumerate(zip(spec.shape[1:], a.shape[1:]), start=1):
+                if isinstance(d, int) and d != s:
+                    raise QCError(f"{src}: '{spec.name}' dim {i} is {s}, the model expects {d} (shape {list(spec.shape)})")
+            if a.dtype.kind not in "fiub":
+                raise QCError(f"{src}: '{spec.name}' has dtype {a.dtype}, not numeric")
+            if a.dtype.kind == "f" and not np.isfinite(a).all():
+                bad = int((~np.isfinite(a)).sum())
+                raise QCError(f"{src}: '{spec.name}' contains {bad} NaN/inf values")
+            want = spec.dtype
+            if (want.startswith("float") and a.dtype.kind not in "f") or (want.startswith("int") and a.dtype.kind not in "iu"):
+                raise QCError(f"{src}: '{spec.name}' has dtype {a.dtype}, the model expects {want}")
+
+    def batches(self, inputs: list[TensorSpec]) -> Iterator[tuple[torch.Tensor, ...]]:
+        n = self.num_samples
+        for i in range(0, n, self.batch_size):
+            yield tuple(torch.from_numpy(np.ascontiguousarray(self.arrays[s.name][i:i + self.batch_size]))
+                        .to(s.torch_dtype()) for s in inputs)
+
+    def num_batches(self) -> int:
+        return -(-self.num_samples // self.batch_size)

@@ -1,0 +1,178 @@
+"""The `qcompiler` command: compile, run, inspect.
+
+Bad input prints one line `qcompiler: error: ...` on stderr and exits with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from .errors import QCError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qcompiler", description="A compiler for quantized neural networks.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    c = sub.add_parser("compile", help="quantize a model and write an artifact directory")
+    c.add_argument("model", help="model file (.onnx, .pt2) or zoo:NAME (bundled: minilm, fashion_cnn, fashion_vit, digits_cnn)")
+    c.add_argument("-o", "--output", required=True, help="artifact directory to create")
+    c.add_argument("--calib", help="calibration .npz: one array per model input, keyed by input name, samples on axis 0")
+    c.add_argument("--target", default="onnx", choices=["onnx", "reference"])
+    c.add_argument("--w-bits", type=int, default=8)
+    c.add_argument("--a-bits", type=int, default=8)
+    c.add_argument("--w-granularity", default="channel", choices=["channel", "tensor", "group"])
+    c.add_argument("--w-group-size", type=int, default=0)
+    c.add_argument("--a-asym", action="store_true", help="asymmetric activations (default: symmetric int8, TensorRT-compatible)")
+    c.add_argument("--observer", default="minmax", choices=["minmax", "percentile", "mse", "kl"])
+    c.add_argument("--percentile", type=float, default=99.99)
+    c.add_argument("--pass", dest="passes", action="append", default=[], metavar="NAME|module:Class",
+                   help="extra pass to run before quantization (repeatable)")
+    c.add_argument("--keep-float", action="append", default=[], metavar="GLOB",
+                   help="leave layers whose node name matches GLOB in float (repeatable)")
+    c.add_argument("--calib-batch-size", type=int, default=8)
+    c.add_argument("--force", action="store_true", help="replace an existing non-empty output directory")
+
+    r = sub.add_parser("run", help="run an artifact on inputs from an .npz file")
+    r.add_argument("artifact")
+    r.add_argument("--input", required=True, help=".npz with one array per model input, keyed by name")
+    r.add_argument("--output", required=True, help=".npz to write, one array per model output")
+
+    i = sub.add_parser("inspect", help="print an artifact's layers, bits, scales and SQNR")
+    i.add_argument("artifact")
+    i.add_argument("--json", action="store_true", help="print the manifest's layer table as JSON")
+
+    sub.add_parser("passes", help="list registered passes")
+    return p
+
+
+def _progress(name: str) -> None:
+    if sys.stderr.isatty():
+        print(f"  - {name}", file=sys.stderr)
+
+
+def cmd_compile(a) -> int:
+    from .artifact import check_output_dir
+    from .calib import CalibData
+    from .compiler import compile as qc_compile
+    from .config import Config
+
+    out = os.path.abspath(a.output)
+    check_output_dir(out, force=a.force)  # fail before any expensive work
+    if not a.calib:
+        raise QCError("--calib CALIB.npz is required: qcompiler never calibrates on random data "
+                      "(save one array per model input, keyed by input name, samples along axis 0)")
+    if not a.model.startswith("zoo:") and not os.path.exists(a.model):
+        raise QCError(f"{a.model}: no such model file")
+    cfg = Config(target=a.target, w_bits=a.w_bits, a_bits=a.a_bits, w_granularity=a.w_granularity,
+                 w_group_size=a.w_group_size, a_symmetric=not a.a_asym, observer=a.observer,
+                 percentile=a.percentile, passes=tuple(a.passes), exclude=tuple(a.keep_float),
+                 calib_batch_size=a.calib_batch_size)
+    calib = CalibData.from_npz(a.calib, batch_size=a.calib_batch_size)
+    t0 = time.perf_counter()
+    art = qc_compile(a.model, calib, config=cfg, progress=_progress)
+    path = art.save(out, force=a.force)
+    q = art.manifest["quality"]["summary"]
+    size = sum(len(v) for v in art.files.values())
+    print(f"wrote {path}: {q['layers']} quantized layers, {size / 1e6:.2f} MB, "
+          f"min layer-output SQNR {q['min_output_sqnr_db']} dB ({q['worst_layer']}), "
+          f"{time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _load_npz(path: str) -> dict[str, np.ndarray]:
+    if not os.path.isfile(path):
+        raise QCError(f"{path}: input file not found")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except Exception as e:
+        raise QCError(f"{path}: not a readable .npz file ({type(e).__name__})") from None
+
+
+def cmd_run(a) -> int:
+    from .compiler import load
+
+    model = load(a.artifact)
+    feeds = _load_npz(a.input)
+    outs = model(feeds)
+    out = os.path.abspath(a.output)
+    d = os.path.dirname(out)
+    if not os.path.isdir(d) or not os.access(d, os.W_OK):
+        raise QCError(f"{out}: cannot write here")
+    fd, tmp = tempfile.mkstemp(suffix=".npz", dir=d)
+    os.close(fd)
+    try:
+        np.savez(tmp, **outs)
+        os.replace(tmp, out if out.endswith(".npz") else out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    print(f"wrote {out}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in outs.items()))
+    return 0
+
+
+def cmd_inspect(a) -> int:
+    import json
+
+    from .artifact import read_artifact
+
+    m, files = read_artifact(a.artifact)
+    if a.json:
+        print(json.dumps(m["layers"], indent=1))
+        return 0
+    quality = {r["layer"]: r for r in m["quality"]["layers"]}
+    print(f"{a.artifact}: backend {m['backend']} (runtime {m['runtime']}), source {m['source']['model']}")
+    print("inputs:  " + ", ".join(f"{s['name']} {s['shape']} {s['dtype']}" for s in m["inputs"]))
+    print("outputs: " + ", ".join(f"{s['name']} {s['shape']} {s['dtype']}" for s in m["outputs"]))
+    print("files:   " + ", ".join(f"{k} ({v['bytes'] / 1e6:.2f} MB)" for k, v in m["files"].items()))
+    hdr = f"{'layer':<28} {'op':<12} {'W':>3} {'A':>3} {'w gran':<8} {'w scale (min..max)':<22} {'a scale':>10} {'a zp':>5} {'W dB':>7} {'in dB':>7} {'out dB':>7}"
+    print(hdr)
+    print("-" * len(hdr))
+    for row in m["layers"]:
+        w = next((x for x in row["inputs"] if x["role"] == "weight"), None)
+        act = next((x for x in row["inputs"] if x["role"] == "act"), None)
+        q = quality.get(row["name"], {})
+        in_db = next((v for k, v in q.items() if k.startswith("input") and k.endswith("_sqnr_db")), None)
+        ws = f"{min(w['scale']):.2e}..{max(w['scale']):.2e}" if w else "-"
+        print(f"{row['name'][:28]:<28} {row['op'].split('.')[-1]:<12} {row['w_bits'] or '-':>3} {row['a_bits'] or '-':>3} "
+              f"{(w['granularity'] if w else '-'):<8} {ws:<22} {(f'{act['scale'][0]:.3e}' if act else '-'):>10} "
+              f"{(act['zero_point'][0] if act else '-'):>5} {_db(q.get('weight_sqnr_db')):>7} {_db(in_db):>7} "
+              f"{_db(q.get('output_sqnr_db')):>7}")
+    s = m["quality"]["summary"]
+    print(f"{s['layers']} layers; layer-output SQNR mean {s['mean_output_sqnr_db']} dB, "
+          f"min {s['min_output_sqnr_db']} dB at {s['worst_layer']}")
+    return 0
+
+
+def _db(v) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
+def cmd_passes(a) -> int:
+    from .pipeline import registered
+    for name, cls in sorted(registered().items()):
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        print(f"{name:<20} {cls.numerics:<9} {doc}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = _parser().parse_args(argv)
+    try:
+        return {"compile": cmd_compile, "run": cmd_run, "inspect": cmd_inspect, "passes": cmd_passes}[a.cmd](a)
+    except QCError as e:
+        print(f"qcompiler: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("qcompiler: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""Config: every option of a compilation, nameable from the CLI and recorded in the manifest."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from .errors import QCError
+from .qspec import OBSERVERS, QuantSpec
+
+DEFAULT_OPS = ("linear", "conv1d", "conv2d", "conv3d", "matmul", "bmm", "mm", "addmm")
+TARGETS = ("onnx", "reference")
+
+
+@dataclass
+class Config:
+    target: str = "onnx"
+    w_bits: int = 8
+    a_bits: int = 8
+    w_granularity: str = "channel"  # channel | tensor | group
+    w_group_size: int = 0
+    a_symmetric: bool = True  # int8 symmetric activations: what TensorRT's explicit quantization expects
+    observer: str = "minmax"  # activations; weights always use min-max of the exact tensor
+    percentile: float = 99.99
+    op_types: tuple[str, ...] = DEFAULT_OPS
+    include: tuple[str, ...] = ()  # node-name glob patterns; empty = all
+    exclude: tuple[str, ...] = ()  # node-name glob patterns kept in float
+    passes: tuple[str, ...] = ()  # extra passes (names or module:Class) run before quantization
+    pre_passes: tuple[str, ...] = ("remove_identities", "fold_bn", "fold_constants")
+    calib_batch_size: int = 8
+    verify_each: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.target not in TARGETS:
+            raise QCError(f"unknown target '{self.target}' (choose from {', '.join(TARGETS)})")
+        if self.observer not in OBSERVERS:
+            raise QCError(f"unknown observer '{self.observer}' (choose from {', '.join(OBSERVERS)})")
+        self.weight_spec(), self.act_spec()  # validates bits and granularity
+
+    def weight_spec(self) -> QuantSpec:
+        return QuantSpec(bits=self.w_bits, signed=True, symmetric=True, granularity=self.w_granularity, axis=0,
+                         group_size=self.w_group_size, narrow_range=True, observer="minmax")
+
+    def act_spec(self) -> QuantSpec:
+        return QuantSpec(bits=self.a_bits, signed=True, symmetric=self.a_symmetric, granularity="tensor",
+                         observer=self.observer, percentile=self.percentile)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
