@@ -20,7 +20,7 @@ from qcompiler.errors import QCError
 
 from ._common import WEIGHTS, load_npz, predict, save_npz
 
-TEST_TOP1 = 0.0
+TEST_TOP1 = 0.9978  # 449 / 450
 
 
 @functools.cache

@@ -1,0 +1,409 @@
+"""ONNX backend: a (fake-quantized) Graph -> a QDQ ONNX model, and an onnxruntime runner.
+
+Route: torch.onnx.export(dynamo=True) with a custom translation of `qc.fake_quant` into
+QuantizeLinear -> DequantizeLinear, then post-processing with the onnx API:
+
+- constant inputs of QuantizeLinear (weights) are quantized here, exactly like the reference
+  kernel (float32 division, round half to even, clamp), and stored as integer initializers
+  feeding DequantizeLinear: the TensorRT explicit-quantization pattern int8 -> DQ -> Conv/Gemm;
+- a range narrower than its integer type ([-127, 127] int8, 6-bit [-32, 31] in int8, ...) is
+  made exact by clipping a non-constant input to [(qmin-z)*s, (qmax-z)*s] before
+  QuantizeLinear (Clip per tensor, Max/Min with broadcast bounds per channel); a constant
+  input is clipped the same way before it is quantized;
+- dynamic dims get the names of the Graph's TensorSpecs; doc strings and metadata (stack
+  traces, file paths) are dropped and node names made unique, so the bytes are a function of
+  the graph alone;
+- onnx.checker.check_model(full_check=True) must pass.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import warnings
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxscript
+import torch
+import torch.fx as fx
+from onnx import TensorProto, helper, numpy_helper
+
+from qcompiler.errors import QCError
+from qcompiler.ir import Graph, op_name
+
+FAKE_QUANT = torch.ops.qc.fake_quant.default
+DEFAULT_OPSET = 20  # torch.onnx's default; int4/uint4/int16/uint16 and blocked quantization need 21
+BLOCKED_OPSET = 21
+
+# (qmin, qmax) of each ONNX integer type, smallest first; a range picks the first type containing it
+_QTYPES = [
+    (TensorProto.INT4, -8, 7), (TensorProto.UINT4, 0, 15), (TensorProto.INT8, -128, 127),
+    (TensorProto.UINT8, 0, 255), (TensorProto.INT16, -32768, 32767), (TensorProto.UINT16, 0, 65535),
+]
+_OPSET21_TYPES = {TensorProto.INT4, TensorProto.UINT4, TensorProto.INT16, TensorProto.UINT16}
+
+
+def qtype(qmin: int, qmax: int) -> tuple[int, int, int]:
+    """The ONNX integer type for a quantization range and that type's own (min, max).
+
+    4-bit ranges use int4/uint4, anything else at least 8 bits: [-8, 7] -> int4, 6-bit
+    [-32, 31] -> int8, [-127, 127] -> int8, [0, 65535] -> uint16.
+    """
+    for t, lo, hi in _QTYPES:
+        if lo <= qmin and qmax <= hi and (t not in (TensorProto.INT4, TensorProto.UINT4) or (qmin, qmax) == (lo, hi)):
+            return t, lo, hi
+    raise QCError(f"quantization range [{qmin}, {qmax}] fits no ONNX integer type")
+
+
+def export_onnx(graph: Graph, *, opset: int | None = None) -> bytes:
+    """Serialize `graph` to a QDQ ONNX model (bytes of a single-file ModelProto).
+
+    Opset: 20 (torch.onnx's default) unless the graph needs 21: int4/uint4/int16/uint16
+    types or per-group (blocked) quantization. Asking for a lower opset than the graph
+    needs is a QCError; opsets below 18 go through onnx's version converter.
+    """
+    g, needs = _prepare(graph)
+    opset = opset or (BLOCKED_OPSET if needs else DEFAULT_OPSET)
+    if needs and opset < BLOCKED_OPSET:
+        raise QCError(f"the graph uses {', '.join(sorted(needs))}, which need ONNX opset >= {BLOCKED_OPSET} (asked for {opset})")
+    args, dynamic_shapes = _example_args(graph)
+    model = _torch_export(g, args, dynamic_shapes, opset)
+    _constants_to_initializers(model.graph)
+    _fold_quantize(model.graph)
+    _rename_dims(model, graph)
+    _scrub(model)
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as e:  # onnx raises ValidationError or InferenceError
+        raise QCError(f"the exported ONNX model does not pass onnx.checker: {str(e).strip().splitlines()[0]}") from None
+    return model.SerializeToString(deterministic=True)
+
+
+# -- before export: on a copy of the fx graph ----------------------------------------------
+
+
+def _prepare(graph: Graph) -> tuple[Graph, set[str]]:
+    """Copy the graph; make per-tensor qparams 0-d; make narrow ranges exact (see module doc).
+
+    Returns the copy and the features that need opset 21.
+    """
+    g = graph.copy()
+    g.gm.eval()
+    needs: set[str] = set()
+    for n in list(g.nodes):
+        if n.op != "call_function" or n.target is not FAKE_QUANT:
+            continue
+        x, s_node, z_node, qmin, qmax, axis, group = n.args
+        if not (s_node.op == "get_attr" and z_node.op == "get_attr"):
+            raise QCError("scale and zero point must be constants to export to ONNX", node=n.name, op=op_name(n))
+        t, tmin, tmax = qtype(qmin, qmax)
+        if t in _OPSET21_TYPES:
+            needs.add(helper.tensor_dtype_to_string(t).split(".")[-1].lower())
+        if group > 0:
+            needs.add("per-group quantization")
+        s, z = g.attr(s_node).float(), g.attr(z_node)
+        if group == 0 and s.numel() == 1 and s.dim() == 1:
+            n.replace_input_with(s_node, g.add_constant(s.reshape(()), s_node.target, n))
+            n.replace_input_with(z_node, g.add_constant(z.reshape(()), z_node.target, n))
+        if (qmin, qmax) == (tmin, tmax):
+            continue
+        if x.op == "get_attr":  # clip the constant itself: quantizing it then saturates exactly
+            w = g.attr(x).float()
+            lo, hi = _clip_bounds(s, z, qmin, qmax, w, axis, group)
+            n.replace_input_with(x, g.add_constant(torch.clamp(w, lo, hi).to(g.attr(x).dtype), x.target, n))
+        elif group > 0:
+            raise QCError(f"per-group quantization of a non-constant input to [{qmin}, {qmax}] "
+                          "(not a full integer type) cannot be exported", node=n.name, op=op_name(n))
+        elif s.numel() == 1:
+            lo, hi = (float(v) for v in _clip_bounds(s, z, qmin, qmax))
+            with g.graph.inserting_before(n):
+                n.replace_input_with(x, g.graph.call_function(torch.ops.aten.clamp.default, (x, lo, hi)))
+        else:
+            rank = _rank(x)
+            lo, hi = _clip_bounds(s, z, qmin, qmax, torch.empty([1] * rank), axis, group)
+            lo_n, hi_n = g.add_constant(lo, f"{x.name}_clip_lo", n), g.add_constant(hi, f"{x.name}_clip_hi", n)
+            with g.graph.inserting_before(n):
+                n.replace_input_with(x, g.graph.call_function(torch.ops.aten.clamp.Tensor, (x, lo_n, hi_n)))
+    g.prune_attrs()
+    g.recompile()
+    return g, needs
+
+
+def _clip_bounds(s, z, qmin, qmax, like=None, axis=0, group=0):
+    """[(qmin - z) * s, (qmax - z) * s] in float32, broadcast against `like` when given."""
+    from qcompiler.ops import expand_qparam
+
+    if like is not None:
+        if group > 0:
+            s, z = expand_qparam(s, like, axis, group), expand_qparam(z, like, axis, group)
+        elif s.numel() > 1:
+            shape = [1] * like.dim()
+            shape[axis % like.dim()] = s.numel()
+            s, z = s.reshape(shape), z.reshape(shape)
+    zf = z.float()
+    return (qmin - zf) * s, (qmax - zf) * s
+
+
+def _rank(x: fx.Node) -> int:
+    v = x.meta.get("val")
+    if isinstance(v, torch.Tensor):
+        return v.dim()
+    raise QCError("per-channel fake_quant input has no recorded shape (meta['val'])", node=x.name, op=op_name(x))
+
+
+def _example_args(graph: Graph) -> tuple[tuple[torch.Tensor, ...], tuple[Any, ...] | None]:
+    """Zeros of each input's shape; dynamic dims get a size (>= 2) distinct per dim name."""
+    static = {d for spec in graph.inputs for d in spec.shape if isinstance(d, int)}
+    sizes: dict[str, int] = {}
+    nxt = 2
+    args, dyn = [], []
+    for spec in graph.inputs:
+        shape = []
+        for d in spec.shape:
+            if isinstance(d, str) and d not in sizes:
+                while nxt in static:
+                    nxt += 1
+                sizes[d], nxt = nxt, nxt + 1
+            shape.append(sizes[d] if isinstance(d, str) else d)
+        dt = spec.torch_dtype()
+        args.append(torch.ones(shape, dtype=dt) if dt == torch.bool else torch.zeros(shape, dtype=dt))
+        dyn.append({i: torch.export.Dim.AUTO for i, d in enumerate(spec.shape) if isinstance(d, str)} or None)
+    return tuple(args), (tuple(dyn) if any(dyn) else None)
+
+
+# -- export ----------------------------------------------------------------------------------
+
+
+def _qdq_translation(opset: int):
+    """An onnxscript function for qc.fake_quant: QuantizeLinear -> DequantizeLinear."""
+    op = onnxscript.values.Opset("", opset)
+
+    def fake_quant(x, scale, zero_point, qmin: int, qmax: int, axis: int, group_size: int):
+        zp = op.Cast(zero_point, to=qtype(qmin, qmax)[0])
+        attrs = {"axis": axis, "block_size": group_size} if group_size > 0 else {"axis": axis} if len(scale.shape) else {}
+        return op.DequantizeLinear(op.QuantizeLinear(x, scale, zp, **attrs), scale, zp, **attrs)
+
+    return fake_quant
+
+
+def _torch_export(g: Graph, args, dynamic_shapes, opset: int) -> onnx.ModelProto:
+    log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = log.level
+    log.setLevel(logging.ERROR)  # "torchvision is not installed" notes
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            prog = torch.onnx.export(
+                g.gm, args, dynamo=True, custom_translation_table={FAKE_QUANT: _qdq_translation(opset)},
+                dynamic_shapes=dynamic_shapes, input_names=[s.name for s in g.inputs],
+                output_names=[s.name for s in g.outputs], opset_version=opset, optimize=True,
+                verbose=False, external_data=False,
+            )
+    except Exception as e:
+        raise _export_error(e, g) from None
+    finally:
+        log.setLevel(level)
+    return prog.model_proto
+
+
+def _export_error(e: Exception, g: Graph) -> QCError:
+    """A QCError naming the node and op the exporter failed on, when its message says."""
+    chain, c = [], e
+    while c is not None and len(chain) < 20:
+        chain.append(c)
+        c = c.__cause__ or c.__context__
+    text = "\n".join(str(c) for c in chain)
+    m = re.search(r"translating node %(\w+)", text)
+    if m:
+        nodes = {n.name: n for n in g.nodes}
+        name = m.group(1)
+        op = op_name(nodes[name]) if name in nodes else None
+        why = next((ln.strip() for c in chain for ln in str(c).splitlines() if "No ONNX function" in ln), "")
+        return QCError(f"the ONNX exporter cannot translate this op{': ' + why if why else ''}", node=name, op=op)
+    first = next((ln for ln in str(chain[-1]).splitlines() if ln.strip()), type(chain[-1]).__name__)
+    return QCError(f"torch.onnx.export failed: {type(chain[-1]).__name__}: {first}")
+
+
+# -- after export: the onnx model --------------------------------------------------------------
+
+
+def _constants_to_initializers(graph: onnx.GraphProto) -> None:
+    """Constant nodes holding a tensor become initializers (one kind of constant to fold)."""
+    keep = []
+    for node in graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.attribute) == 1 \
+                and node.attribute[0].name == "value":
+            t = onnx.TensorProto()
+            t.CopyFrom(node.attribute[0].t)
+            t.name = node.output[0]
+            graph.initializer.append(t)
+        else:
+            keep.append(node)
+    _set_nodes(graph, keep)
+
+
+def _fold_quantize(graph: onnx.GraphProto) -> None:
+    """Fold Cast and QuantizeLinear nodes whose inputs are all initializers into integer
+    initializers; drop initializers and value_info nothing uses any more."""
+    inits = {t.name: t for t in graph.initializer}
+    keep, done = [], {}
+    for node in graph.node:
+        ins = [i for i in node.input if i]
+        if node.op_type not in ("Cast", "QuantizeLinear") or node.domain not in ("", "ai.onnx") or not all(i in inits for i in ins):
+            keep.append(node)
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        key = (node.op_type, tuple(node.input), tuple(sorted(attrs.items())))
+        if key not in done:
+            arrs = [_to_array(inits[i]) for i in ins]
+            if node.op_type == "Cast":
+                t = _make_tensor(arrs[0].astype(np.int64) if attrs["to"] in _INT_TYPES else arrs[0], attrs["to"], node.output[0])
+            else:
+                zp_type = inits[node.input[2]].data_type if len(ins) > 2 else attrs.get("output_dtype") or TensorProto.UINT8
+                zp = arrs[2] if len(ins) > 2 else np.zeros((), np.int64)
+                t = _make_tensor(quantize(arrs[0], arrs[1], zp, zp_type, attrs.get("axis", 1), attrs.get("block_size", 0)),
+                                 zp_type, _fresh(f"{ins[0]}_quantized", inits))
+            graph.initializer.append(t)
+            inits[t.name] = t
+            done[key] = t.name
+        _rename_uses(graph, node.output[0], done[key])
+    _set_nodes(graph, keep)
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    kept = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    produced = {o for n in graph.node for o in n.output}
+    vi = [v for v in graph.value_info if v.name in produced]
+    del graph.value_info[:]
+    graph.value_info.extend(vi)
+
+
+_INT_TYPES = {t for t, _, _ in _QTYPES} | {TensorProto.INT32, TensorProto.INT64, TensorProto.UINT32, TensorProto.UINT64}
+
+
+def quantize(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, qtype_: int, axis: int = 1, block_size: int = 0) -> np.ndarray:
+    """ONNX QuantizeLinear as the reference kernel computes it: saturate(rint(x / s) + z) in
+    float32 (round half to even); returns int64 values within the type's range."""
+    x = np.asarray(x, np.float32)
+    s, z = np.asarray(scale, np.float32), np.asarray(zero_point).astype(np.float32)
+    if s.ndim > 0 and x.ndim > 0:
+        ax = axis % x.ndim
+        if block_size > 0:
+            s, z = (np.repeat(p, block_size, axis=ax).take(np.arange(x.shape[ax]), axis=ax) for p in (s, z))
+        else:
+            shape = [1] * x.ndim
+            shape[ax] = s.size
+            s, z = s.reshape(shape), z.reshape(shape)
+    lo, hi = next((lo, hi) for t, lo, hi in _QTYPES if t == qtype_)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.rint(x / s) + z
+    return np.clip(q, lo, hi).astype(np.int64)
+
+
+def _to_array(t: onnx.TensorProto) -> np.ndarray:
+    a = numpy_helper.to_array(t)
+    return a.astype(np.int64) if t.data_type in (TensorProto.INT4, TensorProto.UINT4) else a
+
+
+def _make_tensor(a: np.ndarray, dtype: int, name: str) -> onnx.TensorProto:
+    if dtype in (TensorProto.INT4, TensorProto.UINT4):
+        return helper.make_tensor(name, dtype, a.shape, a.astype(np.int64).flatten().tolist())
+    np_type = helper.tensor_dtype_to_np_dtype(dtype)
+    return numpy_helper.from_array(np.asarray(a).astype(np_type), name)
+
+
+def _fresh(name: str, used) -> str:
+    out, i = name, 0
+    while out in used:
+        i += 1
+        out = f"{name}_{i}"
+    return out
+
+
+def _rename_uses(graph: onnx.GraphProto, old: str, new: str) -> None:
+    for n in graph.node:
+        for i, v in enumerate(n.input):
+            if v == old:
+                n.input[i] = new
+    for o in graph.output:
+        if o.name == old:  # a graph output must stay produced under its name
+            graph.node.append(helper.make_node("Identity", [new], [old]))
+
+
+def _set_nodes(graph: onnx.GraphProto, nodes) -> None:
+    nodes = [onnx.NodeProto.FromString(n.SerializeToString()) for n in nodes]
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def _rename_dims(model: onnx.ModelProto, graph: Graph) -> None:
+    """Symbols the exporter chose for dynamic dims (s77, ...) -> the Graph's dim names."""
+    names: dict[str, str] = {}
+    for vi, spec in zip(model.graph.input, graph.inputs):
+        for d, want in zip(vi.type.tensor_type.shape.dim, spec.shape):
+            if isinstance(want, str) and d.HasField("dim_param"):
+                names.setdefault(d.dim_param, want)
+    if not names:
+        return
+    pat = re.compile(r"\b(" + "|".join(re.escape(k) for k in sorted(names, key=len, reverse=True)) + r")\b")
+    for vi in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        for d in vi.type.tensor_type.shape.dim:
+            if d.HasField("dim_param"):
+                d.dim_param = pat.sub(lambda m: names[m.group(1)], d.dim_param)
+
+
+def _scrub(model: onnx.ModelProto) -> None:
+    """Drop everything that is not a function of the graph: doc strings, metadata (stack
+    traces, source paths), the exporter's producer fields; give every node a unique name."""
+    from qcompiler import __version__
+
+    model.producer_name, model.producer_version, model.doc_string = "qcompiler", __version__, ""
+    del model.metadata_props[:]
+    g = model.graph
+    g.doc_string = ""
+    del g.metadata_props[:]
+    for coll in (g.input, g.output, g.value_info, g.initializer):
+        for v in coll:
+            v.doc_string = ""
+            del v.metadata_props[:]
+    seen: set[str] = set()
+    for i, n in enumerate(g.node):
+        n.doc_string = ""
+        del n.metadata_props[:]
+        for a in n.attribute:
+            a.doc_string = ""
+        n.name = _fresh(n.name or f"{n.op_type}_{i}", seen)
+        seen.add(n.name)
+    for f in model.functions:
+        f.doc_string = ""
+        del f.metadata_props[:]
+        for n in f.node:
+            n.doc_string = ""
+            del n.metadata_props[:]
+
+
+# -- runtime ----------------------------------------------------------------------------------
+
+
+class OnnxRunner:
+    """An onnxruntime session (CPU, default graph optimizations and threads) keyed by name."""
+
+    def __init__(self, path_or_bytes: str | os.PathLike | bytes):
+        import onnxruntime as ort
+
+        src = path_or_bytes if isinstance(path_or_bytes, bytes) else os.fspath(path_or_bytes)
+        try:
+            self.session = ort.InferenceSession(src, ort.SessionOptions(), providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise QCError(f"onnxruntime cannot load the model: {str(e).strip().splitlines()[0]}") from None
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        missing = [n for n in self.input_names if n not in feeds]
+        if missing:
+            raise QCError(f"missing input(s) {missing} (the model's inputs are {self.input_names})")
+        outs = self.session.run(self.output_names, {n: np.asarray(feeds[n]) for n in self.input_names})
+        return dict(zip(self.output_names, outs))
