@@ -194,13 +194,14 @@ def _fq(x, scale, zp, spec):
 
 
 def _mse_range(row, lo, hi, spec):
-    """Shrink [lo, hi] by factors in (0, 1] and keep the one with the least squared error."""
+    """Shrink [lo, hi] by factors from 1 down to 0.01 (log-spaced) and keep the one with
+    the least squared error on the sample."""
     best, best_err = (lo, hi), float("inf")
-    for f in torch.linspace(1.0, 0.2, 81):
+    for f in torch.logspace(0.0, -2.0, 121):
         l, h = lo * f, hi * f
         s, z = qparams_from_range(l.reshape(1), h.reshape(1), spec)
         err = float(((_fq(row, s, z.float(), spec) - row) ** 2).mean())
-        if err < best_err - 1e-12 * max(best_err, 1.0):
+        if err < best_err * (1 - 1e-9):
             best, best_err = (l, h), err
     return best
 
