@@ -32,10 +32,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qcompiler.errors import QCError
 from qcompiler.ir import Graph, op_name
+from qcompiler.ops import expand_qparam
 
 FAKE_QUANT = torch.ops.qc.fake_quant.default
 DEFAULT_OPSET = 20  # torch.onnx's default; int4/uint4/int16/uint16 and blocked quantization need 21
 BLOCKED_OPSET = 21
+OPSETS = range(17, 24)  # 17 through onnx's version converter (torch.onnx builds 18 and up)
 
 # (qmin, qmax) of each ONNX integer type, smallest first; a range picks the first type containing it
 _QTYPES = [
@@ -46,13 +48,10 @@ _OPSET21_TYPES = {TensorProto.INT4, TensorProto.UINT4, TensorProto.INT16, Tensor
 
 
 def qtype(qmin: int, qmax: int) -> tuple[int, int, int]:
-    """The ONNX integer type for a quantization range and that type's own (min, max).
-
-    4-bit ranges use int4/uint4, anything else at least 8 bits: [-8, 7] -> int4, 6-bit
-    [-32, 31] -> int8, [-127, 127] -> int8, [0, 65535] -> uint16.
-    """
+    """The smallest ONNX integer type containing [qmin, qmax], and that type's own range:
+    [-7, 7] -> int4, [-32, 31] (6-bit) -> int8, [-127, 127] -> int8, [0, 65535] -> uint16."""
     for t, lo, hi in _QTYPES:
-        if lo <= qmin and qmax <= hi and (t not in (TensorProto.INT4, TensorProto.UINT4) or (qmin, qmax) == (lo, hi)):
+        if lo <= qmin and qmax <= hi:
             return t, lo, hi
     raise QCError(f"quantization range [{qmin}, {qmax}] fits no ONNX integer type")
 
@@ -61,19 +60,27 @@ def export_onnx(graph: Graph, *, opset: int | None = None) -> bytes:
     """Serialize `graph` to a QDQ ONNX model (bytes of a single-file ModelProto).
 
     Opset: 20 (torch.onnx's default) unless the graph needs 21: int4/uint4/int16/uint16
-    types or per-group (blocked) quantization. Asking for a lower opset than the graph
-    needs is a QCError; opsets below 18 go through onnx's version converter.
+    types or per-group (blocked) quantization. `opset` may ask for 17..23; asking for less
+    than the graph needs is a QCError.
     """
     g, needs = _prepare(graph)
     opset = opset or (BLOCKED_OPSET if needs else DEFAULT_OPSET)
+    if opset not in OPSETS:
+        raise QCError(f"ONNX opset {opset} is not supported (choose {OPSETS[0]}..{OPSETS[-1]})")
     if needs and opset < BLOCKED_OPSET:
-        raise QCError(f"the graph uses {', '.join(sorted(needs))}, which need ONNX opset >= {BLOCKED_OPSET} (asked for {opset})")
+        raise QCError(f"the graph uses {', '.join(sorted(needs))}, which need ONNX opset >= {BLOCKED_OPSET} "
+                      f"(asked for {opset})")
     args, dynamic_shapes = _example_args(graph)
     model = _torch_export(g, args, dynamic_shapes, opset)
+    got = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if got != opset:
+        raise QCError(f"torch.onnx could not convert the model to ONNX opset {opset} (it produced {got})")
     _constants_to_initializers(model.graph)
     _fold_quantize(model.graph)
     _rename_dims(model, graph)
     _scrub(model)
+    if model.ByteSize() >= 2**31:
+        raise QCError(f"the ONNX model is {model.ByteSize() / 2**30:.1f} GiB, over protobuf's 2 GiB single-file limit")
     try:
         onnx.checker.check_model(model, full_check=True)
     except Exception as e:  # onnx raises ValidationError or InferenceError
@@ -103,16 +110,22 @@ def _prepare(graph: Graph) -> tuple[Graph, set[str]]:
             needs.add(helper.tensor_dtype_to_string(t).split(".")[-1].lower())
         if group > 0:
             needs.add("per-group quantization")
-        s, z = g.attr(s_node).float(), g.attr(z_node)
-        if group == 0 and s.numel() == 1 and s.dim() == 1:
-            n.replace_input_with(s_node, g.add_constant(s.reshape(()), s_node.target, n))
-            n.replace_input_with(z_node, g.add_constant(z.reshape(()), z_node.target, n))
+        s, z = g.attr(s_node), g.attr(z_node)
+        shape = s.shape if group > 0 else () if s.numel() == 1 else (s.numel(),)  # ONNX layouts
+        if s.shape != shape or s.dtype != torch.float32:
+            n.replace_input_with(s_node, g.add_constant(s.float().reshape(shape), s_node.target, n))
+        if z.shape != shape:
+            z = z.reshape(-1).expand(s.numel()) if z.numel() == 1 else z
+            n.replace_input_with(z_node, g.add_constant(z.reshape(shape), z_node.target, n))
+        s, z = s.float().reshape(shape), z.reshape(shape)
         if (qmin, qmax) == (tmin, tmax):
             continue
-        if x.op == "get_attr":  # clip the constant itself: quantizing it then saturates exactly
+        if x.op == "get_attr":  # clip a constant only where saturating to the type would not
             w = g.attr(x).float()
-            lo, hi = _clip_bounds(s, z, qmin, qmax, w, axis, group)
-            n.replace_input_with(x, g.add_constant(torch.clamp(w, lo, hi).to(g.attr(x).dtype), x.target, n))
+            q = torch.round(w / expand_qparam(s, w, axis, group)) + expand_qparam(z.float(), w, axis, group)
+            if q.min() < qmin or q.max() > qmax:
+                clipped = torch.clamp(w, *_clip_bounds(s, z, qmin, qmax, w, axis, group))
+                n.replace_input_with(x, g.add_constant(clipped.to(g.attr(x).dtype), f"{x.target}_clipped", n))
         elif group > 0:
             raise QCError(f"per-group quantization of a non-constant input to [{qmin}, {qmax}] "
                           "(not a full integer type) cannot be exported", node=n.name, op=op_name(n))
@@ -133,8 +146,6 @@ def _prepare(graph: Graph) -> tuple[Graph, set[str]]:
 
 def _clip_bounds(s, z, qmin, qmax, like=None, axis=0, group=0):
     """[(qmin - z) * s, (qmax - z) * s] in float32, broadcast against `like` when given."""
-    from qcompiler.ops import expand_qparam
-
     if like is not None:
         if group > 0:
             s, z = expand_qparam(s, like, axis, group), expand_qparam(z, like, axis, group)
@@ -182,16 +193,18 @@ def _qdq_translation(opset: int):
 
     def fake_quant(x, scale, zero_point, qmin: int, qmax: int, axis: int, group_size: int):
         zp = op.Cast(zero_point, to=qtype(qmin, qmax)[0])
-        attrs = {"axis": axis, "block_size": group_size} if group_size > 0 else {"axis": axis} if len(scale.shape) else {}
+        per_axis = group_size > 0 or len(scale.shape) > 0
+        attrs = {"axis": axis, **({"block_size": group_size} if group_size > 0 else {})} if per_axis else {}
         return op.DequantizeLinear(op.QuantizeLinear(x, scale, zp, **attrs), scale, zp, **attrs)
 
     return fake_quant
 
 
 def _torch_export(g: Graph, args, dynamic_shapes, opset: int) -> onnx.ModelProto:
-    log = logging.getLogger("torch.onnx._internal.exporter._registration")
-    level = log.level
-    log.setLevel(logging.ERROR)  # "torchvision is not installed" notes
+    logs = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript")]
+    levels = [log.level for log in logs]
+    for log in logs:  # notes such as "torchvision is not installed", "converting with the onnx C API"
+        log.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -204,7 +217,8 @@ def _torch_export(g: Graph, args, dynamic_shapes, opset: int) -> onnx.ModelProto
     except Exception as e:
         raise _export_error(e, g) from None
     finally:
-        log.setLevel(level)
+        for log, level in zip(logs, levels):
+            log.setLevel(level)
     return prog.model_proto
 
 
@@ -221,7 +235,8 @@ def _export_error(e: Exception, g: Graph) -> QCError:
         name = m.group(1)
         op = op_name(nodes[name]) if name in nodes else None
         why = next((ln.strip() for c in chain for ln in str(c).splitlines() if "No ONNX function" in ln), "")
-        return QCError(f"the ONNX exporter cannot translate this op{': ' + why if why else ''}", node=name, op=op)
+        return QCError(f"the ONNX exporter cannot translate this op{' (' + why + ')' if why else ''}; "
+                       "rewrite it into ATen ops that torch.onnx supports", node=name, op=op)
     first = next((ln for ln in str(chain[-1]).splitlines() if ln.strip()), type(chain[-1]).__name__)
     return QCError(f"torch.onnx.export failed: {type(chain[-1]).__name__}: {first}")
 
@@ -248,10 +263,10 @@ def _fold_quantize(graph: onnx.GraphProto) -> None:
     """Fold Cast and QuantizeLinear nodes whose inputs are all initializers into integer
     initializers; drop initializers and value_info nothing uses any more."""
     inits = {t.name: t for t in graph.initializer}
-    keep, done = [], {}
+    keep, done, renames = [], {}, {}
     for node in graph.node:
         ins = [i for i in node.input if i]
-        if node.op_type not in ("Cast", "QuantizeLinear") or node.domain not in ("", "ai.onnx") or not all(i in inits for i in ins):
+        if node.domain not in ("", "ai.onnx") or not all(i in inits for i in ins) or not _foldable(node, ins, inits):
             keep.append(node)
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -259,16 +274,18 @@ def _fold_quantize(graph: onnx.GraphProto) -> None:
         if key not in done:
             arrs = [_to_array(inits[i]) for i in ins]
             if node.op_type == "Cast":
-                t = _make_tensor(arrs[0].astype(np.int64) if attrs["to"] in _INT_TYPES else arrs[0], attrs["to"], node.output[0])
+                t = _make_tensor(arrs[0], attrs["to"], node.output[0])
             else:
-                zp_type = inits[node.input[2]].data_type if len(ins) > 2 else attrs.get("output_dtype") or TensorProto.UINT8
-                zp = arrs[2] if len(ins) > 2 else np.zeros((), np.int64)
-                t = _make_tensor(quantize(arrs[0], arrs[1], zp, zp_type, attrs.get("axis", 1), attrs.get("block_size", 0)),
+                zp_type = inits[ins[2]].data_type
+                t = _make_tensor(quantize(*arrs, zp_type, attrs.get("axis", 1), attrs.get("block_size", 0)),
                                  zp_type, _fresh(f"{ins[0]}_quantized", inits))
             graph.initializer.append(t)
             inits[t.name] = t
             done[key] = t.name
-        _rename_uses(graph, node.output[0], done[key])
+        renames[node.output[0]] = done[key]
+    for n in keep:
+        n.input[:] = [renames.get(i, i) for i in n.input]
+    keep += [helper.make_node("Identity", [renames[o.name]], [o.name]) for o in graph.output if o.name in renames]
     _set_nodes(graph, keep)
     used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
     kept = [t for t in graph.initializer if t.name in used]
@@ -280,12 +297,22 @@ def _fold_quantize(graph: onnx.GraphProto) -> None:
     graph.value_info.extend(vi)
 
 
-_INT_TYPES = {t for t, _, _ in _QTYPES} | {TensorProto.INT32, TensorProto.INT64, TensorProto.UINT32, TensorProto.UINT64}
+def _foldable(node: onnx.NodeProto, ins: list[str], inits: dict) -> bool:
+    """QuantizeLinear to one of our integer types, or an integer-to-integer Cast."""
+    if node.op_type == "QuantizeLinear":
+        return len(ins) == 3 and inits[ins[2]].data_type in _QTYPE_RANGE
+    to = next((a.i for a in node.attribute if a.name == "to"), None)
+    return node.op_type == "Cast" and inits[ins[0]].data_type in _INT_TYPES and to in _INT_TYPES
 
 
-def quantize(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, qtype_: int, axis: int = 1, block_size: int = 0) -> np.ndarray:
-    """ONNX QuantizeLinear as the reference kernel computes it: saturate(rint(x / s) + z) in
-    float32 (round half to even); returns int64 values within the type's range."""
+_QTYPE_RANGE = {t: (lo, hi) for t, lo, hi in _QTYPES}
+_INT_TYPES = set(_QTYPE_RANGE) | {TensorProto.INT32, TensorProto.INT64, TensorProto.UINT32, TensorProto.UINT64}
+
+
+def quantize(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, dtype: int, axis: int = 1,
+             block_size: int = 0) -> np.ndarray:
+    """ONNX QuantizeLinear computed like the reference kernel: saturate(rint(x / s) + z) in
+    float32 (round half to even) to the range of ONNX type `dtype`; returns int64 values."""
     x = np.asarray(x, np.float32)
     s, z = np.asarray(scale, np.float32), np.asarray(zero_point).astype(np.float32)
     if s.ndim > 0 and x.ndim > 0:
@@ -296,7 +323,7 @@ def quantize(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, qtype_: i
             shape = [1] * x.ndim
             shape[ax] = s.size
             s, z = s.reshape(shape), z.reshape(shape)
-    lo, hi = next((lo, hi) for t, lo, hi in _QTYPES if t == qtype_)
+    lo, hi = _QTYPE_RANGE[dtype]
     with np.errstate(divide="ignore", invalid="ignore"):
         q = np.rint(x / s) + z
     return np.clip(q, lo, hi).astype(np.int64)
@@ -320,16 +347,6 @@ def _fresh(name: str, used) -> str:
         i += 1
         out = f"{name}_{i}"
     return out
-
-
-def _rename_uses(graph: onnx.GraphProto, old: str, new: str) -> None:
-    for n in graph.node:
-        for i, v in enumerate(n.input):
-            if v == old:
-                n.input[i] = new
-    for o in graph.output:
-        if o.name == old:  # a graph output must stay produced under its name
-            graph.node.append(helper.make_node("Identity", [new], [old]))
 
 
 def _set_nodes(graph: onnx.GraphProto, nodes) -> None:
@@ -359,43 +376,42 @@ def _scrub(model: onnx.ModelProto) -> None:
     traces, source paths), the exporter's producer fields; give every node a unique name."""
     from qcompiler import __version__
 
-    model.producer_name, model.producer_version, model.doc_string = "qcompiler", __version__, ""
-    del model.metadata_props[:]
+    model.producer_name, model.producer_version = "qcompiler", __version__
     g = model.graph
-    g.doc_string = ""
-    del g.metadata_props[:]
-    for coll in (g.input, g.output, g.value_info, g.initializer):
-        for v in coll:
-            v.doc_string = ""
-            del v.metadata_props[:]
     seen: set[str] = set()
     for i, n in enumerate(g.node):
-        n.doc_string = ""
-        del n.metadata_props[:]
-        for a in n.attribute:
-            a.doc_string = ""
         n.name = _fresh(n.name or f"{n.op_type}_{i}", seen)
         seen.add(n.name)
-    for f in model.functions:
-        f.doc_string = ""
-        del f.metadata_props[:]
-        for n in f.node:
-            n.doc_string = ""
-            del n.metadata_props[:]
+    parts = [model, g, *g.input, *g.output, *g.value_info, *g.initializer, *g.node, *model.functions,
+             *(n for f in model.functions for n in f.node)]
+    for p in parts:
+        p.ClearField("doc_string")
+        p.ClearField("metadata_props")
+    for n in [*g.node, *(n for f in model.functions for n in f.node)]:
+        for a in n.attribute:
+            a.ClearField("doc_string")
 
 
 # -- runtime ----------------------------------------------------------------------------------
 
 
 class OnnxRunner:
-    """An onnxruntime session (CPU, default graph optimizations and threads) keyed by name."""
+    """An onnxruntime session (CPU, default threads) with inputs and outputs keyed by name.
 
-    def __init__(self, path_or_bytes: str | os.PathLike | bytes):
+    `optimize=True` keeps ORT's default graph optimizations, which fuse QDQ patterns into
+    integer kernels (QGemm, QLinearConv: int32 bias, requantized outputs); `optimize=False`
+    runs the QDQ graph op by op, the same arithmetic as the torch reference.
+    """
+
+    def __init__(self, path_or_bytes: str | os.PathLike | bytes, *, optimize: bool = True):
         import onnxruntime as ort
 
         src = path_or_bytes if isinstance(path_or_bytes, bytes) else os.fspath(path_or_bytes)
+        opts = ort.SessionOptions()
+        if not optimize:
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         try:
-            self.session = ort.InferenceSession(src, ort.SessionOptions(), providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
         except Exception as e:
             raise QCError(f"onnxruntime cannot load the model: {str(e).strip().splitlines()[0]}") from None
         self.input_names = [i.name for i in self.session.get_inputs()]
@@ -407,3 +423,16 @@ class OnnxRunner:
             raise QCError(f"missing input(s) {missing} (the model's inputs are {self.input_names})")
         outs = self.session.run(self.output_names, {n: np.asarray(feeds[n]) for n in self.input_names})
         return dict(zip(self.output_names, outs))
+
+
+# -- the artifact interface (see backends/__init__.py) ---------------------------------------
+
+RUNTIME = "onnxruntime"
+
+
+def emit(graph: Graph) -> dict[str, bytes]:
+    return {"model.onnx": export_onnx(graph)}
+
+
+def load(artifact_dir: str, manifest: dict) -> OnnxRunner:
+    return OnnxRunner(os.path.join(artifact_dir, "model.onnx"))

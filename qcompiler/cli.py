@@ -140,9 +140,10 @@ def cmd_inspect(a) -> int:
         q = quality.get(row["name"], {})
         in_db = next((v for k, v in q.items() if k.startswith("input") and k.endswith("_sqnr_db")), None)
         ws = f"{min(w['scale']):.2e}..{max(w['scale']):.2e}" if w else "-"
+        a_scale = f"{act['scale'][0]:.3e}" if act else "-"
+        a_zp = act["zero_point"][0] if act else "-"
         print(f"{row['name'][:28]:<28} {row['op'].split('.')[-1]:<12} {row['w_bits'] or '-':>3} {row['a_bits'] or '-':>3} "
-              f"{(w['granularity'] if w else '-'):<8} {ws:<22} {(f'{act['scale'][0]:.3e}' if act else '-'):>10} "
-              f"{(act['zero_point'][0] if act else '-'):>5} {_db(q.get('weight_sqnr_db')):>7} {_db(in_db):>7} "
+              f"{(w['granularity'] if w else '-'):<8} {ws:<22} {a_scale:>10} {a_zp:>5} {_db(q.get('weight_sqnr_db')):>7} {_db(in_db):>7} "
               f"{_db(q.get('output_sqnr_db')):>7}")
     s = m["quality"]["summary"]
     print(f"{s['layers']} layers; layer-output SQNR mean {s['mean_output_sqnr_db']} dB, "

@@ -50,7 +50,8 @@ def cnn_files(tmp_path_factory):
     m = make_small_cnn()
     onnx_path = d / "cnn.onnx"
     torch.onnx.export(m, (torch.randn(2, 3, 16, 16),), str(onnx_path), input_names=["image"], output_names=["logits"],
-                      dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False, opset_version=17)
+                      dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False, opset_version=17,
+                      do_constant_folding=False)  # keep BatchNormalization nodes for the importer to fold
     rng = np.random.default_rng(0)
     np.savez(d / "calib.npz", image=rng.standard_normal((32, 3, 16, 16)).astype(np.float32))
     np.savez(d / "inputs.npz", image=rng.standard_normal((5, 3, 16, 16)).astype(np.float32))
