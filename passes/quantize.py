@@ -31,6 +31,7 @@ QUANTIZABLE = {
     "mm": ((0, 1), None, -1, -2),
     "bmm": ((0, 1), None, -1, -2),
     "addmm": ((1, 2), None, -1, -2),
+    "embedding": ((), 0, 0, 1),  # weight-only: one scale per table row (token)
 }
 
 
@@ -46,7 +47,8 @@ def _is_float_value(a) -> bool:
 
 @register
 class AnnotateQuantization(Pass):
-    """Mark the inputs of conv/linear/matmul ops for quantization (by op type and name glob).
+    """Mark the inputs of conv/linear/matmul ops, and embedding tables (weight-only), for
+    quantization (by op type and name glob).
 
     A constant input is a weight (per-channel on its output-channel axis by default);
     other float inputs are activations (per-tensor, static).

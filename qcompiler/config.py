@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from .errors import QCError
 from .qspec import OBSERVERS, QuantSpec
 
-DEFAULT_OPS = ("linear", "conv1d", "conv2d", "conv3d", "matmul", "bmm", "mm", "addmm")
+DEFAULT_OPS = ("linear", "conv1d", "conv2d", "conv3d", "matmul", "bmm", "mm", "addmm", "embedding")
 TARGETS = ("onnx", "reference")
 
 
