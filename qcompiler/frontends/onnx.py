@@ -120,7 +120,8 @@ class _Node:
         self.fn = OPS.get(self.op)
         self._m = model
         self.attrs = {a.name: self._attr(a) for a in proto.attribute}
-        self.value_type = next((a.t.data_type for a in proto.attribute if a.name == "value" and a.type == a.TENSOR), None)
+        self.value_type = next((a.t.data_type for a in proto.attribute  # a Constant's element type
+                                if a.name == "value" and a.type == a.TENSOR), None)
 
     def _attr(self, a):
         v = helper.get_attribute_value(a)
@@ -612,7 +613,8 @@ def _constant(n, xs, a, opset):
         sp = a["sparse_value"]
         vals, idx = _to_torch(sp.values, n), _to_torch(sp.indices, n).long()
         dims = list(sp.dims)
-        flat = idx if idx.dim() == 1 else (idx * torch.tensor([math.prod(dims[i + 1:]) for i in range(len(dims))])).sum(1)
+        strides = torch.tensor([math.prod(dims[i + 1:]) for i in range(len(dims))])
+        flat = idx if idx.dim() == 1 else (idx * strides).sum(1)
         return torch.zeros(math.prod(dims), dtype=vals.dtype).index_put_((flat,), vals).reshape(dims)
     raise n.error(f"Constant with attribute {sorted(a)} is not supported")
 
@@ -860,10 +862,11 @@ class _OnnxModule(torch.nn.Module):
         """MatMul(x, DQ(Q(W))) with W a constant [in, out]: quantize W.T instead (axis swapped)."""
         d = producer.get(n.inputs[1])
         q = producer.get(d.inputs[0]) if d is not None and d.op == "DequantizeLinear" else None
-        if q is None or q.op != "QuantizeLinear" or q.inputs[0] not in self.consts or self.consts[q.inputs[0]].dim() != 2:
+        if q is None or q.op != "QuantizeLinear" or getattr(self.consts.get(q.inputs[0]), "ndim", 0) != 2:
             return False
-        if q.outputs[0] in outs or d.outputs[0] in outs or users.get(q.outputs[0]) != [d] or any(
-                u.op != "MatMul" or u.inputs[1] != d.outputs[0] or u.inputs[0] == d.outputs[0] for u in users[d.outputs[0]]):
+        w = d.outputs[0]
+        if q.outputs[0] in outs or w in outs or users.get(q.outputs[0]) != [d] or any(
+                u.op != "MatMul" or u.inputs != [u.inputs[0], w] or u.inputs[0] == w for u in users[w]):
             return False
         if q.attrs.get("_transposed"):
             return True
@@ -953,7 +956,8 @@ def _check_supported(nodes: list[_Node], model, opset: int) -> None:
     for n in nodes:
         if n.domain in ("", "ai.onnx") and n.fn is not None:
             continue
-        dom = f" in domain '{n.domain}' (version {versions.get(n.domain, '?')})" if n.domain not in ("", "ai.onnx") else ""
+        custom = n.domain not in ("", "ai.onnx")
+        dom = f" in domain '{n.domain}' (version {versions.get(n.domain, '?')})" if custom else ""
         bad.append(f"node '{n.name}', op '{n.op}'{dom}")
     if bad:
         what = "not supported" if len(bad) == 1 else f"{len(bad)} nodes are not supported"
@@ -966,6 +970,8 @@ def load_onnx(path: str | os.PathLike) -> Graph:
     """Import an .onnx file (external data beside it is loaded) as a Graph.
 
     Dynamic dims (dim_param or unknown) stay dynamic and are named after the dim_param.
+    Input/output names are kept where they are Python identifiers and sanitized otherwise;
+    `meta["onnx_names"]` maps sanitized names back to the file's names.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -999,7 +1005,11 @@ def load_onnx(path: str | os.PathLike) -> Graph:
     except QCError:
         raise
     except Exception as e:
-        raise QCError(f"{path}: torch.export could not trace the imported model ({type(e).__name__}: {_first_line(e)})") from None
+        why = f"{type(e).__name__}: {_first_line(e)}"
+        raise QCError(f"{path}: torch.export could not trace the imported model ({why})") from None
+    for node in ep.graph.nodes:  # keep the input names free for the placeholders that take them
+        if node.op != "placeholder" and node.name in names:
+            node._rename(node.name + "_")
     g = from_exported_program(ep, input_names=names, output_names=onames, dynamic=dyn)
     g.source = os.path.basename(path)
     g.meta["onnx_opset"] = opset
@@ -1024,7 +1034,8 @@ def _input_specs(model, names: list[str]) -> list[tuple[str, torch.dtype, list]]
         dtype = _DTYPES.get(tt.elem_type)
         if dtype is None:
             raise QCError(f"input '{name}' has type {P.DataType.Name(tt.elem_type)}, which is not supported")
-        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or None) for d in tt.shape.dim]
+        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or None)
+                for d in tt.shape.dim]
         out.append((name, dtype, dims))
     return out
 
