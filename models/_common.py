@@ -32,6 +32,6 @@ def load_npz(module: torch.nn.Module, path: str | os.PathLike) -> torch.nn.Modul
 
 @torch.no_grad()
 def predict(module: torch.nn.Module, x: np.ndarray | torch.Tensor, batch: int = 500) -> np.ndarray:
-    """Argmax class of `module` over `x`, in batches."""
-    x = torch.as_tensor(x)
-    return torch.cat([module(x[i:i + batch]).argmax(1) for i in range(0, len(x), batch)]).numpy()
+    """Argmax class of `module` over `x`, in batches, on the device of the module's parameters."""
+    x, dev = torch.as_tensor(x), next(module.parameters()).device
+    return torch.cat([module(x[i:i + batch].to(dev)).argmax(1).cpu() for i in range(0, len(x), batch)]).numpy()

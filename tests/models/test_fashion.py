@@ -29,7 +29,7 @@ def test_missing_data_names_make_data(monkeypatch, tmp_path):
     monkeypatch.setattr(fashion, "REPO_ROOT", tmp_path)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("QC_FASHION_MNIST_DIR", str(tmp_path))
-    monkeypatch.setattr(fashion.Path, "is_file", lambda self: False)
+    monkeypatch.setattr(fashion, "SYSTEM_DIR", tmp_path)
     with pytest.raises(QCError, match="make data"):
         fashion.data_dir()
 
