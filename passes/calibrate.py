@@ -120,10 +120,11 @@ def quality_report(float_graph: Graph, quant_graph: Graph, calib: CalibData, max
                 add(f"fq:{n.name}", float((xv.double() ** 2).sum()), float(((v.double() - xv.double()) ** 2).sum()))
 
     x_vals: dict[str, torch.Tensor] = {}
-    watch = names | set(fq_nodes) | {n.args[0].name for n in fq_nodes.values()}
+    fq_sources = {f.args[0].name for f in fq_nodes.values()}
+    watch = names | set(fq_nodes) | fq_sources
 
     def record(n, v):
-        if n.name in {f.args[0].name for f in fq_nodes.values()}:
+        if n.name in fq_sources:
             x_vals[n.name] = v
         on_quant(n, v)
 
