@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import zipfile
-from typing import Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -30,6 +30,22 @@ class CalibData:
         except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
             raise QCError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
         return CalibData(arrays, batch_size, source=path)
+
+    @staticmethod
+    def from_batches(batches: Iterable[Mapping[str, Any]], batch_size: int = 8,
+                     source: str = "calibration loader") -> "CalibData":
+        """From any iterable of {input name: array or tensor} batches (a DataLoader, a generator)."""
+        parts: dict[str, list[np.ndarray]] = {}
+        for b in batches:
+            for k, v in b.items():
+                parts.setdefault(k, []).append(v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v))
+        if not parts:
+            raise QCError(f"{source}: empty calibration set (the loader yielded no batches)")
+        try:
+            arrays = {k: np.concatenate(v) for k, v in parts.items()}
+        except ValueError as e:
+            raise QCError(f"{source}: batches cannot be stacked ({e}); pad variable-length inputs to one length") from None
+        return CalibData(arrays, batch_size, source=source)
 
     @property
     def num_samples(self) -> int:

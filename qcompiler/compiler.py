@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -74,7 +74,7 @@ def quantize(graph: Graph, calib: CalibData, config: Config,
     return float_graph, qgraph, pm.record + qm.record
 
 
-def compile(model: Any, calib: CalibData | Mapping[str, np.ndarray] | str, *, config: Config | None = None,
+def compile(model: Any, calib: CalibData | Mapping[str, np.ndarray] | str | Iterable[Mapping[str, Any]], *, config: Config | None = None,
             target: str | None = None, example_inputs=None,
             progress: Callable[[str], None] | None = None) -> Artifact:
     """Compile a model into an artifact for `target` ("onnx" or "reference")."""
@@ -87,8 +87,10 @@ def compile(model: Any, calib: CalibData | Mapping[str, np.ndarray] | str, *, co
     backend = backends.get(config.target)
     if isinstance(calib, str):
         calib = CalibData.from_npz(calib, batch_size=config.calib_batch_size)
-    elif not isinstance(calib, CalibData):
+    elif isinstance(calib, Mapping):
         calib = CalibData(calib, batch_size=config.calib_batch_size)
+    elif not isinstance(calib, CalibData):
+        calib = CalibData.from_batches(calib, batch_size=config.calib_batch_size)
     graph = load_model(model, example_inputs)
     float_graph, qgraph, record = quantize(graph, calib, config, progress)
     if progress:

@@ -74,3 +74,15 @@ def test_quality_report_is_in_manifest(small_cnn):
     for r in rows:
         assert 20 < r["weight_sqnr_db"] < 80 and 15 < r["input0_sqnr_db"] < 80 and r["output_sqnr_db"] > 10
     assert m["quality"]["summary"]["worst_layer"] in {r["layer"] for r in rows}
+
+
+def test_calibration_from_a_loader(small_cnn):
+    """Calibrating from an iterable of batches gives the same artifact as from the stacked arrays."""
+    g = qcompiler.trace(small_cnn, (torch.randn(2, 3, 16, 16),), input_names=["x"])
+    arrays = _calib()
+    loader = ({"x": torch.from_numpy(arrays["x"][i:i + 5])} for i in range(0, 32, 5))
+    a = qcompiler.compile(g.copy(), loader)
+    b = qcompiler.compile(g.copy(), arrays)
+    assert a.files == b.files
+    with pytest.raises(qcompiler.QCError, match="empty calibration"):
+        qcompiler.compile(g.copy(), iter([]))
