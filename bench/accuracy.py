@@ -33,6 +33,9 @@ ORT_VARIANTS = {  # name -> quantize_static options
     "ORT quantize_static QDQ per-channel U8S8 minmax": {"activation_type": "QUInt8", "calibrate_method": "MinMax"},
     "ORT quantize_static QDQ per-channel U8S8 percentile": {"activation_type": "QUInt8", "calibrate_method": "Percentile"},
     "ORT quantize_static QDQ per-channel S8S8 minmax": {"activation_type": "QInt8", "calibrate_method": "MinMax"},
+    # the same op set qcompiler quantizes by default (ORT's default also quantizes Gather, Add, ...)
+    "ORT ... U8S8 minmax, MatMul/Gemm/Conv only": {"activation_type": "QUInt8", "calibrate_method": "MinMax",
+                                                   "op_types_to_quantize": ["MatMul", "Gemm", "Conv"]},
 }
 
 
@@ -77,7 +80,8 @@ def ort_static(fp32_onnx: bytes, calib: dict[str, np.ndarray], opts: dict, workd
 
     quantize_static(pre, dst, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=getattr(QuantType, opts["activation_type"]), weight_type=QuantType.QInt8,
-                    calibrate_method=getattr(CalibrationMethod, opts["calibrate_method"]))
+                    calibrate_method=getattr(CalibrationMethod, opts["calibrate_method"]),
+                    op_types_to_quantize=opts.get("op_types_to_quantize"))
     return Path(dst).read_bytes()
 
 
