@@ -1,2 +1,2 @@
 """Built-in passes. Importing this package registers them by name."""
-from . import calibrate, cleanup, fold_bn, mixed_precision, quantize, sensitivity  # noqa: F401
+from . import calibrate, cle, cleanup, fold_bn, mixed_precision, quantize, sensitivity, smooth  # noqa: F401
