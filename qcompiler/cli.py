@@ -35,6 +35,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="extra pass to run before quantization (repeatable)")
     c.add_argument("--keep-float", action="append", default=[], metavar="GLOB",
                    help="leave layers whose node name matches GLOB in float (repeatable)")
+    c.add_argument("--bits", metavar="B1,B2", help="mixed precision: candidate weight widths (e.g. 4,8); each layer's "
+                   "width is chosen by an ILP over Hessian-trace sensitivity under the budgets below")
+    c.add_argument("--size-mb", type=float, help="mixed precision: weight size budget in MB (10^6 bytes)")
+    c.add_argument("--bops", type=float, help="mixed precision: budget of bit operations (MACs x w_bits x a_bits)")
+    c.add_argument("--latency-ms", type=float, help="mixed precision: latency budget (needs --latency-table)")
+    c.add_argument("--latency-table", help="JSON {\"<op>:<weight shape>:<config>\": ms} measured on the target")
+    c.add_argument("--pin", action="append", default=[], metavar="NAME=BITS",
+                   help="mixed precision: fix a layer's weight width (repeatable)")
     c.add_argument("--calib-batch-size", type=int, default=8)
     c.add_argument("--force", action="store_true", help="replace an existing non-empty output directory")
 
@@ -73,6 +81,7 @@ def cmd_compile(a) -> int:
                  w_group_size=a.w_group_size, a_symmetric=not a.a_asym, observer=a.observer,
                  percentile=a.percentile, passes=tuple(a.passes), exclude=tuple(a.keep_float),
                  calib_batch_size=a.calib_batch_size)
+    cfg.extra.update(_mixed_precision_options(a))
     calib = CalibData.from_npz(a.calib, batch_size=a.calib_batch_size)
     t0 = time.perf_counter()
     art = qc_compile(a.model, calib, config=cfg, progress=_progress)
@@ -83,6 +92,33 @@ def cmd_compile(a) -> int:
           f"min layer-output SQNR {q['min_output_sqnr_db']} dB ({q['worst_layer']}), "
           f"{time.perf_counter() - t0:.1f} s")
     return 0
+
+
+def _mixed_precision_options(a) -> dict:
+    budgets = {"size_mb": a.size_mb, "bops": a.bops, "latency_ms": a.latency_ms}
+    if not a.bits:
+        if any(v is not None for v in budgets.values()) or a.pin or a.latency_table:
+            raise QCError("budgets and --pin need --bits (the candidate weight widths, e.g. --bits 4,8)")
+        return {}
+    try:
+        bits = sorted({int(b) for b in a.bits.split(",")})
+        pins = {k: int(v) for k, v in (p.split("=", 1) for p in a.pin)}
+    except ValueError:
+        raise QCError(f"--bits takes widths like 4,8 and --pin NAME=BITS (got --bits {a.bits}, --pin {a.pin})") from None
+    if any(not 2 <= b <= 16 for b in bits):
+        raise QCError(f"--bits widths must be between 2 and 16, got {bits}")
+    mp = {"bits": bits, "pins": pins, **{k: v for k, v in budgets.items() if v is not None}}
+    out = {"mixed_precision": mp}
+    if a.latency_ms is not None and not a.latency_table:
+        raise QCError("--latency-ms needs --latency-table (latency is measured, never assumed)")
+    if a.latency_table:
+        import json
+        try:
+            with open(a.latency_table) as f:
+                out["latency_table"] = json.load(f)
+        except (OSError, ValueError) as e:
+            raise QCError(f"{a.latency_table}: cannot read latency table ({e})") from None
+    return out
 
 
 def _load_npz(path: str) -> dict[str, np.ndarray]:

@@ -69,7 +69,8 @@ def quantize(graph: Graph, calib: CalibData, config: Config,
     pm = PassManager([*config.pre_passes, *config.passes], verify_each=config.verify_each, progress=progress)
     graph = pm.run(graph, ctx)
     float_graph = graph.copy()
-    qm = PassManager(["annotate", "calibrate", "fake_quant"], verify_each=config.verify_each, progress=progress)
+    mixed = ["sensitivity", "mixed_precision"] if config.extra.get("mixed_precision") else []
+    qm = PassManager(["annotate", *mixed, "calibrate", "fake_quant"], verify_each=config.verify_each, progress=progress)
     qgraph = qm.run(graph, ctx)
     return float_graph, qgraph, pm.record + qm.record
 
@@ -112,6 +113,7 @@ def compile(model: Any, calib: CalibData | Mapping[str, np.ndarray] | str | Iter
         "config": config.to_json(),
         "passes": record,
         "layers": layer_table(qgraph),
+        "mixed_precision": _mixed_precision_summary(qgraph),
         "quality": {"calibration_samples": calib.num_samples, "layers": quality,
                     "summary": _quality_summary(quality)},
         "versions": {"qcompiler": __version__, "torch": torch.__version__.split("+")[0],
@@ -129,6 +131,11 @@ def layer_table(graph: Graph) -> list[dict]:
         if not info:
             continue
         row = {"name": n.name, "op": info["op"], "w_bits": None, "a_bits": None, "inputs": []}
+        if "sensitivity" in info:
+            row["hessian_trace"] = info["sensitivity"]["trace"]
+        if "mixed_precision" in info:
+            row["omega"] = info["mixed_precision"]["omega"]
+            row["omega_by_config"] = info["mixed_precision"]["options"]
         for i, q in sorted(info["inputs"].items()):
             spec, qp = q["spec"], q["qparams"]
             row["w_bits" if q["role"] == "weight" else "a_bits"] = spec.bits
@@ -136,6 +143,13 @@ def layer_table(graph: Graph) -> list[dict]:
                                   "spec": spec.to_json(), "granularity": spec.granularity, **qp.to_json()})
         rows.append(row)
     return rows
+
+
+def _mixed_precision_summary(graph: Graph) -> dict | None:
+    """The ILP's outcome (objective, totals, slack of each budget); solve time is left out so
+    the manifest stays a function of the inputs."""
+    mp = graph.meta.get("mixed_precision")
+    return None if mp is None else {k: v for k, v in mp.items() if k != "solve_seconds"}
 
 
 def _quality_summary(rows: list[dict]) -> dict:

@@ -199,3 +199,28 @@ def test_run_rejects_wrong_input(cnn_files, tmp_path, capsys):
         f.write(bytes([b[0] ^ 0xFF]))
     code, err = _run_main(capsys, "run", out, "--input", cnn_files["inputs"], "--output", tmp_path / "o.npz")
     assert code == 2 and "sha256" in err
+
+
+def test_mixed_precision_under_a_size_budget(cnn_files, tmp_path, capsys):
+    """--bits 4,8 with a size budget: the ILP picks widths, the budget holds, the manifest records widths, Ω and slack."""
+    full = tmp_path / "w8"
+    assert main(["compile", str(cnn_files["onnx"]), "--calib", str(cnn_files["calib"]), "-o", str(full)]) == 0
+    m8 = json.loads((full / "manifest.json").read_text())
+    out = tmp_path / "mixed"
+    # weights of the three layers at 8 bits: 8*3*9 + 16*8*9 + 10*16 = 1528 bytes; allow about 75 % of that
+    code = main(["compile", str(cnn_files["onnx"]), "--calib", str(cnn_files["calib"]), "-o", str(out),
+                 "--bits", "4,8", "--size-mb", "0.00115"])
+    assert code == 0, capsys.readouterr().err
+    m = json.loads((out / "manifest.json").read_text())
+    widths = {l["name"]: l["w_bits"] for l in m["layers"]}
+    assert set(widths.values()) == {4, 8} and len(widths) == len(m8["layers"])
+    assert all("omega" in l and "hessian_trace" in l for l in m["layers"])
+    mp = m["mixed_precision"]
+    assert mp["totals"]["size_bytes"] <= 1150 and mp["slack"]["size"] >= 0
+    assert [p["pass"] for p in m["passes"]][-4:] == ["sensitivity", "mixed_precision", "calibrate", "fake_quant"]
+    code, err = _run_main(capsys, "compile", cnn_files["onnx"], "--calib", cnn_files["calib"], "-o", tmp_path / "x",
+                          "--bits", "4,8", "--size-mb", "0.0001")
+    assert code == 2 and "no assignment meets the budgets" in err
+    code, err = _run_main(capsys, "compile", cnn_files["onnx"], "--calib", cnn_files["calib"], "-o", tmp_path / "y",
+                          "--size-mb", "1")
+    assert code == 2 and "need --bits" in err
