@@ -28,6 +28,8 @@ QC_VARIANTS = {  # name -> Config overrides
     "qcompiler W8A8 percentile (int8 sym act)": {"observer": "percentile"},
     "qcompiler W8A8 minmax (asym act)": {"a_symmetric": False},
     "qcompiler W8A8 percentile (asym act)": {"observer": "percentile", "a_symmetric": False},
+    "qcompiler W8A8 minmax + smooth (int8 sym act)": {"passes": ("smooth",)},
+    "qcompiler W8A8 minmax + smooth (asym act)": {"passes": ("smooth",), "a_symmetric": False},
 }
 ORT_VARIANTS = {  # name -> quantize_static options
     "ORT quantize_static QDQ per-channel U8S8 minmax": {"activation_type": "QUInt8", "calibrate_method": "MinMax"},
