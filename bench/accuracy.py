@@ -23,13 +23,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 
+NO_SMOOTH = ("remove_identities", "fold_bn", "fold_constants")
 QC_VARIANTS = {  # name -> Config overrides
-    "qcompiler W8A8 minmax (int8 sym act)": {},
-    "qcompiler W8A8 percentile (int8 sym act)": {"observer": "percentile"},
-    "qcompiler W8A8 minmax (asym act)": {"a_symmetric": False},
-    "qcompiler W8A8 percentile (asym act)": {"observer": "percentile", "a_symmetric": False},
-    "qcompiler W8A8 minmax + smooth (int8 sym act)": {"passes": ("smooth",)},
-    "qcompiler W8A8 minmax + smooth (asym act)": {"passes": ("smooth",), "a_symmetric": False},
+    "qcompiler W8A8 default (minmax, smooth, int8 sym act)": {},
+    "qcompiler W8A8 minmax, smooth, asym act": {"a_symmetric": False},
+    "qcompiler W8A8 percentile, smooth, int8 sym act": {"observer": "percentile"},
+    "qcompiler W8A8 minmax, no smooth, int8 sym act": {"pre_passes": NO_SMOOTH},
+    "qcompiler W8A8 minmax, no smooth, asym act": {"pre_passes": NO_SMOOTH, "a_symmetric": False},
+    "qcompiler W8A8 percentile, no smooth, asym act": {"pre_passes": NO_SMOOTH, "observer": "percentile",
+                                                       "a_symmetric": False},
 }
 ORT_VARIANTS = {  # name -> quantize_static options
     "ORT quantize_static QDQ per-channel U8S8 minmax": {"activation_type": "QUInt8", "calibrate_method": "MinMax"},
@@ -128,16 +130,16 @@ def bench_model(name: str, n_calib: int) -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"| {'model':<11} | {'variant':<52} | {'top-1 / cos mean':>16} | {'cos min':>7} | {'NN / argmax agree':>17} |")
-    print(f"|{'-' * 13}|{'-' * 54}|{'-' * 18}|{'-' * 9}|{'-' * 19}|")
+    print(f"| {'model':<11} | {'variant':<55} | {'top-1 / cos mean':>16} | {'cos min':>7} | {'NN / argmax agree':>17} |")
+    print(f"|{'-' * 13}|{'-' * 57}|{'-' * 18}|{'-' * 9}|{'-' * 19}|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['model']:<11} | {r['variant']:<52} | {'failed: ' + r['error'][:40]:>16} |")
+            print(f"| {r['model']:<11} | {r['variant']:<55} | {'failed: ' + r['error'][:40]:>16} |")
             continue
         main_ = r.get("top1", r.get("cosine_mean"))
         mn = f"{r['cosine_min']:.4f}" if "cosine_min" in r else ""
         ag = r.get("agree_fp32", r.get("nn_agree"))
-        print(f"| {r['model']:<11} | {r['variant']:<52} | {main_:>16.4f} | {mn:>7} | {ag:>17.4f} |")
+        print(f"| {r['model']:<11} | {r['variant']:<55} | {main_:>16.4f} | {mn:>7} | {ag:>17.4f} |")
 
 
 def main() -> int:

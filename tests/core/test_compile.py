@@ -22,8 +22,8 @@ def test_quantize_inserts_shared_quantizers(small_cnn):
     for n in layers:
         for i, info in n.meta[QMETA]["inputs"].items():
             assert n.args[i].target is fake_quant and info["qparams"] is not None
-    assert [r["pass"] for r in record] == ["remove_identities", "fold_bn", "fold_constants", "annotate", "calibrate",
-                                           "fake_quant"]
+    assert [r["pass"] for r in record] == ["remove_identities", "fold_bn", "fold_constants", "smooth", "annotate",
+                                           "calibrate", "fake_quant"]
 
 
 def test_keep_float_by_name(small_cnn):
