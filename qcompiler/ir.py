@@ -183,8 +183,9 @@ def verify(g: Graph) -> None:
     - every call is an ATen op, a qc custom op, a SymInt helper or a python operator;
     - every get_attr resolves to a tensor; every argument is a node of this graph;
     - placeholders match the declared inputs; the output arity matches the declared outputs;
-    - recorded shapes/dtypes of values that are passed on agree with their producer
-      (a value's meta["val"] must be a tensor, a symbolic int or a tuple of those).
+    - shapes and dtypes are consistent: fake tensors are propagated through the graph again
+      (symbolic dims included) and must agree with every value's recorded meta["val"], so a
+      rewrite that changes a shape or dtype without saying so is caught at the node that did it.
     """
     graph = g.graph
     try:
@@ -215,13 +216,6 @@ def verify(g: Graph) -> None:
                 ok = True
             if not ok:
                 raise QCError("operator is not in the IR (ATen, qc custom ops or SymInt helpers)", node=n.name, op=op_name(n))
-            v = n.meta.get("val")
-            if v is not None and isinstance(v, torch.Tensor):
-                for a in n.args:
-                    if isinstance(a, fx.Node) and a.op == "get_attr":
-                        av = g.attr(a)
-                        if not isinstance(av, torch.Tensor):
-                            raise QCError("constant argument is not a tensor", node=n.name, op=op_name(n))
         elif n.op == "call_module" or n.op == "call_method":
             raise QCError(f"{n.op} nodes are not allowed in the IR", node=n.name, op=str(n.target))
         elif n.op == "output":
@@ -232,6 +226,54 @@ def verify(g: Graph) -> None:
         if n.op in ("call_function", "get_attr", "placeholder") and not n.users and n.op != "placeholder":
             if not (n.op == "call_function" and _has_side_effect(n)):
                 raise QCError("value is computed but never used (run the cleanup pass)", node=n.name, op=op_name(n))
+
+
+    _check_shapes(g)
+
+
+def _same_dim(a, b) -> bool:
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    try:
+        return bool(a == b)
+    except Exception:  # undecidable symbolic relation: nothing to report
+        return True
+
+
+def _check_shapes(g: Graph) -> None:
+    """Re-propagate fake tensors from the placeholders' recorded values and compare."""
+    from torch._guards import detect_fake_mode
+
+    vals = [p.meta.get("val") for p in g.placeholders()]
+    mode = detect_fake_mode(vals) if all(isinstance(v, torch.Tensor) for v in vals) else None
+    if mode is None:  # hand-built graph without recorded values: nothing to compare against
+        return
+    env: dict[fx.Node, object] = {}
+    args_in = iter(vals)
+    for n in g.nodes:
+        if n.op == "placeholder":
+            env[n] = next(args_in)
+        elif n.op == "get_attr":
+            env[n] = mode.from_tensor(g.attr(n), static_shapes=True)
+        elif n.op == "call_function":
+            args = fx.node.map_arg(n.args, env.__getitem__)
+            kwargs = fx.node.map_arg(n.kwargs, env.__getitem__)
+            try:
+                with mode:
+                    out = n.target(*args, **kwargs)
+            except Exception as e:
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                raise QCError(f"shape/dtype propagation fails here: {type(e).__name__}: {msg}",
+                              node=n.name, op=op_name(n)) from None
+            rec = n.meta.get("val")
+            if isinstance(rec, torch.Tensor) and isinstance(out, torch.Tensor):
+                if rec.dtype != out.dtype or rec.dim() != out.dim() or not all(
+                        _same_dim(a, b) for a, b in zip(rec.shape, out.shape)):
+                    raise QCError(f"recorded value {dtype_name(rec.dtype)}{list(rec.shape)} disagrees with what the op "
+                                  f"computes: {dtype_name(out.dtype)}{list(out.shape)}", node=n.name, op=op_name(n))
+            elif rec is None and isinstance(out, torch.Tensor):
+                n.meta["val"] = out  # a pass added this node without a value: record it
+            env[n] = out
 
 
 def _has_side_effect(n: fx.Node) -> bool:
