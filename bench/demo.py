@@ -22,12 +22,6 @@ OUT = ROOT / "out" / "demo"
 RESULTS = ROOT / "bench" / "results"
 
 
-def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a / np.linalg.norm(a, axis=1, keepdims=True)
-    b = b / np.linalg.norm(b, axis=1, keepdims=True)
-    return (a * b).sum(axis=1)
-
-
 def pad_to(arrays: dict[str, np.ndarray], length: int) -> dict[str, np.ndarray]:
     return {k: np.pad(v[:, :length], ((0, 0), (0, max(0, length - v.shape[1])))) for k, v in arrays.items()}
 
@@ -52,6 +46,8 @@ def main() -> int:
     from qcompiler.backends.onnx import OnnxRunner, export_onnx
     from qcompiler.models import zoo
 
+    from accuracy import score  # bench/ is on sys.path when this file runs as a script
+
     OUT.mkdir(parents=True, exist_ok=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     z = zoo.get("minilm")
@@ -60,11 +56,6 @@ def main() -> int:
     ev = z.eval_inputs(256)
     with torch.no_grad():
         ref = z.module(*(torch.from_numpy(ev[k]) for k in z.input_names)).numpy()
-
-    def nn_idx(e):  # nearest other sentence: does retrieval stay the same?
-        s = e @ e.T
-        np.fill_diagonal(s, -np.inf)
-        return s.argmax(1)
 
     variants = {  # row name -> extra CLI flags
         "W8A8 artifact, int8 sym act": [],  # the default: TensorRT's explicit-quantization convention
@@ -81,9 +72,8 @@ def main() -> int:
         compile_s[name] = time.perf_counter() - t0
         models[name] = model = qcompiler.load(art_dir)
         got = model(ev)[model.outputs[0].name]
-        cos = cosine_rows(ref, got)
-        nn_agree = float((nn_idx(ref) == nn_idx(got / np.linalg.norm(got, axis=1, keepdims=True))).mean())
-        results[name] = (float(cos.mean()), float(cos.min()), nn_agree, (art_dir / "model.onnx").stat().st_size)
+        sc = score("cosine", ref, got, None)  # cosine vs FP32 and nearest-neighbour agreement
+        results[name] = (sc["cosine_mean"], sc["cosine_min"], sc["nn_agree"], (art_dir / "model.onnx").stat().st_size)
 
     fp32_bytes = sum(p.numel() * 4 for p in z.module.state_dict().values() if p.dtype == torch.float32)
     # FP32 in ONNX Runtime, exported by the same backend from the same float graph

@@ -94,46 +94,35 @@ def quality_report(float_graph: Graph, quant_graph: Graph, calib: CalibData, max
     """Per quantized layer: SQNR (dB) of its quantized weight, of its quantized input
     activation(s), and of its output against the float model, on calibration data."""
     qlayers = layers(quant_graph)
-    names = {n.name for n in qlayers}
-    fq_nodes = {}
-    for n in qlayers:
-        for i, q in n.meta[QMETA]["inputs"].items():
-            fq_nodes.setdefault(n.args[i].name, n.args[i])
-    acc: dict[str, list[float]] = {}
+    outs = {n.name for n in qlayers}
+    # activation quantizer node -> the node it quantizes (weights are constants: measured once below)
+    act_fq = {n.args[i].name: n.args[i].args[0].name for n in qlayers
+              for i, q in n.meta[QMETA]["inputs"].items() if q["role"] == "act"}
+    sums: dict[tuple[str, str], list[float]] = {}
 
-    def add(key, s, e):
-        a = acc.setdefault(key, [0.0, 0.0])
-        a[0] += s
-        a[1] += e
+    def add(key, ref, got):
+        ref, got = ref.double(), got.double()
+        a = sums.setdefault(key, [0.0, 0.0])
+        a[0] += float((ref ** 2).sum())
+        a[1] += float(((got - ref) ** 2).sum())
 
     float_vals: dict[str, torch.Tensor] = {}
-    f_rec = _Recorder(float_graph.gm, names, lambda n, v: float_vals.__setitem__(n.name, v))
+    quant_vals: dict[str, torch.Tensor] = {}
 
     def on_quant(n, v):
-        if n.name in names:
-            ref = float_vals[n.name].double()
-            add(f"out:{n.name}", float((ref ** 2).sum()), float(((v.double() - ref) ** 2).sum()))
-        if n.name in fq_nodes:
-            x = n.args[0]
-            xv = x_vals.get(x.name)
-            if xv is not None:
-                add(f"fq:{n.name}", float((xv.double() ** 2).sum()), float(((v.double() - xv.double()) ** 2).sum()))
+        quant_vals[n.name] = v
+        if n.name in outs:
+            add(("out", n.name), float_vals[n.name], v)
+        if n.name in act_fq:
+            add(("fq", n.name), quant_vals[act_fq[n.name]], v)
 
-    x_vals: dict[str, torch.Tensor] = {}
-    fq_sources = {f.args[0].name for f in fq_nodes.values()}
-    watch = names | set(fq_nodes) | fq_sources
-
-    def record(n, v):
-        if n.name in fq_sources:
-            x_vals[n.name] = v
-        on_quant(n, v)
-
-    q_rec = _Recorder(quant_graph.gm, watch, record)
+    f_rec = _Recorder(float_graph.gm, outs, lambda n, v: float_vals.__setitem__(n.name, v))
+    q_rec = _Recorder(quant_graph.gm, outs | set(act_fq) | set(act_fq.values()), on_quant)
     with torch.no_grad():
         for k, batch in enumerate(calib.batches(float_graph.inputs)):
             if k >= max_batches:
                 break
-            float_vals.clear(), x_vals.clear()
+            float_vals.clear(), quant_vals.clear()
             f_rec.run(*batch)
             q_rec.run(*batch)
     rows = []
@@ -144,13 +133,13 @@ def quality_report(float_graph: Graph, quant_graph: Graph, calib: CalibData, max
             fq = n.args[i]
             role = q["role"]
             key = "weight" if role == "weight" else f"input{i}"
-            s, e = acc.get(f"fq:{fq.name}", (0.0, 0.0))
+            s, e = sums.get(("fq", fq.name), (0.0, 0.0))
             if role == "weight":
                 w = quant_graph.attr(fq.args[0]).double()
                 wq = fq.target(*[quant_graph.attr(a) if isinstance(a, fx.Node) else a for a in fq.args]).double()
                 s, e = float((w ** 2).sum()), float(((wq - w) ** 2).sum())
             row[f"{key}_sqnr_db"] = round(_sqnr_db(s, e), 2)
-        s, e = acc.get(f"out:{n.name}", (0.0, 0.0))
+        s, e = sums.get(("out", n.name), (0.0, 0.0))
         row["output_sqnr_db"] = round(_sqnr_db(s, e), 2)
         rows.append(row)
     return rows

@@ -13,6 +13,18 @@ from .errors import QCError
 from .ir import TensorSpec
 
 
+def read_npz(path: str | os.PathLike, what: str = "input") -> dict[str, np.ndarray]:
+    """Arrays of an .npz file (never unpickled); a QCError naming the file when it cannot be read."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise QCError(f"{path}: {what} file not found")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
+        raise QCError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
+
+
 class CalibData:
     def __init__(self, arrays: Mapping[str, np.ndarray], batch_size: int = 8, source: str = "calibration data"):
         self.arrays = {k: np.asarray(v) for k, v in arrays.items()}
@@ -21,15 +33,7 @@ class CalibData:
 
     @staticmethod
     def from_npz(path: str | os.PathLike, batch_size: int = 8) -> "CalibData":
-        path = str(path)
-        if not os.path.exists(path):
-            raise QCError(f"{path}: calibration file not found")
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
-        except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
-            raise QCError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
-        return CalibData(arrays, batch_size, source=path)
+        return CalibData(read_npz(path, "calibration"), batch_size, source=os.fspath(path))
 
     @staticmethod
     def from_batches(batches: Iterable[Mapping[str, Any]], batch_size: int = 8,

@@ -121,21 +121,12 @@ def _mixed_precision_options(a) -> dict:
     return out
 
 
-def _load_npz(path: str) -> dict[str, np.ndarray]:
-    if not os.path.isfile(path):
-        raise QCError(f"{path}: input file not found")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except Exception as e:
-        raise QCError(f"{path}: not a readable .npz file ({type(e).__name__})") from None
-
-
 def cmd_run(a) -> int:
+    from .calib import read_npz
     from .compiler import load
 
     model = load(a.artifact)
-    feeds = _load_npz(a.input)
+    feeds = read_npz(a.input, "input")
     outs = model(feeds)
     out = os.path.abspath(a.output)
     d = os.path.dirname(out)
@@ -145,7 +136,7 @@ def cmd_run(a) -> int:
     os.close(fd)
     try:
         np.savez(tmp, **outs)
-        os.replace(tmp, out if out.endswith(".npz") else out)
+        os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -165,11 +165,6 @@ def is_op(node: fx.Node, *packets) -> bool:
     return any(pkt is p for p in packets)
 
 
-def node_val(node: fx.Node):
-    """The example/fake value recorded for a node (shape and dtype), or None."""
-    return node.meta.get("val", None) if isinstance(node, fx.Node) else None
-
-
 # -- verifier ---------------------------------------------------------------------------
 
 _ALLOWED_FUNCS = {operator.getitem, operator.add, operator.sub, operator.mul, operator.floordiv,
@@ -223,11 +218,8 @@ def verify(g: Graph) -> None:
             k = len(outs) if isinstance(outs, (tuple, list)) else 1
             if k != len(g.outputs):
                 raise QCError(f"graph returns {k} values but {len(g.outputs)} outputs are declared")
-        if n.op in ("call_function", "get_attr", "placeholder") and not n.users and n.op != "placeholder":
-            if not (n.op == "call_function" and _has_side_effect(n)):
-                raise QCError("value is computed but never used (run the cleanup pass)", node=n.name, op=op_name(n))
-
-
+        if n.op in ("call_function", "get_attr") and not n.users and not _has_side_effect(n):
+            raise QCError("value is computed but never used (run the cleanup pass)", node=n.name, op=op_name(n))
     _check_shapes(g)
 
 
@@ -286,7 +278,7 @@ def eliminate_dead_code(g: Graph) -> int:
     buffers nothing refers to. Returns how many nodes were erased."""
     erased = 0
     for n in reversed(list(g.nodes)):
-        if n.op in ("call_function", "get_attr") and not n.users and not (n.op == "call_function" and _has_side_effect(n)):
+        if n.op in ("call_function", "get_attr") and not n.users and not _has_side_effect(n):
             g.graph.erase_node(n)
             erased += 1
     if erased:
@@ -294,20 +286,5 @@ def eliminate_dead_code(g: Graph) -> int:
     return erased
 
 
-def shape_of(node: fx.Node) -> tuple | None:
-    v = node_val(node)
-    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
-
-
 def dtype_name(dt: torch.dtype) -> str:
     return str(dt).replace("torch.", "")
-
-
-def fresh_name(names: Sequence[str], base: str) -> str:
-    used = set(names)
-    if base not in used:
-        return base
-    i = 1
-    while f"{base}_{i}" in used:
-        i += 1
-    return f"{base}_{i}"
