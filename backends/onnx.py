@@ -32,7 +32,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qcompiler.errors import QCError
 from qcompiler.ir import Graph, op_name
-from qcompiler.ops import expand_qparam
+from qcompiler.ops import expand_qparam, quantize_ref
 
 FAKE_QUANT = torch.ops.qc.fake_quant.default
 DEFAULT_OPSET = 20  # torch.onnx's default; int4/uint4/int16/uint16 and blocked quantization need 21
@@ -311,22 +311,12 @@ _INT_TYPES = set(_QTYPE_RANGE) | {TensorProto.INT32, TensorProto.INT64, TensorPr
 
 def quantize(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, dtype: int, axis: int = 1,
              block_size: int = 0) -> np.ndarray:
-    """ONNX QuantizeLinear computed like the reference kernel: saturate(rint(x / s) + z) in
-    float32 (round half to even) to the range of ONNX type `dtype`; returns int64 values."""
-    x = np.asarray(x, np.float32)
-    s, z = np.asarray(scale, np.float32), np.asarray(zero_point).astype(np.float32)
-    if s.ndim > 0 and x.ndim > 0:
-        ax = axis % x.ndim
-        if block_size > 0:
-            s, z = (np.repeat(p, block_size, axis=ax).take(np.arange(x.shape[ax]), axis=ax) for p in (s, z))
-        else:
-            shape = [1] * x.ndim
-            shape[ax] = s.size
-            s, z = s.reshape(shape), z.reshape(shape)
+    """ONNX QuantizeLinear by the reference kernel (qcompiler.ops.quantize_ref), saturating to
+    the range of ONNX type `dtype`; returns int64 values."""
     lo, hi = _QTYPE_RANGE[dtype]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        q = np.rint(x / s) + z
-    return np.clip(q, lo, hi).astype(np.int64)
+    q = quantize_ref(torch.from_numpy(np.asarray(x, np.float32)), torch.from_numpy(np.asarray(scale, np.float32)),
+                     torch.from_numpy(np.asarray(zero_point).astype(np.float32)), lo, hi, axis, block_size)
+    return q.numpy().astype(np.int64)
 
 
 def _to_array(t: onnx.TensorProto) -> np.ndarray:

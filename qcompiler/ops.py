@@ -32,17 +32,24 @@ def expand_qparam(p: torch.Tensor, x: torch.Tensor, axis: int, group_size: int) 
     return p.reshape(shape)
 
 
-@torch.library.impl(_lib, "fake_quant", "CompositeExplicitAutograd")
-def _fake_quant(x, scale, zero_point, qmin, qmax, axis, group_size):
-    """y = (clamp(round_half_even(x / s) + z, qmin, qmax) - z) * s, computed in float32.
+def quantize_ref(x, scale, zero_point, qmin: int, qmax: int, axis: int, group_size: int) -> torch.Tensor:
+    """q = clamp(round_half_even(x / s) + z, qmin, qmax), integer values held in float32.
 
     Division (not multiplication by 1/s) and round-half-to-even match ONNX QuantizeLinear.
+    The integer half of qc::fake_quant: importers and exporters that need the integers call this.
     """
     xf = x.float()
     s = expand_qparam(scale.float(), xf, axis, group_size)
     z = expand_qparam(zero_point.float(), xf, axis, group_size)
-    q = torch.clamp(torch.round(xf / s) + z, qmin, qmax)
-    return ((q - z) * s).to(x.dtype)
+    return torch.clamp(torch.round(xf / s) + z, qmin, qmax)
+
+
+@torch.library.impl(_lib, "fake_quant", "CompositeExplicitAutograd")
+def _fake_quant(x, scale, zero_point, qmin, qmax, axis, group_size):
+    """y = (quantize_ref(x) - z) * s, computed in float32."""
+    q = quantize_ref(x, scale, zero_point, qmin, qmax, axis, group_size)
+    z = expand_qparam(zero_point.float(), q, axis, group_size)
+    return ((q - z) * expand_qparam(scale.float(), q, axis, group_size)).to(x.dtype)
 
 
 @torch.library.register_fake("qc::fake_quant")

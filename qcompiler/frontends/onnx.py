@@ -31,7 +31,7 @@ from torch.export import Dim
 
 from ..errors import QCError, UnsupportedOpError
 from ..ir import Graph, eliminate_dead_code, verify
-from ..ops import expand_qparam
+from ..ops import expand_qparam, quantize_ref
 from .torch import _safe, from_exported_program
 
 _DTYPES = {P.FLOAT: torch.float32, P.DOUBLE: torch.float64, P.FLOAT16: torch.float16, P.BFLOAT16: torch.bfloat16,
@@ -82,8 +82,7 @@ def T(v: Any) -> torch.Tensor | None:
             t = torch.stack([torch.scalar_tensor(e, dtype=v.dtype) for e in v.v])
         return t.reshape(()) if v.scalar else t
     if isinstance(v, _Q):
-        s, z = (expand_qparam(p, v.x, v.axis, v.block) for p in (v.scale, v.zp))
-        return torch.clamp(torch.round(v.x / s) + z.float(), v.qmin, v.qmax).to(v.dtype)
+        return quantize_ref(v.x, v.scale, v.zp, v.qmin, v.qmax, v.axis, v.block).to(v.dtype)
     return v
 
 
