@@ -32,9 +32,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qcompiler.errors import QCError
 from qcompiler.ir import Graph, op_name
-from qcompiler.ops import expand_qparam, quantize_ref
+from qcompiler.ops import expand_qparam, fake_quant, quantize_ref
 
-FAKE_QUANT = torch.ops.qc.fake_quant.default
+FAKE_QUANT = fake_quant
 DEFAULT_OPSET = 20  # torch.onnx's default; int4/uint4/int16/uint16 and blocked quantization need 21
 BLOCKED_OPSET = 21
 OPSETS = range(17, 24)  # 17 through onnx's version converter (torch.onnx builds 18 and up)
@@ -122,7 +122,7 @@ def _prepare(graph: Graph) -> tuple[Graph, set[str]]:
             continue
         if x.op == "get_attr":  # clip a constant only where saturating to the type would not
             w = g.attr(x).float()
-            q = torch.round(w / expand_qparam(s, w, axis, group)) + expand_qparam(z.float(), w, axis, group)
+            q = quantize_ref(w, s, z, tmin, tmax, axis, group)  # saturates to the type; narrower range?
             if q.min() < qmin or q.max() > qmax:
                 clipped = torch.clamp(w, *_clip_bounds(s, z, qmin, qmax, w, axis, group))
                 n.replace_input_with(x, g.add_constant(clipped.to(g.attr(x).dtype), f"{x.target}_clipped", n))

@@ -119,9 +119,7 @@ def quality_report(float_graph: Graph, quant_graph: Graph, calib: CalibData, max
     f_rec = _Recorder(float_graph.gm, outs, lambda n, v: float_vals.__setitem__(n.name, v))
     q_rec = _Recorder(quant_graph.gm, outs | set(act_fq) | set(act_fq.values()), on_quant)
     with torch.no_grad():
-        for k, batch in enumerate(calib.batches(float_graph.inputs)):
-            if k >= max_batches:
-                break
+        for batch in calib.batches(float_graph.inputs, max_batches):
             float_vals.clear(), quant_vals.clear()
             f_rec.run(*batch)
             q_rec.run(*batch)

@@ -134,9 +134,7 @@ class InsertFakeQuant(Pass):
 def _insert_fake_quant(graph: Graph, src: fx.Node, qp: QParams, after: fx.Node) -> fx.Node:
     spec = qp.spec
     with graph.graph.inserting_after(after):
-        fq = graph.graph.call_function(fake_quant, (src, None, None, spec.qmin, spec.qmax,
-                                                    spec.axis if spec.granularity != "tensor" else 0,
-                                                    spec.group_size if spec.granularity == "group" else 0))
+        fq = graph.graph.call_function(fake_quant, (src, None, None, spec.qmin, spec.qmax, *spec.axis_and_group))
     s = graph.add_constant(qp.scale, f"{src.name}_scale", before=fq)
     z = graph.add_constant(qp.zero_point, f"{src.name}_zero_point", before=fq)
     fq.args = (src, s, z, *fq.args[3:])

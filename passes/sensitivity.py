@@ -17,9 +17,8 @@ from tqdm import tqdm
 from qcompiler.calib import CalibData
 from qcompiler.errors import QCError
 from qcompiler.ir import QMETA, Graph
-from qcompiler.ops import fake_quant
 from qcompiler.pipeline import EXACT, Pass, PassContext, PassResult, register
-from qcompiler.qspec import QuantSpec, weight_qparams
+from qcompiler.qspec import QuantSpec, fake_quantize, weight_qparams
 
 from .quantize import layers
 
@@ -73,7 +72,7 @@ def hutchinson_traces(graph: Graph, calib: CalibData, *, loss: str = "auto", lab
     originals = {w.target: graph.attr(w) for w in wnodes}
     params = {t: v.detach().clone().float().requires_grad_(True) for t, v in originals.items()}
     gen = torch.Generator().manual_seed(seed)
-    batches = list(calib.batches(graph.inputs))[:max_batches]
+    batches = list(calib.batches(graph.inputs, max_batches))
     total = sum(b[0].shape[0] for b in batches)
     tr = {n.name: 0.0 for n in nodes}
     var = {n.name: 0.0 for n in nodes}
@@ -86,13 +85,12 @@ def hutchinson_traces(graph: Graph, calib: CalibData, *, loss: str = "auto", lab
         start = 0
         for args in batches:
             nb = args[0].shape[0]
-            with torch.no_grad():
-                ref = _first(gm(*args)).detach()
-            kind = kind or _pick_loss(loss, labels, ref)
-            target = ref if labels is None else torch.as_tensor(labels[start:start + nb])
-            start += nb
             with torch.enable_grad():
                 out = _first(gm(*args))
+                kind = kind or _pick_loss(loss, labels, out.detach())
+                # without labels: distil to the float outputs, i.e. this same forward pass, detached
+                target = out.detach() if labels is None else torch.as_tensor(labels[start:start + nb])
+                start += nb
                 ws = [params[w.target] for w in wnodes]
                 grads = torch.autograd.grad(_loss_fn(kind, out, target), ws, create_graph=True)
                 samples: list[list[float]] = [[] for _ in nodes]
@@ -144,10 +142,7 @@ def _sem(s: list[float]) -> float:
 
 def quantize_weight(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Q_b(W): the fake-quantized weight exactly as InsertFakeQuant will compute it."""
-    qp = weight_qparams(weight, spec)
-    return fake_quant(weight.detach().float(), qp.scale, qp.zero_point, spec.qmin, spec.qmax,
-                      spec.axis if spec.granularity != "tensor" else 0,
-                      spec.group_size if spec.granularity == "group" else 0)
+    return fake_quantize(weight.detach().float(), weight_qparams(weight, spec))
 
 
 def perturbation(weight: torch.Tensor, spec: QuantSpec) -> float:

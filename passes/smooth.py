@@ -25,9 +25,8 @@ import torch.fx as fx
 
 from qcompiler.errors import QCError
 from qcompiler.ir import Graph, eliminate_dead_code, is_op
-from qcompiler.ops import fake_quant
 from qcompiler.pipeline import EXACT, Pass, PassContext, PassResult, register
-from qcompiler.qspec import QuantSpec, default_weight_spec, qparams_from_range, weight_qparams
+from qcompiler.qspec import QParams, QuantSpec, default_weight_spec, fake_quantize, qparams_from_range, weight_qparams
 
 from .calibrate import _Recorder
 
@@ -53,13 +52,11 @@ def _w_lin(graph: Graph, op: fx.Node) -> torch.Tensor:
 
 def _fq_act(x: torch.Tensor) -> torch.Tensor:
     a = x.abs().amax().float().reshape(1)
-    s, z = qparams_from_range(-a, a, _ACT)
-    return fake_quant(x.float(), s, z, _ACT.qmin, _ACT.qmax, 0, 0).double()
+    return fake_quantize(x.float(), QParams(*qparams_from_range(-a, a, _ACT), _ACT)).double()
 
 
 def _fq_w(w: torch.Tensor) -> torch.Tensor:
-    q = weight_qparams(w.float(), _W)
-    return fake_quant(w.float(), q.scale, q.zero_point, _W.qmin, _W.qmax, 0, 0).double()
+    return fake_quantize(w.float(), weight_qparams(w.float(), _W)).double()
 
 
 @register
@@ -115,9 +112,7 @@ class FoldSmoothingScales(Pass):
 
         rec = _Recorder(graph.gm, set(by_name), record)
         with torch.no_grad():
-            for k, batch in enumerate(ctx.calib.batches(graph.inputs)):
-                if k >= self.max_batches:
-                    break
+            for batch in ctx.calib.batches(graph.inputs, self.max_batches):
                 rec.run(*batch)
         stats: Counter = Counter()
         order = {n: i for i, n in enumerate(graph.nodes)}

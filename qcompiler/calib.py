@@ -2,6 +2,7 @@
 against the model's inputs before any pass sees them."""
 from __future__ import annotations
 
+import itertools
 import os
 import zipfile
 from typing import Any, Iterable, Iterator, Mapping
@@ -88,9 +89,9 @@ class CalibData:
             if (want.startswith("float") and a.dtype.kind not in "f") or (want.startswith("int") and a.dtype.kind not in "iu"):
                 raise QCError(f"{src}: '{spec.name}' has dtype {a.dtype}, the model expects {want}")
 
-    def batches(self, inputs: list[TensorSpec]) -> Iterator[tuple[torch.Tensor, ...]]:
-        n = self.num_samples
-        for i in range(0, n, self.batch_size):
+    def batches(self, inputs: list[TensorSpec], max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Tensors per batch, in input order; at most `max_batches` batches (None: all)."""
+        for i in itertools.islice(range(0, self.num_samples, self.batch_size), max_batches):
             yield tuple(torch.from_numpy(np.ascontiguousarray(self.arrays[s.name][i:i + self.batch_size]))
                         .to(s.torch_dtype()) for s in inputs)
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .errors import QCError
+from .ops import fake_quant
 
 Granularity = Literal["tensor", "channel", "group"]
 OBSERVERS = ("minmax", "percentile", "mse", "kl")
@@ -52,6 +53,11 @@ class QuantSpec:
     def qmax(self) -> int:
         return 2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1
 
+    @property
+    def axis_and_group(self) -> tuple[int, int]:
+        """(axis, group_size) as qc::fake_quant takes them (0, 0 for per-tensor)."""
+        return (self.axis if self.granularity != "tensor" else 0, self.group_size if self.granularity == "group" else 0)
+
     def to_json(self) -> dict:
         return asdict(self)
 
@@ -82,6 +88,11 @@ class QParams:
         return {"scale": [float(v) for v in self.scale.flatten()],
                 "zero_point": [int(v) for v in self.zero_point.flatten()],
                 "shape": list(self.scale.shape)}
+
+
+def fake_quantize(x: torch.Tensor, qp: QParams) -> torch.Tensor:
+    """x through qc::fake_quant with the given QParams."""
+    return fake_quant(x, qp.scale, qp.zero_point, qp.spec.qmin, qp.spec.qmax, *qp.spec.axis_and_group)
 
 
 def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
