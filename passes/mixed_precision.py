@@ -28,7 +28,7 @@ from qcompiler.ir import QMETA, Graph
 from qcompiler.pipeline import NUMERICS, Pass, PassContext, PassResult, register
 
 from .quantize import layers
-from .sensitivity import omega, weight_input
+from .sensitivity import act_inputs, activation_omega, omega, weight_input
 
 MB = 1e6  # budgets in MB are 10^6 bytes
 FLOAT_BITS = 32
@@ -264,13 +264,49 @@ def layer_macs(node) -> float:
     return float(n * a[-1])
 
 
+def shape_str(shape) -> str:
+    """64x128; a symbolic dim is written '*'."""
+    return "x".join(str(d) if isinstance(d, int) else "*" for d in shape)
+
+
+def latency_key(op: str, weight_shape, config: str, act_shape=None) -> str:
+    """A latency table key: "<op>:<weight shape>:<config>", e.g. "aten.linear:384x1536:w8a8";
+    with act_shape, the key of a model holding one (op, weight shape) at several input shapes,
+    "<op>:<weight shape>:<config>:<input shape, symbolic dims '*'>"."""
+    key = f"{op}:{shape_str(weight_shape)}:{config}"
+    return key if act_shape is None else f"{key}:{shape_str(act_shape)}"
+
+
+def layer_act_shape(node) -> tuple | None:
+    """The recorded shape of a layer's first activation input (None for weight-only layers)."""
+    idx = act_inputs(node)
+    v = node.args[idx[0]].meta.get("val") if idx else None
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+
+
+def lookup_latency(table: dict, node, weight_shape, config: str) -> float | None:
+    """The layer's entry: the input-shape-specific key if the table has one, else the plain key."""
+    op, a = node.meta[QMETA]["op"], layer_act_shape(node)
+    hit = table.get(latency_key(op, weight_shape, config, a)) if a is not None else None
+    return hit if hit is not None else table.get(latency_key(op, weight_shape, config))
+
+
+def config_name(w_bits: int, a_bits: int | None) -> str:
+    return f"w{w_bits}" + (f"a{a_bits}" if a_bits else "")
+
+
 @register
 class AssignBitWidths(Pass):
-    """Pick each weighted layer's weight bits by the ILP, from ctx.config.extra["mixed_precision"]:
-    {"bits": [4, 8], "size_mb", "bops", "latency_ms", "pins": {name: "float" | bits}, "ties": [[names]]}
+    """Pick each weighted layer's weight (and activation) bits by the ILP, from
+    ctx.config.extra["mixed_precision"]:
+    {"bits": [4, 8], "a_bits": [8, 16], "size_mb", "bops", "latency_ms" | "latency_ratio",
+     "pins": {name: "float" | bits | config}, "ties": [[names]]}
     and optionally ctx.config.extra["latency_table"]: {"<op>:<weight shape, 64x128>:<config>": ms}.
-    Options are w{b}a{a} with a the layer's annotated activation bits (w{b} for weight-only layers);
-    a "float" option exists only where pinned, and removes the layer's annotation."""
+    Options are w{b}a{a} for every b in bits and a in a_bits (without a_bits: the layer's
+    annotated activation width; w{b} for weight-only layers); the objective of an option is
+    Omega_w(b) + Omega_act(a), BOPs use both widths, size the weight width. "latency_ratio" R
+    sets the budget to R x the all-w8a8 latency of the table. A "float" option exists only
+    where pinned, and removes the layer's annotation."""
 
     name = "mixed_precision"
     numerics = NUMERICS
@@ -281,34 +317,56 @@ class AssignBitWidths(Pass):
         extra = getattr(ctx.config, "extra", None) or {}
         mp, table = dict(extra.get("mixed_precision", {})), extra.get("latency_table")
         bits = sorted(set(mp.get("bits", [4, 8])))
+        a_menu = sorted(set(mp["a_bits"])) if mp.get("a_bits") else None
         pins = {k: v for k, v in mp.get("pins", {}).items()}
+        ratio = mp.get("latency_ratio")
+        if ratio is not None and mp.get("latency_ms") is not None:
+            raise QCError("give a latency budget either in ms or as a ratio, not both")
+        need_latency = ratio is not None or mp.get("latency_ms") is not None
+        if need_latency and table is None:
+            raise QCError("a latency budget needs a latency table (latency is measured, never assumed)")
         nodes = [n for n in layers(graph) if weight_input(n) is not None]
-        choices = []
+        choices, ref_latency = [], 0.0
         for n in nodes:
             info, wi = n.meta[QMETA], weight_input(n)
             sens = info.get("sensitivity")
             if sens is None:
                 raise QCError("layer has no sensitivity (run the sensitivity pass)", node=n.name)
             w, spec = graph.attr(n.args[wi]), info["inputs"][wi]["spec"]
-            a_bits = next((q["spec"].bits for q in info["inputs"].values() if q["role"] == "act"), None)
+            acts = act_inputs(n)
+            a_default = info["inputs"][acts[0]]["spec"].bits if acts else None
+            a_opts = (a_menu if acts and a_menu else [a_default])
             macs, nparams = layer_macs(n), w.numel()
+
+            def latency(cfg):
+                if table is None:
+                    return None
+                lat = lookup_latency(table, n, w.shape, cfg)
+                if lat is None and need_latency:
+                    raise QCError(f"latency table has no entry '{latency_key(info['op'], w.shape, cfg)}'", node=n.name)
+                return lat
+
             opts = []
-            for b in bits + (["float"] if str(pins.get(n.name)) == "float" else []):
-                wb = FLOAT_BITS if b == "float" else b
-                cfg = "float" if b == "float" else f"w{b}" + (f"a{a_bits}" if a_bits else "")
-                lat = None
-                if table is not None:
-                    key = f"{info['op']}:{'x'.join(map(str, w.shape))}:{cfg}"
-                    if key not in table and mp.get("latency_ms") is not None:
-                        raise QCError(f"latency table has no entry '{key}'", node=n.name)
-                    lat = table.get(key)
-                om = 0.0 if b == "float" else omega(sens["trace"], nparams, w, spec.with_(bits=b))
-                opts.append(Option(cfg, wb, FLOAT_BITS if b == "float" else a_bits, om, weight_size(nparams, wb),
-                                   bops(macs, wb, FLOAT_BITS if b == "float" else a_bits), lat))
+            for b in bits:
+                om_w = omega(sens["trace"], nparams, w, spec.with_(bits=b))
+                for a in a_opts:
+                    om_a = activation_omega(sens, a) if a is not None else 0.0
+                    if om_a is None and a_menu:
+                        raise QCError(f"layer has no activation sensitivity at {a} bits (run the sensitivity pass "
+                                      f"with a_bits {a_menu})", node=n.name)
+                    cfg = config_name(b, a)
+                    opts.append(Option(cfg, b, a, om_w + (om_a or 0.0), weight_size(nparams, b), bops(macs, b, a),
+                                       latency(cfg)))
+            if str(pins.get(n.name)) == "float":
+                opts.append(Option("float", FLOAT_BITS, FLOAT_BITS, 0.0, weight_size(nparams, FLOAT_BITS),
+                                   bops(macs, FLOAT_BITS, FLOAT_BITS), latency("float")))
+            if ratio is not None:
+                ref_latency += latency(config_name(8, 8 if acts else None))
             choices.append(LayerChoice(n.name, opts))
         size = mp.get("size_mb")
+        lat_budget = mp.get("latency_ms") if ratio is None else float(ratio) * ref_latency
         a = solve_bits(choices, size_budget_bytes=None if size is None else size * MB, bops_budget=mp.get("bops"),
-                       latency_budget=mp.get("latency_ms"), ties=mp.get("ties", ()), pins=pins)
+                       latency_budget=lat_budget, ties=mp.get("ties", ()), pins=pins)
         stats: dict[str, int] = {"layers": len(nodes)}
         changed = False
         for n, lc in zip(nodes, choices):
@@ -319,11 +377,18 @@ class AssignBitWidths(Pass):
                 del n.meta[QMETA]
                 changed = True
                 continue
-            q = n.meta[QMETA]["inputs"][wi]
-            changed |= q["spec"].bits != o.w_bits
-            q["spec"], q["qparams"] = q["spec"].with_(bits=o.w_bits), None
+            if a_menu and o.a_bits is not None:
+                stats[f"a{o.a_bits}"] = stats.get(f"a{o.a_bits}", 0) + 1
+            for i, q in n.meta[QMETA]["inputs"].items():
+                want = o.w_bits if i == wi else o.a_bits
+                if q["role"] == "act" and o.a_bits is None:
+                    continue
+                changed |= q["spec"].bits != want
+                q["spec"], q["qparams"] = q["spec"].with_(bits=want), None
             n.meta[QMETA]["mixed_precision"] = {"config": o.config, "omega": o.omega,
                                                 "options": {x.config: x.omega for x in lc.options}}
         graph.meta["mixed_precision"] = {"objective": a.objective, "totals": a.totals, "slack": a.slack,
-                                         "solve_seconds": a.solve_seconds}
+                                         "solve_seconds": a.solve_seconds,
+                                         **({"latency_budget_ms": lat_budget, "all_w8a8_latency_ms": ref_latency}
+                                            if ratio is not None else {})}
         return PassResult(graph, changed, stats)

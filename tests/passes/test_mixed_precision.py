@@ -139,3 +139,54 @@ def test_pass_keep_float_pin_removes_annotation():
     cfg = Config(extra={"mixed_precision": {"pins": {"linear": "float"}}, "sensitivity": {"progress": False}})
     g = PassManager(["annotate", "sensitivity", "mixed_precision"]).run(g, PassContext(cfg, CalibData({"input": x.numpy()})))
     assert [n.name for n in layers(g)] == ["linear_1"]
+
+
+def test_activation_menu_gives_four_configs_and_sets_act_bits():
+    """{"bits": [4, 8], "a_bits": [8, 16]}: options w4a8, w4a16, w8a8, w8a16 with Omega = Omega_w + Omega_act;
+    under a BOPs budget of the all-w8a8 BOPs the ILP stays within it, and the fake-quant graph quantizes each
+    layer's input at the chosen width."""
+    from qcompiler.ops import fake_quant
+    from qcompiler.passes.sensitivity import activation_omega, omega
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32), torch.nn.ReLU(),
+                            torch.nn.Linear(32, 8)).eval()
+    x = torch.randn(32, 16)
+    g = qcompiler.trace(m, (x[:2],))
+    macs = [16 * 32, 32 * 32, 32 * 8]
+    w8a8_bops = sum(macs) * 8 * 8  # layer_macs counts the symbolic batch dim as 1
+    cfg = Config(extra={"mixed_precision": {"bits": [4, 8], "a_bits": [8, 16], "bops": w8a8_bops},
+                        "sensitivity": {"max_iters": 20, "progress": False}})
+    ctx = PassContext(config=cfg, calib=CalibData({"input": x.numpy()}, batch_size=16))
+    pm = PassManager(["annotate", "sensitivity", "mixed_precision", "calibrate", "fake_quant"], verify_each=True)
+    g = pm.run(g, ctx)
+    assert pm.record[1]["stats"]["activations"] == 3
+    mpm = g.meta["mixed_precision"]
+    assert mpm["totals"]["bops"] <= w8a8_bops and mpm["slack"]["bops"] >= 0
+    for n in layers(g):
+        info = n.meta[QMETA]
+        opts, sens = info["mixed_precision"]["options"], info["sensitivity"]
+        assert set(opts) == {"w4a8", "w4a16", "w8a8", "w8a16"}
+        w = g.attr(n.args[1].args[0])
+        wspec = info["inputs"][1]["spec"]
+        for c, v in opts.items():
+            wb, ab = (int(t) for t in c[1:].split("a"))
+            want = omega(sens["trace"], w.numel(), w, wspec.with_(bits=wb)) + activation_omega(sens, ab)
+            assert v == pytest.approx(want, rel=1e-9)
+        a_bits = info["inputs"][0]["spec"].bits
+        assert info["mixed_precision"]["config"] == f"w{wspec.bits}a{a_bits}"
+        fq = n.args[0]
+        assert fq.target is fake_quant and fq.args[4] == 2 ** (a_bits - 1) - 1
+    assert sum(v for k, v in pm.record[2]["stats"].items() if k.startswith("a")) == 3
+    assert torch.isfinite(g(x)[0]).all()
+
+
+def test_activation_menu_without_activation_sensitivity_is_an_error():
+    """An a_bits menu whose widths the sensitivity pass did not estimate fails naming the layer."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4)).eval()
+    x = torch.randn(16, 8)
+    g = qcompiler.trace(m, (x[:2],))
+    cfg = Config(extra={"mixed_precision": {"bits": [4, 8], "a_bits": [8, 16]},
+                        "sensitivity": {"progress": False, "a_bits": [8]}})
+    with pytest.raises(QCError, match="no activation sensitivity at 16 bits"):
+        PassManager(["annotate", "sensitivity", "mixed_precision"]).run(g, PassContext(cfg, CalibData({"input": x.numpy()})))

@@ -93,3 +93,53 @@ def test_omega_grows_as_bits_shrink():
     assert 0 < p[0] < p[1] < p[2]
     o8, o4 = omega(10.0, w.numel(), w, default_weight_spec(8)), omega(10.0, w.numel(), w, default_weight_spec(4))
     assert o4 > o8 > 0 and abs(o8 - 10.0 / w.numel() * p[0]) < 1e-9 * o8
+
+
+def test_activation_trace_matches_exact_quadratic():
+    """Linear -> Linear under MSE is quadratic in each layer's input: Tr(H_a) per batch is
+    2 ||W2 W1||_F^2 / fout (first input) and 2 ||W2||_F^2 / fout (hidden); estimates within 5%."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 4)).eval()
+    x, y = torch.randn(32, 6), torch.randn(32, 4)
+    g = _annotated(m, x)
+    res = hutchinson_traces(g, CalibData({"input": x.numpy()}, batch_size=8), loss="mse", labels=y.numpy(),
+                            max_iters=400, tol=5e-3, progress=False, a_bits=[4, 8])
+    w1, w2 = m[0].weight.detach(), m[1].weight.detach()
+    exact = {"linear": 2 * float(((w2 @ w1) ** 2).sum()) / 4, "linear_1": 2 * float((w2 ** 2).sum()) / 4}
+    h = torch.autograd.functional.hessian(lambda a: torch.nn.functional.mse_loss(m[1](a), y[:8]), m[0](x[:8]).detach())
+    assert abs(float(h.reshape(40, 40).trace()) - exact["linear_1"]) < 1e-4 * exact["linear_1"]
+    for name, want in exact.items():
+        act = res[name]["act"][0]
+        assert abs(act["trace"] - want) < 0.05 * want, (name, act, want)
+        assert act["rel_std"] < 0.05 and act["omega"][4] > act["omega"][8] > 0
+
+
+def test_activation_omega_uses_the_calibrated_quantizer():
+    """Omega_act(b) = Tr(H_a)/n_a ||Q_b(a) - a||^2 averaged over batches, Q_b the observer's quantizer on the
+    whole calibration set: on a quadratic (constant trace) it equals Tr(H_a) * ||Q_b(A) - A||^2 / numel(A)."""
+    from qcompiler.qspec import Observer, fake_quantize
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(6, 4).eval()
+    x, y = torch.randn(32, 6) * 3, torch.randn(32, 4)
+    g = _annotated(lin, x)
+    res = hutchinson_traces(g, CalibData({"input": x.numpy()}, batch_size=8), loss="mse", labels=y.numpy(),
+                            max_iters=400, tol=5e-3, progress=False, a_bits=[6])
+    spec = next(q["spec"] for q in layers(g)[0].meta[QMETA]["inputs"].values() if q["role"] == "act")
+    obs = Observer(spec.with_(bits=6))
+    obs.observe(x)
+    err = float(((fake_quantize(x, obs.qparams()) - x) ** 2).sum())
+    trace = 2 * float((lin.weight.detach() ** 2).sum()) / 4
+    act = res["linear"]["act"][0]
+    assert abs(act["omega"][6] - trace * err / x.numel()) < 0.05 * act["omega"][6]
+
+
+def test_activation_sensitivity_off_by_default_and_reproducible():
+    """Without a_bits no activation entries; with them, the same seed gives identical numbers."""
+    lin, x, y = _linear_problem(2)
+    g = _annotated(lin, x)
+    calib = CalibData({"input": x.numpy()}, batch_size=16)
+    kw = dict(loss="mse", labels=y.numpy(), max_iters=50, progress=False, seed=5)
+    plain = hutchinson_traces(g, calib, **kw)
+    a, b = hutchinson_traces(g, calib, a_bits=[8, 16], **kw), hutchinson_traces(g, calib, a_bits=[8, 16], **kw)
+    assert "act" not in plain["linear"] and a == b
+    assert a["linear"]["act"][0]["omega"][8] > a["linear"]["act"][0]["omega"][16] > 0
