@@ -14,7 +14,7 @@ from qcompiler.ir import QMETA, Graph
 from qcompiler.pipeline import NUMERICS, Pass, PassContext, PassResult, register
 from qcompiler.qspec import Observer, QuantSpec
 
-from .quantize import layers
+from .quantize import act_quantizers, layers
 
 
 class _Recorder(fx.Interpreter):
@@ -54,10 +54,7 @@ class Calibrate(Pass):
         observers: dict[tuple[str, QuantSpec], Observer] = {}
         by_node: dict[str, list[Observer]] = {}
         for node in layers(graph):
-            for i, q in node.meta[QMETA]["inputs"].items():
-                if q["role"] != "act":
-                    continue
-                src = node.args[i]
+            for src, q in act_quantizers(node):
                 key = (src.name, q["spec"])
                 if key not in observers:
                     observers[key] = Observer(q["spec"])
@@ -75,9 +72,8 @@ class Calibrate(Pass):
             for batch in _progress(calib.batches(graph.inputs), calib.num_batches(), "calibrating"):
                 rec.run(*batch)
         for node in layers(graph):
-            for i, q in node.meta[QMETA]["inputs"].items():
-                if q["role"] == "act":
-                    q["qparams"] = observers[(node.args[i].name, q["spec"])].qparams()
+            for src, q in act_quantizers(node):
+                q["qparams"] = observers[(src.name, q["spec"])].qparams()
         return PassResult(graph, bool(observers), {"activation_observers": len(observers),
                                                    "batches": calib.num_batches()})
 

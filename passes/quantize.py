@@ -15,7 +15,7 @@ import torch.fx as fx
 from qcompiler.config import Config
 from qcompiler.errors import QCError
 from qcompiler.ir import QMETA, Graph, op_name
-from qcompiler.ops import fake_quant
+from qcompiler.ops import fake_quant, fake_quant_log2
 from qcompiler.pipeline import NUMERICS, Pass, PassContext, PassResult, register
 from qcompiler.qspec import QParams, QuantSpec, weight_qparams
 
@@ -38,6 +38,16 @@ QUANTIZABLE = {
 def layers(graph: Graph) -> list[fx.Node]:
     """The annotated (quantized) op nodes, in graph order."""
     return [n for n in graph.nodes if QMETA in n.meta]
+
+
+def act_quantizers(node: fx.Node) -> list[tuple[fx.Node, dict]]:
+    """(quantized value, annotation) for each activation quantizer of a layer: its annotated
+    activation inputs, and its own output when meta["qc"]["output"] is set (integer mode)."""
+    info = node.meta[QMETA]
+    out = [(node.args[i], q) for i, q in sorted(info["inputs"].items()) if q["role"] == "act"]
+    if info.get("output") is not None:
+        out.append((node, info["output"]))
+    return out
 
 
 def _is_float_value(a) -> bool:
@@ -97,8 +107,9 @@ class AnnotateQuantization(Pass):
 @register
 class InsertFakeQuant(Pass):
     """Insert qc::fake_quant on every annotated input, with calibrated activation QParams
-    and weight QParams from the exact weight tensor. One quantizer per (tensor, spec):
-    consumers of the same activation share it."""
+    and weight QParams from the exact weight tensor (unless a pass, e.g. gptq, already set
+    them for the weight's spec: then they are used as they are). One quantizer per
+    (tensor, spec): consumers of the same activation share it."""
 
     name = "fake_quant"
     numerics = NUMERICS
@@ -116,7 +127,7 @@ class InsertFakeQuant(Pass):
                 src = args[i]
                 key = (src.name, q["spec"])
                 if key not in made:
-                    if q["role"] == "weight":
+                    if q["role"] == "weight" and (q["qparams"] is None or q["qparams"].spec != q["spec"]):
                         q["qparams"] = weight_qparams(graph.attr(src), q["spec"])
                     elif q["qparams"] is None:
                         raise QCError("activation was never calibrated", node=node.name, op=info["op"])
@@ -127,6 +138,16 @@ class InsertFakeQuant(Pass):
                     q["qparams"] = made[key].meta["qparams"]
                 args[i] = made[key]
             node.args = tuple(args)
+            out = info.get("output")
+            if out is not None:  # an output quantization point: every later use reads the quantized value
+                if out["qparams"] is None:
+                    raise QCError("output was never calibrated", node=node.name, op=info["op"])
+                key = (node.name, out["spec"])
+                users = list(node.users)
+                made[key] = fq = _insert_fake_quant(graph, node, out["qparams"], after=node)
+                for u in users:
+                    u.replace_input_with(node, fq)
+                stats["act_quantizers"] += 1
         graph.recompile()
         return PassResult(graph, bool(made), stats)
 
@@ -134,10 +155,16 @@ class InsertFakeQuant(Pass):
 def _insert_fake_quant(graph: Graph, src: fx.Node, qp: QParams, after: fx.Node) -> fx.Node:
     spec = qp.spec
     with graph.graph.inserting_after(after):
-        fq = graph.graph.call_function(fake_quant, (src, None, None, spec.qmin, spec.qmax, *spec.axis_and_group))
+        if spec.log_base:  # log2 / log-sqrt2 quantizer: a scale, no zero point
+            fq = graph.graph.call_function(fake_quant_log2, (src, None, spec.bits, spec.log_root))
+        else:
+            fq = graph.graph.call_function(fake_quant, (src, None, None, spec.qmin, spec.qmax, *spec.axis_and_group))
     s = graph.add_constant(qp.scale, f"{src.name}_scale", before=fq)
-    z = graph.add_constant(qp.zero_point, f"{src.name}_zero_point", before=fq)
-    fq.args = (src, s, z, *fq.args[3:])
+    if spec.log_base:
+        fq.args = (src, s, *fq.args[2:])
+    else:
+        z = graph.add_constant(qp.zero_point, f"{src.name}_zero_point", before=fq)
+        fq.args = (src, s, z, *fq.args[3:])
     fq.meta["val"] = src.meta.get("val")
     fq.meta["qparams"] = qp
     fq.name = f"{src.name}_fq"
