@@ -722,3 +722,32 @@ def verify_integer(g: Graph) -> None:
             continue
         raise QCError("float value inside the integer graph (not an allowed float island)", node=n.name,
                       op=op_name(n))
+
+
+def agreement(fq_graph: Graph, int_graph: Graph, batches) -> dict:
+    """How closely the integer graph reproduces its fake-quant graph, per output, in units of
+    the output quantizer's step (LSB): fraction of elements equal, within 1 LSB, and the
+    largest difference, over the given input batches."""
+    out = {}
+    outs = list(int_graph.graph.output_node().args[0])
+    steps = {}
+    for spec, o in zip(int_graph.outputs, outs):
+        if isinstance(o, fx.Node) and o.target is I.dequantize:
+            steps[spec.name] = int_graph.attr(o.args[1]).double()
+    sums: dict[str, list[float]] = {}
+    with torch.no_grad():
+        for args in batches:
+            a, b = fq_graph(*args), int_graph(*args)
+            for spec, x, y in zip(int_graph.outputs, a, b):
+                if spec.name not in steps:
+                    continue
+                lsb = (x.double() - y.double()).abs() / steps[spec.name]
+                acc = sums.setdefault(spec.name, [0, 0, 0, 0.0])
+                acc[0] += lsb.numel()
+                acc[1] += int((lsb < 1e-3).sum())
+                acc[2] += int((lsb <= 1 + 1e-3).sum())
+                acc[3] = max(acc[3], float(lsb.max()) if lsb.numel() else 0.0)
+    for name, (n, eq, one, mx) in sums.items():
+        out[name] = {"elements": n, "equal": round(eq / max(n, 1), 6), "within_1_lsb": round(one / max(n, 1), 6),
+                     "max_lsb": round(mx, 3)}
+    return out

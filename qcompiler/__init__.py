@@ -1,7 +1,7 @@
 """qcompiler: a compiler for quantized neural networks."""
 __version__ = "0.1.0"
 
-from . import ops  # noqa: E402,F401  (registers the qc:: custom ops)
+from . import int_ops, ops  # noqa: E402,F401  (register the qc:: custom ops)
 from .compiler import compile, load, load_model  # noqa: E402
 from .config import Config  # noqa: E402
 from .errors import QCError  # noqa: E402

@@ -43,6 +43,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--latency-table", help="JSON {\"<op>:<weight shape>:<config>\": ms} measured on the target")
     c.add_argument("--pin", action="append", default=[], metavar="NAME=BITS",
                    help="mixed precision: fix a layer's weight width (repeatable)")
+    c.add_argument("--integer", action="store_true",
+                   help="lower to an integer-only graph (dyadic requantization, integer Softmax/GELU/LayerNorm); "
+                   "needs --target reference")
+    c.add_argument("--allow-float", action="append", default=[], metavar="NAME",
+                   help="with --integer: let this node (glob) run in float between a dequantize and a quantize; "
+                   "the manifest lists it (repeatable)")
     c.add_argument("--calib-batch-size", type=int, default=8)
     c.add_argument("--force", action="store_true", help="replace an existing non-empty output directory")
 
@@ -80,7 +86,9 @@ def cmd_compile(a) -> int:
     cfg = Config(target=a.target, w_bits=a.w_bits, a_bits=a.a_bits, w_granularity=a.w_granularity,
                  w_group_size=a.w_group_size, a_symmetric=not a.a_asym, observer=a.observer,
                  percentile=a.percentile, passes=tuple(a.passes), exclude=tuple(a.keep_float),
-                 calib_batch_size=a.calib_batch_size)
+                 calib_batch_size=a.calib_batch_size, integer=a.integer, allow_float=tuple(a.allow_float))
+    if a.allow_float and not a.integer:
+        raise QCError("--allow-float only applies with --integer")
     cfg.extra.update(_mixed_precision_options(a))
     calib = CalibData.from_npz(a.calib, batch_size=a.calib_batch_size)
     t0 = time.perf_counter()

@@ -70,7 +70,9 @@ def quantize(graph: Graph, calib: CalibData, config: Config,
     graph = pm.run(graph, ctx)
     float_graph = graph.copy()
     mixed = ["sensitivity", "mixed_precision"] if config.extra.get("mixed_precision") else []
-    qm = PassManager(["annotate", *mixed, "calibrate", "fake_quant"], verify_each=config.verify_each, progress=progress)
+    integer = ["annotate_integer"] if config.integer else []
+    qm = PassManager(["annotate", *integer, *mixed, "calibrate", "fake_quant"], verify_each=config.verify_each,
+                     progress=progress)
     qgraph = qm.run(graph, ctx)
     return float_graph, qgraph, pm.record + qm.record
 
@@ -97,9 +99,19 @@ def compile(model: Any, calib: CalibData | Mapping[str, np.ndarray] | str | Iter
     if progress:
         progress("quality report")
     quality = quality_report(float_graph, qgraph, calib)
+    out_graph, integer = qgraph, None
+    if config.integer:
+        if not getattr(backend, "INTEGER", False):
+            raise QCError(f"target '{config.target}' does not take integer-only graphs yet (use --target reference)")
+        from .passes.lower_integer import agreement
+        pm = PassManager(["lower_integer"], progress=progress)
+        out_graph = pm.run(qgraph.copy(), PassContext(config=config, calib=calib))
+        record = record + pm.record
+        integer = {**out_graph.meta["integer"],
+                   "agreement_with_fake_quant": agreement(qgraph, out_graph, calib.batches(qgraph.inputs, 4))}
     if progress:
         progress(f"emit {config.target}")
-    files = backend.emit(qgraph)
+    files = backend.emit(out_graph)
     src = os.fspath(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__
     manifest = {
         "format": FORMAT,
@@ -114,6 +126,7 @@ def compile(model: Any, calib: CalibData | Mapping[str, np.ndarray] | str | Iter
         "passes": record,
         "layers": layer_table(qgraph),
         "mixed_precision": _mixed_precision_summary(qgraph),
+        "integer": integer,
         "quality": {"calibration_samples": calib.num_samples, "layers": quality,
                     "summary": _quality_summary(quality)},
         "versions": {"qcompiler": __version__, "torch": torch.__version__.split("+")[0],
@@ -141,6 +154,10 @@ def layer_table(graph: Graph) -> list[dict]:
             row["w_bits" if q["role"] == "weight" else "a_bits"] = spec.bits
             row["inputs"].append({"index": i, "role": q["role"], "tensor": n.args[i].args[0].name,
                                   "spec": spec.to_json(), "granularity": spec.granularity, **qp.to_json()})
+        if info.get("output") is not None:  # integer mode: the op's output is a quantization point
+            spec, qp = info["output"]["spec"], info["output"]["qparams"]
+            row["a_bits"] = row["a_bits"] or spec.bits
+            row["output"] = {"spec": spec.to_json(), **qp.to_json()}
         rows.append(row)
     return rows
 
