@@ -5,6 +5,11 @@ Conventions (TensorFlow quantization whitepaper / ONNX):
     q = clamp(round(x / s) + z, qmin, qmax),   x_hat = (q - z) * s
 Symmetric specs have z = 0 and, for signed types, a restricted range [-(2^(b-1)-1), 2^(b-1)-1]
 for weights (so -128 never appears in int8 weights, as TensorRT expects).
+
+Log specs (`log_base` "2" or "sqrt2", RepQ-ViT) quantize non-negative power-law activations
+(post-Softmax) instead: q = clamp(round(-k log2(x / s)), 0, 2^b - 1), x_hat = s 2^(-q/k),
+k = 1 or 2, with the top code 2^b - 1 meaning 0 (qcompiler.ops.fake_quant_log2). Their scale
+is the observed maximum, their zero point 0, and they are always per-tensor.
 """
 from __future__ import annotations
 
@@ -15,10 +20,11 @@ import numpy as np
 import torch
 
 from .errors import QCError
-from .ops import fake_quant
+from .ops import fake_quant, fake_quant_log2
 
 Granularity = Literal["tensor", "channel", "group"]
 OBSERVERS = ("minmax", "percentile", "mse", "kl")
+LOG_BASES = {"": 0, "2": 1, "sqrt2": 2}  # log_base -> root k of base 2^(1/k) (0: uniform)
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,7 @@ class QuantSpec:
     observer: str = "minmax"
     narrow_range: bool = False  # symmetric signed: use [-(2^(b-1)-1), 2^(b-1)-1]
     percentile: float = 99.99
+    log_base: str = ""  # "" uniform; "2" / "sqrt2": log quantizer of non-negative values (see module doc)
 
     def __post_init__(self):
         if not 2 <= self.bits <= 16:
@@ -42,15 +49,28 @@ class QuantSpec:
             raise QCError("per-group quantization needs group_size > 0")
         if self.observer not in OBSERVERS:
             raise QCError(f"unknown observer '{self.observer}' (choose from {', '.join(OBSERVERS)})")
+        if self.log_base not in LOG_BASES:
+            raise QCError(f"unknown log_base '{self.log_base}' (choose from '', '2', 'sqrt2')")
+        if self.log_base and self.granularity != "tensor":
+            raise QCError("log quantizers are per-tensor (granularity 'tensor')")
+
+    @property
+    def log_root(self) -> int:
+        """k of the log quantizer's base 2^(1/k): 1 for log2, 2 for log-sqrt2, 0 for uniform specs."""
+        return LOG_BASES[self.log_base]
 
     @property
     def qmin(self) -> int:
+        if self.log_base:
+            return 0
         if self.signed:
             return -(2 ** (self.bits - 1)) + (1 if self.narrow_range else 0)
         return 0
 
     @property
     def qmax(self) -> int:
+        if self.log_base:
+            return 2**self.bits - 1  # the zero code (x_hat = 0)
         return 2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1
 
     @property
@@ -67,6 +87,8 @@ class QuantSpec:
     def describe(self) -> str:
         g = {"tensor": "per-tensor", "channel": f"per-channel(axis={self.axis})",
              "group": f"per-group({self.group_size}, axis={self.axis})"}[self.granularity]
+        if self.log_base:
+            return f"log{'√2' if self.log_base == 'sqrt2' else '2'} {self.bits}-bit {g}"
         return f"{'int' if self.signed else 'uint'}{self.bits} {'sym' if self.symmetric else 'asym'} {g}"
 
 
@@ -91,7 +113,9 @@ class QParams:
 
 
 def fake_quantize(x: torch.Tensor, qp: QParams) -> torch.Tensor:
-    """x through qc::fake_quant with the given QParams."""
+    """x through qc::fake_quant (qc::fake_quant_log2 for log specs) with the given QParams."""
+    if qp.spec.log_base:
+        return fake_quant_log2(x, qp.scale, qp.spec.bits, qp.spec.log_root)
     return fake_quant(x, qp.scale, qp.zero_point, qp.spec.qmin, qp.spec.qmax, *qp.spec.axis_and_group)
 
 
@@ -170,6 +194,10 @@ class Observer:
             raise QCError("no calibration data reached this tensor")
         spec = self.spec
         lo, hi = self.lo, self.hi
+        if spec.log_base:  # scale = the observed maximum, whatever the observer
+            eps = torch.finfo(torch.float32).tiny * 2**10
+            scale = torch.where(hi > eps, hi, torch.ones_like(hi)).float().reshape(())
+            return QParams(scale, torch.zeros((), dtype=torch.int32), spec)
         if spec.observer != "minmax" and self.samples:
             data = torch.cat(self.samples, dim=-1)
             if spec.granularity == "tensor":
