@@ -1,4 +1,4 @@
-"""The `qcompiler` command: compile, run, inspect.
+"""The `qcompiler` command: compile, run, inspect, profile.
 
 Bad input prints one line `qcompiler: error: ...` on stderr and exits with status 2.
 """
@@ -40,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--size-mb", type=float, help="mixed precision: weight size budget in MB (10^6 bytes)")
     c.add_argument("--bops", type=float, help="mixed precision: budget of bit operations (MACs x w_bits x a_bits)")
     c.add_argument("--latency-ms", type=float, help="mixed precision: latency budget (needs --latency-table)")
+    c.add_argument("--latency-ratio", type=float, metavar="R",
+                   help="mixed precision: latency budget of R x the all-w8a8 latency in --latency-table")
     c.add_argument("--latency-table", help="JSON {\"<op>:<weight shape>:<config>\": ms} measured on the target")
     c.add_argument("--pin", action="append", default=[], metavar="NAME=BITS",
                    help="mixed precision: fix a layer's weight width (repeatable)")
@@ -62,6 +64,19 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print the manifest's layer table as JSON")
 
     sub.add_parser("passes", help="list registered passes")
+
+    f = sub.add_parser("profile", help="time each layer at each configuration on a target; write a latency table")
+    f.add_argument("model", help="model file (.onnx, .pt2) or zoo:NAME")
+    f.add_argument("--calib", required=True, help="calibration .npz: its first --batch samples give the layer shapes")
+    f.add_argument("-o", "--output", required=True, help="latency table JSON to write")
+    f.add_argument("--target", default="onnx-cpu", help="timer: onnx-cpu (default) or torch-cuda")
+    f.add_argument("--bits", default="4,8", metavar="B1,B2", help="weight widths (default 4,8)")
+    f.add_argument("--a-bits", default="8", metavar="A1,A2", help="activation widths (default 8)")
+    f.add_argument("--no-float", action="store_true", help="do not time the float configuration")
+    f.add_argument("--batch", type=int, default=8, help="samples per run: the batch dims of the timed shapes")
+    f.add_argument("--repeats", type=int, default=20, help="interleaved timing rounds (medians are kept)")
+    f.add_argument("--warmup", type=int, default=2)
+    f.add_argument("--threads", type=int, help="onnx-cpu: intra-op threads (default: ONNX Runtime's, as artifacts run)")
     return p
 
 
@@ -103,7 +118,7 @@ def cmd_compile(a) -> int:
 
 
 def _mixed_precision_options(a) -> dict:
-    budgets = {"size_mb": a.size_mb, "bops": a.bops, "latency_ms": a.latency_ms}
+    budgets = {"size_mb": a.size_mb, "bops": a.bops, "latency_ms": a.latency_ms, "latency_ratio": a.latency_ratio}
     if not a.bits:
         if any(v is not None for v in budgets.values()) or a.pin or a.latency_table:
             raise QCError("budgets and --pin need --bits (the candidate weight widths, e.g. --bits 4,8)")
@@ -117,16 +132,58 @@ def _mixed_precision_options(a) -> dict:
         raise QCError(f"--bits widths must be between 2 and 16, got {bits}")
     mp = {"bits": bits, "pins": pins, **{k: v for k, v in budgets.items() if v is not None}}
     out = {"mixed_precision": mp}
-    if a.latency_ms is not None and not a.latency_table:
-        raise QCError("--latency-ms needs --latency-table (latency is measured, never assumed)")
+    if a.latency_ms is not None and a.latency_ratio is not None:
+        raise QCError("give either --latency-ms or --latency-ratio, not both")
+    if a.latency_ratio is not None and not a.latency_ratio > 0:
+        raise QCError(f"--latency-ratio must be positive, got {a.latency_ratio}")
+    if (a.latency_ms is not None or a.latency_ratio is not None) and not a.latency_table:
+        raise QCError("--latency-ms and --latency-ratio need --latency-table (latency is measured, never assumed; "
+                      "write one with `qcompiler profile`)")
     if a.latency_table:
-        import json
-        try:
-            with open(a.latency_table) as f:
-                out["latency_table"] = json.load(f)
-        except (OSError, ValueError) as e:
-            raise QCError(f"{a.latency_table}: cannot read latency table ({e})") from None
+        from .latency import load_table
+        out["latency_table"] = dict(load_table(a.latency_table))
     return out
+
+
+def _widths(text: str, flag: str) -> list[int]:
+    try:
+        bits = sorted({int(b) for b in text.split(",")})
+    except ValueError:
+        raise QCError(f"{flag} takes widths like 4,8 (got {text})") from None
+    if any(not 2 <= b <= 16 for b in bits):
+        raise QCError(f"{flag} widths must be between 2 and 16, got {bits}")
+    return bits
+
+
+def cmd_profile(a) -> int:
+    import shlex
+
+    from .calib import CalibData
+    from .compiler import load_model
+    from .latency import profile_layers, save_table
+
+    if not a.model.startswith("zoo:") and not os.path.exists(a.model):
+        raise QCError(f"{a.model}: no such model file")
+    if a.batch < 1 or a.repeats < 1:
+        raise QCError("--batch and --repeats must be at least 1")
+    out = os.path.abspath(a.output)
+    if not os.path.isdir(os.path.dirname(out)):
+        raise QCError(f"{out}: its folder does not exist")
+    configs = [f"w{w}a{x}" for w in _widths(a.bits, "--bits") for x in _widths(a.a_bits, "--a-bits")]
+    configs += [] if a.no_float else ["float"]
+    calib = CalibData.from_npz(a.calib, batch_size=a.batch)
+    graph = load_model(a.model)
+    calib.validate(graph.inputs)
+    t0 = time.perf_counter()
+    table = profile_layers(graph, a.target, configs, calib=calib, batch=a.batch, repeats=a.repeats, warmup=a.warmup,
+                           timer_options={"threads": a.threads} if a.threads else None)
+    cmd = ["qcompiler", "profile", a.model, "--calib", a.calib, "-o", a.output, "--target", a.target, "--bits", a.bits,
+           "--a-bits", a.a_bits, "--batch", str(a.batch), "--repeats", str(a.repeats), "--warmup", str(a.warmup),
+           *(["--threads", str(a.threads)] if a.threads else [])]
+    save_table(out, table, command=shlex.join(cmd + (["--no-float"] if a.no_float else [])), model=a.model)
+    print(f"wrote {out}: {len(table)} entries ({', '.join(configs)}) on {a.target}, "
+          f"{time.perf_counter() - t0:.1f} s")
+    return 0
 
 
 def cmd_run(a) -> int:
@@ -201,7 +258,8 @@ def cmd_passes(a) -> int:
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     try:
-        return {"compile": cmd_compile, "run": cmd_run, "inspect": cmd_inspect, "passes": cmd_passes}[a.cmd](a)
+        return {"compile": cmd_compile, "run": cmd_run, "inspect": cmd_inspect, "passes": cmd_passes,
+                "profile": cmd_profile}[a.cmd](a)
     except QCError as e:
         print(f"qcompiler: error: {e}", file=sys.stderr)
         return 2
