@@ -99,8 +99,27 @@ def _clamp_bounds(n: fx.Node) -> tuple[float | None, float | None]:
     return out[0], out[1]
 
 
+def _allowed(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _is_masked_logits(n: fx.Node) -> bool:
+    """where(mask, x, -inf) whose users are softmaxes (from fold_additive_mask)."""
+    return is_op(n, aten.where) and len(n.args) == 3 and n.args[2] == float("-inf") and \
+        all(is_op(u, aten.softmax, aten._softmax) for u in n.users)
+
+
+def _is_int_to_float(n: fx.Node) -> bool:
+    if not is_op(n, aten.to, aten._to_copy) or not isinstance(n.args[0], fx.Node):
+        return False
+    src = n.args[0].meta.get("val")
+    return isinstance(src, torch.Tensor) and not src.dtype.is_floating_point and src.dtype != torch.bool and _is_float(n)
+
+
 def _preserves_grid(n: fx.Node) -> bool:
     if is_op(n, *SHAPE_OPS, *MONOTONE_CLAMPS) or n.target is operator.getitem:
+        return True
+    if _is_masked_logits(n) or _is_int_to_float(n):
         return True
     return is_op(n, *RESCALES) and len(n.args) == 2 and _is_positive_scalar(n.args[1])
 
@@ -125,7 +144,10 @@ class AnnotateIntegerTensors(Pass):
                     del info["inputs"][i]
                     stats["input_quantizers_dropped"] += 1
         fused: set[fx.Node] = set()
+        allow = tuple(getattr(cfg, "allow_float", ()) or ())
         for n in graph.nodes:
+            if _allowed(n.name, allow) and all(u.op == "output" or _allowed(u.name, allow) for u in n.users):
+                continue  # inside a float island: quantized only where it feeds integer code
             if not _is_float(n) or n.op not in ("placeholder", "call_function"):
                 continue
             if n.op == "call_function" and (_preserves_grid(n) and n not in fused or n.target is fake_quant):
@@ -181,6 +203,14 @@ class Const:
 
 
 @dataclass
+class Masked:
+    """where(mask, x, -inf) feeding a softmax: the integer softmax takes the mask."""
+
+    value: IntVal
+    mask: fx.Node
+
+
+@dataclass
 class ConstExpr:
     """A float value computed from constants only (e.g. a class token expanded to the batch):
     quantized onto the grid of the op that consumes it, then recomputed in integers."""
@@ -199,6 +229,7 @@ class _Lowering:
         self.choices: dict[str, str] = {}
         self.counts: dict[str, int] = {}
         self._names: set[str] = set()
+        self._const_vals: dict[fx.Node, torch.Tensor] = {}
 
     # helpers -------------------------------------------------------------------------------
     def const(self, t: torch.Tensor, hint: str) -> fx.Node:
@@ -211,6 +242,7 @@ class _Lowering:
         self.root.register_buffer(name, t.detach().clone().contiguous())
         node = self.new.get_attr(name)
         node.meta["val"] = t
+        self._const_vals[node] = t
         return node
 
     def call(self, target, args, kwargs=None, name: str | None = None) -> fx.Node:
@@ -289,7 +321,7 @@ class _Lowering:
                 out_node = n
             elif n.target is fake_quant:
                 self.lower_fake_quant(n)
-            elif n.name in self.allow or any(fnmatch.fnmatchcase(n.name, p) for p in self.allow if "*" in p):
+            elif _allowed(n.name, self.allow):
                 self.island(n)
             else:
                 self.lower(n)
@@ -358,6 +390,23 @@ class _Lowering:
         if _is_float(n) and tensor_inputs and all(isinstance(self.env.get(a), (Const, ConstExpr)) for a in tensor_inputs):
             self.env[n] = ConstExpr(n)
             return
+        val = n.meta.get("val")
+        if isinstance(val, torch.Tensor) and not val.dtype.is_floating_point and \
+                not any(isinstance(self.env.get(a), IntVal) for a in n.all_input_nodes):
+            # integer / boolean tensor arithmetic on integer inputs (masks, indices): copied as is
+            node = self.new.call_function(n.target, fx.node.map_arg(n.args, self._arg), fx.node.map_arg(n.kwargs, self._arg))
+            node.meta = {k: v for k, v in n.meta.items() if k != QMETA}
+            self.env[n] = FloatVal(node)
+            return
+        if _is_masked_logits(n):
+            x = self.int_of(n, n.args[1])
+            self.env[n] = Masked(x, self._arg(n.args[0]))
+            return
+        if _is_int_to_float(n):  # integer values as floats: the same integers at scale 1
+            src = self._arg(n.args[0])
+            info = torch.iinfo(n.args[0].meta["val"].dtype)
+            self.env[n] = IntVal(src, torch.tensor(1.0, dtype=torch.float64), 0, info.min, info.max)
+            return
         if n.target is operator.getitem:
             v = self.env[n.args[0]]
             if isinstance(v, (tuple, list)):
@@ -387,6 +436,8 @@ class _Lowering:
             out = self.lower_mean(n, scale, zp, qmin, qmax)
         elif is_op(n, aten.cat):
             out = self.lower_cat(n, scale, zp, qmin, qmax)
+        elif is_op(n, aten.embedding):
+            out = self.lower_embedding(n, scale, zp, qmin, qmax)
         else:
             self.fail(n, "no integer kernel for this op")
         self.env[n] = out
@@ -542,8 +593,7 @@ class _Lowering:
                     self.fail(n, "adds a per-channel value")
                 terms.append(("int", v, coef * v.s() / s_y))
             elif isinstance(v, (Const, ConstExpr)) or not isinstance(arg, fx.Node):
-                t = self.const_value(arg) if isinstance(arg, fx.Node) else torch.tensor(float(arg))
-                terms.append(("const", t.double() * coef / s_y, None))
+                terms.append(("const", arg, coef))
             else:
                 self.fail(n, "adds a value that is not quantized")
         mults = [abs(m) for kind, _, m in terms if kind == "int"]
@@ -556,14 +606,20 @@ class _Lowering:
         for kind, v, m in terms:
             if kind == "int":
                 ints.append((v, int(round(m * 2.0**shift))))
-            else:
-                consts.append(torch.round(v * 2.0**shift).to(torch.int64))
+            else:  # a constant term, as an int64 on the grid s_y / 2^shift (with its sign)
+                consts.append((v, m))
         if len(ints) == 2:
             (va, ma), (vb, mb) = ints
             bnode, bzp = vb.node, vb.zp
         else:
             (va, ma), mb, bzp = ints[0], 1, 0
-            bnode = self.const(consts[0], f"{n.name}_const")
+            arg, coef = consts[0]
+            fine = torch.tensor(s_y / 2.0**shift / abs(coef), dtype=torch.float64)
+            if isinstance(arg, fx.Node):
+                bnode = self.materialize(arg, fine, 0, None, None)
+            else:
+                bnode = self.const(torch.tensor(round(float(arg) / float(fine)), dtype=torch.int64), f"{n.name}_const")
+            mb = 1 if coef > 0 else -1
         node = self.call(I.int_add, (va.node, va.zp, ma, bnode, bzp, mb, shift, zp, qmin, qmax), name=n.name)
         return IntVal(node, scale.reshape(()).clone(), zp, qmin, qmax)
 
@@ -585,15 +641,18 @@ class _Lowering:
         return IntVal(node, scale.reshape(()).clone(), zp, qmin, qmax)
 
     def lower_softmax(self, n, scale, zp, qmin, qmax) -> IntVal:
-        x = self.int_of(n, n.args[0])
+        v, mask = self.env.get(n.args[0]), None
+        if isinstance(v, Masked):
+            v, mask = v.value, v.mask
+        x = v if isinstance(v, IntVal) else self.int_of(n, n.args[0])
         if x.acc or not x.per_tensor:
             self.fail(n, "softmax of an accumulator")
         dim = n.args[1]
         table = I.exp_table(x.s(), x.qmax - x.qmin + 1)
         b, c = I.dyadic(torch.tensor(1.0 / float(scale.reshape(())), dtype=torch.float64))
         self.choices[n.name] = f"{op_name(n)}: exp table (2^-{I.EXP_BITS}) and row sum"
-        node = self.call(I.int_softmax, (x.node, self.const(table, f"{n.name}_exp"), dim, int(b), int(c), zp, qmin, qmax),
-                         name=n.name)
+        node = self.call(I.int_softmax, (x.node, mask, self.const(table, f"{n.name}_exp"), dim, int(b), int(c), zp, qmin,
+                                         qmax), name=n.name)
         return IntVal(node, scale.reshape(()).clone(), zp, qmin, qmax)
 
     def lower_layer_norm(self, n, scale, zp, qmin, qmax) -> IntVal:
@@ -644,6 +703,8 @@ class _Lowering:
         """A constant (or a grid op of one) as integers on the grid (scale, zp, [qmin, qmax])."""
         v = self.env[a]
         if isinstance(v, Const):
+            if qmin is None:  # int64, unclamped, in float64: the fine grid of an int_add constant
+                return self.const(torch.round(v.tensor.double() / scale.reshape(())).to(torch.int64), f"{a.name}_int")
             q = quantize_ref(v.tensor, scale.float().reshape(()), torch.tensor(zp), qmin, qmax, 0, 0)
             return self.const(q.to(I.int_dtype(qmin, qmax)), f"{a.name}_int")
         n = v.old
@@ -653,6 +714,21 @@ class _Lowering:
         inner = self.materialize(src, scale, zp, qmin, qmax)
         args = (inner, *fx.node.map_arg(n.args[1:], self._arg))
         return self.call(n.target, args, fx.node.map_arg(n.kwargs, self._arg))
+
+    def lower_embedding(self, n, scale, zp, qmin, qmax) -> IntVal:
+        """embedding(table, ids) with a per-row quantized table: the table is requantized onto
+        the output grid at compile time (the same qc::requant arithmetic, done ahead), so the
+        graph only gathers rows."""
+        t = self.int_of(n, n.args[0])
+        if t.node not in self._const_vals or t.zp != 0:
+            self.fail(n, "the embedding table is not a symmetric quantized constant")
+        rows = self._const_vals[t.node]
+        b, c = I.dyadic(t.scale / float(scale.reshape(())))
+        table = I.requant(rows, 0, b, c, zp, qmin, qmax, 0)
+        self.choices[n.name] = f"{op_name(n)}: table requantized to the output grid at compile time"
+        node = self.call(aten.embedding.default, (self.const(table, f"{n.name}_table"), self._arg(n.args[1]),
+                                                  *n.args[2:]), name=n.name)
+        return IntVal(node, scale.reshape(()).clone(), zp, qmin, qmax)
 
     def lower_cat(self, n, scale, zp, qmin, qmax) -> IntVal:
         parts = []

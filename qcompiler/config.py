@@ -26,7 +26,7 @@ class Config:
     passes: tuple[str, ...] = ()  # extra passes (names or module:Class) run before quantization
     # float-exact passes before quantization; SmoothQuant is on by default: measured neutral on the
     # Fashion-MNIST CNN/ViT and 0.982 -> 0.997 embedding cosine on MiniLM (bench/accuracy.py)
-    pre_passes: tuple[str, ...] = ("remove_identities", "fold_bn", "fold_constants", "smooth")
+    pre_passes: tuple[str, ...] = ("remove_identities", "fold_bn", "fold_constants", "fold_additive_mask", "smooth")
     integer: bool = False  # lower to an integer-only graph (qc:: integer ops; see passes/lower_integer.py)
     allow_float: tuple[str, ...] = ()  # node names (globs) allowed to stay float islands in an integer graph
     calib_batch_size: int = 8

@@ -238,8 +238,8 @@ def _int_sum_fake(x, x_zp, dims, keepdim):
 
 # -- normalisations -------------------------------------------------------------------------
 
-_lib.define("int_softmax(Tensor x, Tensor exp_table, int dim, int mult, int shift, int out_zp, int qmin, int qmax)"
-            " -> Tensor")
+_lib.define("int_softmax(Tensor x, Tensor? mask, Tensor exp_table, int dim, int mult, int shift, int out_zp, int qmin, "
+            "int qmax) -> Tensor")
 _lib.define("int_layer_norm(Tensor x, int x_zp, int eps, Tensor gamma, Tensor beta, int shift, int out_zp, "
             "int qmin, int qmax) -> Tensor")
 
@@ -254,23 +254,29 @@ def exp_table(scale: float, levels: int) -> torch.Tensor:
 
 
 @torch.library.impl(_lib, "int_softmax", "CompositeExplicitAutograd")
-def _int_softmax(x, exp_table, dim, mult, shift, out_zp, qmin, qmax):
-    """Integer softmax along `dim`:
-        d = max(x) - x (>= 0);  e = exp_table[d];  S = sum(e);
+def _int_softmax(x, mask, exp_table, dim, mult, shift, out_zp, qmin, qmax):
+    """Integer softmax along `dim`, over the entries where `mask` (bool, broadcast to x) is
+    true, or all entries:
+        d = max(x) - x (>= 0);  e = exp_table[d] (0 where masked);  S = sum(e);
         y = clamp(rshift_round(floor(e * mult / S), shift) + out_zp, qmin, qmax)
     with mult / 2^shift = 1 / s_y: one integer division per element by the row sum (as
     I-BERT's normalisation; a backend may use one reciprocal per row only where it gives the
-    same floor)."""
+    same floor). A fully masked row gives out_zp."""
     xi = x.to(I64)
+    if mask is not None:
+        keep = mask.expand(xi.shape)
+        xi = torch.where(keep, xi, torch.full_like(xi, torch.iinfo(I64).min // 2))
     d = (xi.amax(dim=dim, keepdim=True) - xi).clamp(max=exp_table.numel() - 1)
     e = exp_table[d]
+    if mask is not None:
+        e = torch.where(keep, e, torch.zeros_like(e))
     s = e.sum(dim=dim, keepdim=True).clamp(min=1)
     t = torch.div(e * mult, s, rounding_mode="floor")
     return (rshift_round(t, shift) + out_zp).clamp(qmin, qmax).to(int_dtype(qmin, qmax))
 
 
 @torch.library.register_fake("qc::int_softmax")
-def _int_softmax_fake(x, exp_table, dim, mult, shift, out_zp, qmin, qmax):
+def _int_softmax_fake(x, mask, exp_table, dim, mult, shift, out_zp, qmin, qmax):
     return torch.empty_like(x, dtype=int_dtype(qmin, qmax))
 
 

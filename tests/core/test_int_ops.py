@@ -151,7 +151,7 @@ def _softmax_case(seed: int, s_x: float, n: int = 64):
     x = torch.randint(-128, 128, (8, n), generator=g).to(torch.int8)
     s_y = 1.0 / 127
     b, c = I.dyadic(1.0 / s_y)
-    y = I.int_softmax(x, I.exp_table(s_x, 256), -1, int(b), int(c), 0, -128, 127)
+    y = I.int_softmax(x, None, I.exp_table(s_x, 256), -1, int(b), int(c), 0, -128, 127)
     ref = torch.softmax(x.double() * s_x, -1) / s_y
     return y, ref
 
@@ -203,3 +203,15 @@ def test_quantize_and_dequantize_agree_with_fake_quant():
     sc, zc = torch.rand(6, generator=g) * 0.1 + 0.01, torch.zeros(6, dtype=torch.int32)
     q = I.quantize(x, sc, zc, -127, 127, 1)
     assert torch.equal(I.dequantize(q, sc, zc, 1), fake_quant(x, sc, zc, -127, 127, 1, 0))
+
+
+def test_int_softmax_mask_excludes_entries():
+    """Masked entries get 0 and the rest renormalise, as softmax over the kept entries; a fully masked row is 0."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.randint(-128, 128, (4, 16), generator=g).to(torch.int8)
+    keep = torch.rand(4, 16, generator=g) > 0.3
+    keep[3] = False
+    b, c = I.dyadic(127.0)
+    y = I.int_softmax(x, keep, I.exp_table(0.05, 256), -1, int(b), int(c), 0, -128, 127)
+    ref = torch.softmax(torch.where(keep, x.double() * 0.05, -torch.inf), -1) * 127
+    assert (y[:3].double() - ref[:3]).abs().max() <= 1.0 and bool((y[~keep] == 0).all())
