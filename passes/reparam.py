@@ -34,6 +34,10 @@ s times a power of two (a shift of V), and one constant factor on the odd-parity
 P^ == E + round32(sqrt2) O holds bit for bit; the matmul outputs agree up to float32
 summation order. V keeps its quantizer (shared by both matmuls).
 Declined: the matmul's output is itself quantized (integer mode), so the sum could not carry it.
+
+Which parts run: `config.extra["reparam_parts"]`, a subset of ("layernorm", "softmax") (default
+both). "layernorm" alone leaves only qc::fake_quant in the graph (what the ONNX backend exports);
+"softmax" adds qc::fake_quant_log2 / qc::log_sqrt2_split, which a backend must translate.
 """
 from __future__ import annotations
 
@@ -55,6 +59,7 @@ aten = torch.ops.aten
 _SOFTMAX = (aten.softmax, aten._softmax)
 _MATMUL = (aten.matmul, aten.bmm)
 LN, SOFTMAX = "layernorm", "softmax"
+PARTS = (LN, SOFTMAX)
 
 
 def _const(n) -> bool:
@@ -130,9 +135,13 @@ class PrepareReparameterization(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         if "calibrated" in graph.meta.get("facts", []):
             raise QCError("reparam_prepare must run before calibrate (it changes what is observed)")
+        parts = tuple(ctx.config.extra.get("reparam_parts", PARTS)) if ctx.config is not None else PARTS
+        unknown = sorted(set(parts) - set(PARTS))
+        if unknown:
+            raise QCError(f"unknown reparam_parts {unknown} (choose from {', '.join(PARTS)})")
         stats: Counter = Counter()
         declined: list[str] = []
-        for ln in _layer_norms(graph):
+        for ln in (_layer_norms(graph) if LN in parts else []):
             users, why = _ln_group(ln)
             if why:
                 declined.append(f"{ln.name}: {why}")
@@ -144,7 +153,7 @@ class PrepareReparameterization(Pass):
                 q["reparam"] = {"kind": LN, "spec": spec}
                 q["spec"], q["qparams"] = spec.with_(granularity="channel", axis=-1, symmetric=False), None
             stats["layernorm_per_channel"] += 1
-        for m in _softmax_consumers(graph):
+        for m in (_softmax_consumers(graph) if SOFTMAX in parts else []):
             q = _act_entry(m, 0)
             spec = _original(q)
             if spec.log_base:

@@ -179,6 +179,30 @@ def test_softmax_split_equals_log_sqrt2():
     torch.testing.assert_close(after(x)[0], before(x)[0], rtol=1e-5, atol=1e-5)
 
 
+class Block(nn.Module):
+    """Pre-LN attention: LayerNorm -> fused qkv, softmax(q k^T) @ v."""
+
+    def __init__(self, heads=2):
+        super().__init__()
+        self.heads, self.ln, self.qkv = heads, nn.LayerNorm(C), nn.Linear(C, 3 * C)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(self.ln(x)).reshape(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        return torch.softmax(q @ k.transpose(-2, -1), dim=-1) @ v
+
+
+@pytest.mark.parametrize("parts,stats", [(("layernorm",), {"layernorm_folded": 1, "linears_updated": 1}),
+                                         (("softmax",), {"softmax_split": 1})])
+def test_parts_option(parts, stats):
+    """config.extra["reparam_parts"] picks the reparameterizations; "layernorm" alone leaves only qc::fake_quant."""
+    g, rec = _run(Block, PREPARED + ["reparam", "fake_quant"], Config(extra={"reparam_parts": parts}))
+    assert rec["reparam"]["stats"] == stats
+    assert bool(_targets(g, log_sqrt2_split)) == ("softmax" in parts)
+    with pytest.raises(PassError, match="unknown reparam_parts"):
+        _run(Block, PREPARED, Config(extra={"reparam_parts": ("gelu",)}))
+
+
 class LnNoAffine(LnLinears):
     def __init__(self):
         super().__init__()
