@@ -316,79 +316,93 @@ class AssignBitWidths(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         extra = getattr(ctx.config, "extra", None) or {}
         mp, table = dict(extra.get("mixed_precision", {})), extra.get("latency_table")
-        bits = sorted(set(mp.get("bits", [4, 8])))
-        a_menu = sorted(set(mp["a_bits"])) if mp.get("a_bits") else None
-        pins = {k: v for k, v in mp.get("pins", {}).items()}
-        ratio = mp.get("latency_ratio")
-        if ratio is not None and mp.get("latency_ms") is not None:
-            raise QCError("give a latency budget either in ms or as a ratio, not both")
-        need_latency = ratio is not None or mp.get("latency_ms") is not None
-        if need_latency and table is None:
-            raise QCError("a latency budget needs a latency table (latency is measured, never assumed)")
-        nodes = [n for n in layers(graph) if weight_input(n) is not None]
-        choices, ref_latency = [], 0.0
-        for n in nodes:
-            info, wi = n.meta[QMETA], weight_input(n)
-            sens = info.get("sensitivity")
-            if sens is None:
-                raise QCError("layer has no sensitivity (run the sensitivity pass)", node=n.name)
-            w, spec = graph.attr(n.args[wi]), info["inputs"][wi]["spec"]
-            acts = act_inputs(n)
-            a_default = info["inputs"][acts[0]]["spec"].bits if acts else None
-            a_opts = (a_menu if acts and a_menu else [a_default])
-            macs, nparams = layer_macs(n), w.numel()
-
-            def latency(cfg):
-                if table is None:
-                    return None
-                lat = lookup_latency(table, n, w.shape, cfg)
-                if lat is None and need_latency:
-                    raise QCError(f"latency table has no entry '{latency_key(info['op'], w.shape, cfg)}'", node=n.name)
-                return lat
-
-            opts = []
-            for b in bits:
-                om_w = omega(sens["trace"], nparams, w, spec.with_(bits=b))
-                for a in a_opts:
-                    om_a = activation_omega(sens, a) if a is not None else 0.0
-                    if om_a is None and a_menu:
-                        raise QCError(f"layer has no activation sensitivity at {a} bits (run the sensitivity pass "
-                                      f"with a_bits {a_menu})", node=n.name)
-                    cfg = config_name(b, a)
-                    opts.append(Option(cfg, b, a, om_w + (om_a or 0.0), weight_size(nparams, b), bops(macs, b, a),
-                                       latency(cfg)))
-            if str(pins.get(n.name)) == "float":
-                opts.append(Option("float", FLOAT_BITS, FLOAT_BITS, 0.0, weight_size(nparams, FLOAT_BITS),
-                                   bops(macs, FLOAT_BITS, FLOAT_BITS), latency("float")))
-            if ratio is not None:
-                ref_latency += latency(config_name(8, 8 if acts else None))
-            choices.append(LayerChoice(n.name, opts))
-        size = mp.get("size_mb")
+        nodes, choices, ref_latency = build_choices(graph, mp, table)
+        ratio, size = mp.get("latency_ratio"), mp.get("size_mb")
         lat_budget = mp.get("latency_ms") if ratio is None else float(ratio) * ref_latency
         a = solve_bits(choices, size_budget_bytes=None if size is None else size * MB, bops_budget=mp.get("bops"),
-                       latency_budget=lat_budget, ties=mp.get("ties", ()), pins=pins)
-        stats: dict[str, int] = {"layers": len(nodes)}
-        changed = False
-        for n, lc in zip(nodes, choices):
-            o, wi = a.choices[n.name], weight_input(n)
-            key = "float" if o.config == "float" else f"w{o.w_bits}"
-            stats[key] = stats.get(key, 0) + 1
-            if o.config == "float":
-                del n.meta[QMETA]
-                changed = True
-                continue
-            if a_menu and o.a_bits is not None:
-                stats[f"a{o.a_bits}"] = stats.get(f"a{o.a_bits}", 0) + 1
-            for i, q in n.meta[QMETA]["inputs"].items():
-                want = o.w_bits if i == wi else o.a_bits
-                if q["role"] == "act" and o.a_bits is None:
-                    continue
-                changed |= q["spec"].bits != want
-                q["spec"], q["qparams"] = q["spec"].with_(bits=want), None
-            n.meta[QMETA]["mixed_precision"] = {"config": o.config, "omega": o.omega,
-                                                "options": {x.config: x.omega for x in lc.options}}
+                       latency_budget=lat_budget, ties=mp.get("ties", ()), pins=mp.get("pins", {}))
+        changed, stats = apply_choices(nodes, choices, a, count_act=bool(mp.get("a_bits")))
         graph.meta["mixed_precision"] = {"objective": a.objective, "totals": a.totals, "slack": a.slack,
                                          "solve_seconds": a.solve_seconds,
                                          **({"latency_budget_ms": lat_budget, "all_w8a8_latency_ms": ref_latency}
                                             if ratio is not None else {})}
         return PassResult(graph, changed, stats)
+
+
+def build_choices(graph: Graph, mp: dict, table: dict | None = None) -> tuple[list, list[LayerChoice], float]:
+    """The ILP's layers and options for menu `mp` (AssignBitWidths' settings): (weighted layer
+    nodes, their LayerChoices, the all-w8a8 latency of the table; 0.0 unless mp has latency_ratio)."""
+    bits = sorted(set(mp.get("bits", [4, 8])))
+    a_menu = sorted(set(mp["a_bits"])) if mp.get("a_bits") else None
+    pins = dict(mp.get("pins", {}))
+    ratio = mp.get("latency_ratio")
+    if ratio is not None and mp.get("latency_ms") is not None:
+        raise QCError("give a latency budget either in ms or as a ratio, not both")
+    need_latency = ratio is not None or mp.get("latency_ms") is not None
+    if need_latency and table is None:
+        raise QCError("a latency budget needs a latency table (latency is measured, never assumed)")
+    nodes = [n for n in layers(graph) if weight_input(n) is not None]
+    choices, ref_latency = [], 0.0
+    for n in nodes:
+        info, wi = n.meta[QMETA], weight_input(n)
+        sens = info.get("sensitivity")
+        if sens is None:
+            raise QCError("layer has no sensitivity (run the sensitivity pass)", node=n.name)
+        w, spec = graph.attr(n.args[wi]), info["inputs"][wi]["spec"]
+        acts = act_inputs(n)
+        a_default = info["inputs"][acts[0]]["spec"].bits if acts else None
+        a_opts = a_menu if acts and a_menu else [a_default]
+        macs, nparams = layer_macs(n), w.numel()
+
+        def latency(cfg, n=n, w=w, info=info):
+            if table is None:
+                return None
+            lat = lookup_latency(table, n, w.shape, cfg)
+            if lat is None and need_latency:
+                raise QCError(f"latency table has no entry '{latency_key(info['op'], w.shape, cfg)}'", node=n.name)
+            return lat
+
+        opts = []
+        for b in bits:
+            om_w = omega(sens["trace"], nparams, w, spec.with_(bits=b))
+            for a in a_opts:
+                om_a = activation_omega(sens, a) if a is not None else 0.0
+                if om_a is None and a_menu:
+                    raise QCError(f"layer has no activation sensitivity at {a} bits (run the sensitivity pass "
+                                  f"with a_bits {a_menu})", node=n.name)
+                cfg = config_name(b, a)
+                opts.append(Option(cfg, b, a, om_w + (om_a or 0.0), weight_size(nparams, b), bops(macs, b, a),
+                                   latency(cfg)))
+        if str(pins.get(n.name)) == "float":
+            opts.append(Option("float", FLOAT_BITS, FLOAT_BITS, 0.0, weight_size(nparams, FLOAT_BITS),
+                               bops(macs, FLOAT_BITS, FLOAT_BITS), latency("float")))
+        if ratio is not None:
+            ref_latency += latency(config_name(8, 8 if acts else None))
+        choices.append(LayerChoice(n.name, opts))
+    return nodes, choices, ref_latency
+
+
+def apply_choices(nodes, choices: list[LayerChoice], a: Assignment, count_act: bool = False) -> tuple[bool, dict]:
+    """Write an assignment into the layers' annotations (bits of weight and activation inputs;
+    "float" removes the annotation). Returns (changed, counts per width)."""
+    stats: dict[str, int] = {"layers": len(nodes)}
+    changed = False
+    for n, lc in zip(nodes, choices):
+        o, wi = a.choices[n.name], weight_input(n)
+        key = "float" if o.config == "float" else f"w{o.w_bits}"
+        stats[key] = stats.get(key, 0) + 1
+        if o.config == "float":
+            del n.meta[QMETA]
+            changed = True
+            continue
+        if count_act and o.a_bits is not None:
+            stats[f"a{o.a_bits}"] = stats.get(f"a{o.a_bits}", 0) + 1
+        for i, q in n.meta[QMETA]["inputs"].items():
+            want = o.w_bits if i == wi else o.a_bits
+            if q["role"] == "act" and o.a_bits is None:
+                continue
+            changed |= q["spec"].bits != want
+            q["spec"], q["qparams"] = q["spec"].with_(bits=want), None
+        n.meta[QMETA]["mixed_precision"] = {"config": o.config, "omega": o.omega,
+                                            "options": {x.config: x.omega for x in lc.options}}
+    return changed, stats
