@@ -9,14 +9,15 @@ channels, cols: the inputs one output sums over):
     matmul / mm(x, W)   W^T, X = x.reshape(-1, in);   addmm(b, x, W) likewise.
 With X the rows of the layer's input over the calibration set (float graph), the rounding
 Q of W onto the grid minimises
-    ||X Q^T - X W^T||_F^2 = tr((Q - W) H (Q - W)^T),   H = 2 X^T X / n,
+    ||X Q^T - X W^T||_F^2 = (n / 2) tr((Q - W) H (Q - W)^T),   H = 2 X^T X / n,
 column by column (optimal brain surgeon): quantize column j, then spread its error over
 the columns not yet quantized,
     e = (w_j - q(w_j)) / U_jj,    W[:, j:] -= e U_{j, j:},
 with U the upper Cholesky factor of H^-1 (H^-1 = U^T U; row j of U holds the inverse Hessian
-of the columns left after eliminating 0..j-1). Columns go in blocks of `block_size`: inside
-a block the update touches only the block, and the block's errors E then update the rest
-at once, W[:, i2:] -= E U[i1:i2, i2:]. H is dampened, H += percdamp * mean(diag H) * I (x10
+of the columns left after eliminating 0..j-1), computed as U = R^-1 from H = R R^T, R upper
+(the Cholesky factor of H with rows and columns reversed). Columns go in blocks of
+`block_size`: inside a block the update touches only the block, and the block's errors E
+then update the rest at once, W[:, i2:] -= E U[i1:i2, i2:]. H is dampened, H += percdamp * mean(diag H) * I (x10
 until the Cholesky factorisation succeeds); a column whose input is always zero
 (H_jj = 0) gets H_jj = 1, so it is rounded to nearest and spreads no error. With `act_order`
 the columns go in decreasing H_jj (the grid stays the one fixed below, so groups are static).
@@ -167,14 +168,14 @@ def gptq_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmin: i
     w, scale, zero, h = w[:, perm], scale[:, perm], zero[:, perm], h[perm][:, perm]
     damp = percdamp * float(torch.diagonal(h).mean())
     eye = torch.eye(cols, dtype=h.dtype)
-    for _ in range(8):
-        l, info = torch.linalg.cholesky_ex(h + damp * eye)
+    for _ in range(8):  # H = R R^T with R upper: R = J chol(J H J) J, J the index reversal
+        r, info = torch.linalg.cholesky_ex((h + damp * eye).flip(0, 1))
         if int(info) == 0:
             break
         damp = damp * 10 if damp > 0 else 1e-8 * float(torch.diagonal(h).abs().mean() + 1)
     else:
         raise QCError("the Hessian is not positive definite even after dampening")
-    u = torch.linalg.cholesky(torch.cholesky_inverse(l), upper=True)
+    u = torch.linalg.solve_triangular(r.flip(0, 1), eye, upper=True)  # H^-1 = R^-T R^-1: U = R^-1
     codes = torch.zeros_like(w)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
