@@ -5,7 +5,9 @@ side on the same models, calibration data and evaluation data, in one run.
 
 MiniLM: embedding cosine vs FP32 (mean / min over 256 held-aside real sentences) and
 nearest-neighbour agreement with FP32. Fashion-MNIST CNN / ViT: top-1 on the 10 k test set.
-Every quantized model is run by ONNX Runtime (CPU). Writes bench/results/accuracy.json.
+Every fake-quant model is run by ONNX Runtime (CPU); integer-only rows are the saved integer
+artifact run by the reference backend (torch, the kernels that define the integer ops).
+Writes bench/results/accuracy.json (accuracy_integer.json with --only integer).
 """
 from __future__ import annotations
 
@@ -33,6 +35,14 @@ QC_VARIANTS = {  # name -> Config overrides
     "qcompiler W8A8 percentile, no smooth, asym act": {"pre_passes": NO_SMOOTH, "observer": "percentile",
                                                        "a_symmetric": False},
 }
+# integer-only graphs (qc:: integer ops), run by the reference backend from the saved artifact
+INTEGER_VARIANTS = {
+    "qcompiler W8A8 integer-only (dyadic requant, int softmax/GELU/LN)": {"integer": True, "target": "reference"},
+}
+# MiniLM's pooling head (masked mean over tokens, L2 normalisation) has no integer kernels yet:
+# it runs as listed float islands after the integer encoder
+FLOAT_TAIL = {"minilm": ("mul_7", "sum_1", "sum_2", "clamp", "div", "linalg_vector_norm", "clamp_min", "expand_as",
+                         "div_1")}
 ORT_VARIANTS = {  # name -> quantize_static options
     "ORT quantize_static QDQ per-channel U8S8 minmax": {"activation_type": "QUInt8", "calibrate_method": "MinMax"},
     "ORT quantize_static QDQ per-channel U8S8 percentile": {"activation_type": "QUInt8", "calibrate_method": "Percentile"},
@@ -104,12 +114,22 @@ def bench_model(name: str, n_calib: int) -> list[dict]:
     rows = [{"model": name, "variant": "FP32 (PyTorch)", **score(z.metric, ref, ref, labels), "seconds": 0.0}]
     g = qcompiler.trace(z.module, z.example_inputs, input_names=z.input_names, dynamic=z.dynamic)
     out_name = g.outputs[0].name
-    for variant, overrides in QC_VARIANTS.items():
+    variants = {**QC_VARIANTS, **{k: {**v, "allow_float": FLOAT_TAIL.get(name, ())} for k, v in INTEGER_VARIANTS.items()}}
+    for variant, overrides in variants.items():
         t0 = time.perf_counter()
         art = qcompiler.compile(g.copy(), calib, config=qcompiler.Config(**overrides))
-        runner = OnnxRunner(art.files["model.onnx"])
+        extra = {}
+        if "model.onnx" in art.files:
+            runner = OnnxRunner(art.files["model.onnx"])
+        else:  # the artifact as deployed: saved, loaded back, run by its backend
+            d = tempfile.mkdtemp()
+            runner = qcompiler.load(art.save(Path(d) / "art")).runner
+            integer = art.manifest["integer"]
+            extra = {"float_islands": len(integer["float_islands"]),
+                     "within_1_lsb_of_fake_quant": integer["agreement_with_fake_quant"].get(out_name, {}).get(
+                         "within_1_lsb")}
         got = run_batched(lambda f: runner.run(f)[out_name], ev, batch)
-        rows.append({"model": name, "variant": variant, **score(z.metric, ref, got, labels),
+        rows.append({"model": name, "variant": variant, **score(z.metric, ref, got, labels), **extra,
                      "seconds": round(time.perf_counter() - t0, 1)})
         print(f"  {name}: {variant}: {rows[-1]}", file=sys.stderr, flush=True)
     fp32_onnx = export_onnx(g)
@@ -146,16 +166,22 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="minilm,fashion_cnn,fashion_vit")
     p.add_argument("--calib", type=int, default=64, help="calibration samples per model")
+    p.add_argument("--only", choices=["all", "integer"], default="all",
+                   help="integer: only the integer-only rows (and FP32), for a quick check")
     a = p.parse_args()
     torch.set_num_threads(2)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if a.only == "integer":
+        QC_VARIANTS.clear()
+        ORT_VARIANTS.clear()
     rows = []
     for name in a.models.split(","):
         rows += bench_model(name, a.calib)
     print_table(rows)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "accuracy.json").write_text(json.dumps({"calibration_samples": a.calib, "rows": rows}, indent=1) + "\n")
-    print(f"\nwrote {os.path.relpath(RESULTS / 'accuracy.json', ROOT)}")
+    out = RESULTS / ("accuracy.json" if a.only == "all" else f"accuracy_{a.only}.json")
+    out.write_text(json.dumps({"calibration_samples": a.calib, "rows": rows}, indent=1) + "\n")
+    print(f"\nwrote {os.path.relpath(out, ROOT)}")
     return 0
 
 

@@ -124,9 +124,38 @@ def _preserves_grid(n: fx.Node) -> bool:
     return is_op(n, *RESCALES) and len(n.args) == 2 and _is_positive_scalar(n.args[1])
 
 
+def _matmul_uses(n: fx.Node, fused: set, partial: bool = False):
+    """The (matmul, arg index) pairs that read n as an activation through grid-preserving ops.
+    Unless `partial`, None when n has any other reader (an add, a LayerNorm, ...) than those
+    and the graph outputs."""
+    out, stack = [], [n]
+    while stack:
+        v = stack.pop()
+        for u in v.users:
+            if u.op == "call_function" and _preserves_grid(u) and u not in fused and u.target is not fake_quant:
+                stack.append(u)
+            elif u.op == "call_function" and is_op(u, *MATMULS) and QMETA in u.meta:
+                idx = [i for i, a in enumerate(u.args) if a is v]
+                w = {i for i, q in u.meta[QMETA]["inputs"].items() if q["role"] == "weight"}
+                if any(i in w for i in idx) or not idx:
+                    if not partial:
+                        return None
+                    continue
+                out += [(u, i) for i in idx]
+            elif u.op == "output":
+                continue  # graph outputs are read at the narrow (activation) precision
+            elif not partial:
+                return None
+    return out
+
+
 @register
 class AnnotateIntegerTensors(Pass):
-    """Quantize every activation tensor at its producer (see the module docstring)."""
+    """Quantize every activation tensor at its producer (see the module docstring). A tensor
+    that only feeds matmul-like ops or graph outputs gets the activation spec (8-bit by default); any other
+    (residual stream, LayerNorm / GELU / Softmax inputs, outputs) gets the wider internal spec
+    (Config.int_internal_bits, 16 by default, as I-BERT keeps those in wide integers), and
+    its matmul readers re-quantize it to the narrow spec at their inputs."""
 
     name = "annotate_integer"
     numerics = "numerics"
@@ -136,7 +165,8 @@ class AnnotateIntegerTensors(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         cfg = ctx.config
         spec = cfg.act_spec()
-        stats = {"points": 0, "input_quantizers_dropped": 0}
+        wide = spec.with_(bits=cfg.int_internal_bits, observer="minmax")
+        stats = {"points": 0, "wide_points": 0, "narrow_matmul_inputs": 0, "input_quantizers_dropped": 0}
         for n in graph.nodes:
             info = n.meta.get(QMETA)
             if info:  # drop per-consumer activation quantizers: the value is quantized where it is made
@@ -160,8 +190,14 @@ class AnnotateIntegerTensors(Pass):
                     fused.add(u)
                     continue
             info = n.meta.setdefault(QMETA, {"layer": n.name, "op": op_name(n), "inputs": {}})
-            info["output"] = {"role": "act", "spec": spec, "qparams": None}
+            narrow = _matmul_uses(n, fused) is not None
+            info["output"] = {"role": "act", "spec": spec if narrow else wide, "qparams": None}
             stats["points"] += 1
+            if not narrow:  # a wide tensor read by matmuls too: each matmul input gets its own narrow quantizer
+                stats["wide_points"] += 1
+                for mm, i in _matmul_uses(n, fused, partial=True):
+                    mm.meta[QMETA]["inputs"][i] = {"role": "act", "spec": spec, "qparams": None}
+                    stats["narrow_matmul_inputs"] += 1
         return PassResult(graph, stats["points"] > 0, stats)
 
 
@@ -666,10 +702,10 @@ class _Lowering:
             if v is not None and not isinstance(v, Const):
                 self.fail(n, "LayerNorm affine parameters must be constants")
         eps = float(n.args[4]) if len(n.args) > 4 else 1e-5
-        eps_i, gamma, beta, shift = I.layer_norm_consts(w.tensor if w else None, b.tensor if b else None, shape[0], eps,
-                                                        x.s(), float(scale.reshape(())))
+        eps_i, k, gamma, beta, shift = I.layer_norm_consts(w.tensor if w else None, b.tensor if b else None, shape[0],
+                                                           eps, x.s(), float(scale.reshape(())), x.qmax - x.qmin + 1)
         self.choices[n.name] = f"{op_name(n)}: integer mean/variance, integer square root"
-        node = self.call(I.int_layer_norm, (x.node, x.zp, eps_i, self.const(gamma, f"{n.name}_gamma"),
+        node = self.call(I.int_layer_norm, (x.node, x.zp, eps_i, k, self.const(gamma, f"{n.name}_gamma"),
                                             self.const(beta, f"{n.name}_beta"), shift, zp, qmin, qmax), name=n.name)
         return IntVal(node, scale.reshape(()).clone(), zp, qmin, qmax)
 

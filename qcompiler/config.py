@@ -29,6 +29,7 @@ class Config:
     pre_passes: tuple[str, ...] = ("remove_identities", "fold_bn", "fold_constants", "fold_additive_mask", "smooth")
     integer: bool = False  # lower to an integer-only graph (qc:: integer ops; see passes/lower_integer.py)
     allow_float: tuple[str, ...] = ()  # node names (globs) allowed to stay float islands in an integer graph
+    int_internal_bits: int = 16  # integer mode: bits of tensors that do not only feed matmuls (residuals, LN inputs)
     calib_batch_size: int = 8
     verify_each: bool = True
     extra: dict = field(default_factory=dict)

@@ -240,8 +240,8 @@ def _int_sum_fake(x, x_zp, dims, keepdim):
 
 _lib.define("int_softmax(Tensor x, Tensor? mask, Tensor exp_table, int dim, int mult, int shift, int out_zp, int qmin, "
             "int qmax) -> Tensor")
-_lib.define("int_layer_norm(Tensor x, int x_zp, int eps, Tensor gamma, Tensor beta, int shift, int out_zp, "
-            "int qmin, int qmax) -> Tensor")
+_lib.define("int_layer_norm(Tensor x, int x_zp, int eps, int sqrt_bits, Tensor gamma, Tensor beta, int shift, "
+            "int out_zp, int qmin, int qmax) -> Tensor")
 
 EXP_BITS = 16  # exp table entries are round(exp(s * d) * 2^16)
 
@@ -281,8 +281,7 @@ def _int_softmax_fake(x, mask, exp_table, dim, mult, shift, out_zp, qmin, qmax):
 
 
 LN_NORM_BITS = 16  # the normalised value is carried as norm * 2^16
-_LN_SQRT_BITS = 16  # V is scaled by 2^16 before the square root (8 more bits of C * std)
-_LN_RECIP_BITS = 48
+LN_RECIP_BITS = 56
 
 
 def isqrt(v: torch.Tensor) -> torch.Tensor:
@@ -295,35 +294,36 @@ def isqrt(v: torch.Tensor) -> torch.Tensor:
 
 
 @torch.library.impl(_lib, "int_layer_norm", "CompositeExplicitAutograd")
-def _int_layer_norm(x, x_zp, eps, gamma, beta, shift, out_zp, qmin, qmax):
+def _int_layer_norm(x, x_zp, eps, sqrt_bits, gamma, beta, shift, out_zp, qmin, qmax):
     """Integer LayerNorm over the last dim (C entries), int64 arithmetic (I-BERT / I-ViT):
         x' = x - x_zp;  d = C x' - sum(x')                 (C times the centred value, exact)
-        V  = (sum(d^2) // C + eps) * 2^16                  (eps = round(eps_f C^2 / s_x^2))
-        r  = isqrt(V)                                      (2^8 C std, in input units)
-        n  = rshift_round(d * (2^48 // r), 24)             (normalised value * 2^16; 0 when r = 0)
+        V  = (sum(d^2) // C + eps) * 2^k                   (eps = round(eps_f C^2 / s_x^2), k = sqrt_bits, even)
+        r  = isqrt(V)                                      (2^(k/2) C std, in input units)
+        n  = rshift_round(d * (2^56 // r), 40 - k/2)       (normalised value * 2^16; 0 when r = 0)
         y  = clamp(rshift_round(n * gamma + beta, shift) + out_zp, qmin, qmax)
-    gamma, beta: int64 per channel, gamma_c / 2^(shift-16) = g_c / s_y and beta_c / 2^shift = b_c / s_y."""
+    gamma, beta: int64 per channel, gamma_c / 2^(shift-16) = g_c / s_y and beta_c / 2^shift = b_c / s_y;
+    layer_norm_consts picks k so that V < 2^62 for every input the range allows."""
     xi = x.to(I64) - x_zp
     c = xi.shape[-1]
     d = c * xi - xi.sum(-1, keepdim=True)
-    v = (torch.div((d * d).sum(-1, keepdim=True), c, rounding_mode="floor") + eps) * (1 << _LN_SQRT_BITS)
+    v = (torch.div((d * d).sum(-1, keepdim=True), c, rounding_mode="floor") + eps) * (1 << sqrt_bits)
     r = isqrt(v)
-    inv = torch.where(r > 0, torch.div(torch.full_like(r, 1 << _LN_RECIP_BITS), r.clamp(min=1), rounding_mode="floor"),
+    inv = torch.where(r > 0, torch.div(torch.full_like(r, 1 << LN_RECIP_BITS), r.clamp(min=1), rounding_mode="floor"),
                       torch.zeros_like(r))
-    n = rshift_round(d * inv, _LN_RECIP_BITS - _LN_SQRT_BITS // 2 - LN_NORM_BITS)
+    n = rshift_round(d * inv, LN_RECIP_BITS - sqrt_bits // 2 - LN_NORM_BITS)
     y = rshift_round(n * gamma.to(I64) + beta.to(I64), shift) + out_zp
     return y.clamp(qmin, qmax).to(int_dtype(qmin, qmax))
 
 
 @torch.library.register_fake("qc::int_layer_norm")
-def _int_layer_norm_fake(x, x_zp, eps, gamma, beta, shift, out_zp, qmin, qmax):
+def _int_layer_norm_fake(x, x_zp, eps, sqrt_bits, gamma, beta, shift, out_zp, qmin, qmax):
     return torch.empty_like(x, dtype=int_dtype(qmin, qmax))
 
 
 def layer_norm_consts(weight: torch.Tensor | None, bias: torch.Tensor | None, channels: int, eps: float,
-                      s_x: float, s_y: float) -> tuple[int, torch.Tensor, torch.Tensor, int]:
-    """(eps, gamma, beta, shift) integer parameters of int_layer_norm for a float LayerNorm with
-    affine (weight, bias), input scale s_x and output scale s_y."""
+                      s_x: float, s_y: float, in_levels: int = 256) -> tuple[int, int, torch.Tensor, torch.Tensor, int]:
+    """(eps, sqrt_bits, gamma, beta, shift) integer parameters of int_layer_norm for a float
+    LayerNorm with affine (weight, bias), input scale s_x (in_levels codes) and output scale s_y."""
     g = torch.ones(channels, dtype=torch.float64) if weight is None else weight.double()
     b = torch.zeros(channels, dtype=torch.float64) if bias is None else bias.double()
     gmax = float((g / s_y).abs().max())
@@ -332,7 +332,13 @@ def layer_norm_consts(weight: torch.Tensor | None, bias: torch.Tensor | None, ch
     gamma = torch.round(g / s_y * 2.0**extra).to(I64)
     beta = torch.round(b / s_y * 2.0**shift).to(I64)
     eps_int = int(round(eps * channels * channels / (s_x * s_x)))
-    return eps_int, gamma, beta, shift
+    v_max = channels * channels * (in_levels - 1) ** 2 // 4 + eps_int  # C^2 x the largest possible variance
+    if v_max >= 2**62:
+        raise QCError(f"LayerNorm over {channels} channels of {in_levels}-level inputs overflows int64")
+    sqrt_bits = 16
+    while sqrt_bits and v_max * 2**sqrt_bits >= 2**62:
+        sqrt_bits -= 2
+    return eps_int, sqrt_bits, gamma, beta, shift
 
 
 # the op handles, as passes and backends refer to them

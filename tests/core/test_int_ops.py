@@ -165,8 +165,9 @@ def test_int_softmax_within_one_lsb(s_x):
 
 
 def _ln_case(x, zp, s_x, s_y, w, b, eps=1e-5):
-    eps_i, gamma, beta, shift = I.layer_norm_consts(w, b, x.shape[-1], eps, s_x, s_y)
-    y = I.int_layer_norm(x, zp, eps_i, gamma, beta, shift, 0, -128, 127)
+    levels = 1 << (8 * x.element_size())
+    eps_i, k, gamma, beta, shift = I.layer_norm_consts(w, b, x.shape[-1], eps, s_x, s_y, levels)
+    y = I.int_layer_norm(x, zp, eps_i, k, gamma, beta, shift, 0, -128, 127)
     xf = (x.double() - zp) * s_x
     ref = torch.nn.functional.layer_norm(xf, (x.shape[-1],), w.double(), b.double(), eps) / s_y
     return y, ref.clamp(-128, 127)
@@ -215,3 +216,13 @@ def test_int_softmax_mask_excludes_entries():
     y = I.int_softmax(x, keep, I.exp_table(0.05, 256), -1, int(b), int(c), 0, -128, 127)
     ref = torch.softmax(torch.where(keep, x.double() * 0.05, -torch.inf), -1) * 127
     assert (y[:3].double() - ref[:3]).abs().max() <= 1.0 and bool((y[~keep] == 0).all())
+
+
+def test_int_layer_norm_16_bit_inputs():
+    """16-bit inputs (a wide residual stream) take fewer sqrt bits and stay within 1 LSB of float64 LayerNorm."""
+    g = torch.Generator().manual_seed(9)
+    x = (torch.randn(8, 384, generator=g) * 3000).round().clamp(-32768, 32767).to(torch.int16)
+    x[:, 7] = 32767
+    w, b = torch.rand(384, generator=g) + 0.5, torch.randn(384, generator=g) * 0.1
+    y, ref = _ln_case(x, 0, 1e-3, 0.03, w, b)
+    assert (y.double() - ref).abs().max() <= 1.0
