@@ -77,8 +77,7 @@ def test_corrects_linear_bias_and_adds_conv_bias(lin_conv):
 
 
 def test_mean_output_error_per_channel_is_zero(lin_conv):
-    """On the calibration data the per-channel mean output error of the W4 layers is ~0 after correction
-    (padded conv borders included: the shift is measured, not derived from E[x]) and far below before."""
+    """W4: per-channel mean output error on calibration data is ~0 after (padded borders too), far below before."""
     m, g, x = lin_conv
     out, _ = _run(g.copy(), ["annotate", "bias_correction"], x, w_bits=4)
     fc, conv = _nodes(out)
@@ -108,7 +107,7 @@ def test_corrects_gptq_residual_shift(lin_conv):
 
 
 def test_declines_layers_without_bias_input_and_without_rows(lin_conv):
-    """x @ W has no bias input: declined, changed False; with no calibration rows every layer is declined."""
+    """x @ W has no bias input: declined, changed False; no calibration rows: every layer declined."""
 
     class MM(nn.Module):
         def __init__(self):
@@ -122,13 +121,14 @@ def test_declines_layers_without_bias_input_and_without_rows(lin_conv):
     _, rec = _run(g, ["annotate", "bias_correction"], torch.randn(16, 8), w_bits=4)
     assert rec[-1]["changed"] is False and "no bias input" in rec[-1]["declined"][0]
     m, g2, x = lin_conv
-    _, rec = _run(g2.copy(), ["annotate", "bias_correction"], x, w_bits=4, extra={"bias_correction": {"max_batches": 0}})
+    _, rec = _run(g2.copy(), ["annotate", "bias_correction"], x, w_bits=4,
+                  extra={"bias_correction": {"max_batches": 0}})
     assert rec[-1]["changed"] is False and rec[-1]["stats"]["declined"] == 2
     assert all("no calibration rows" in d for d in rec[-1]["declined"])
 
 
 def test_no_candidates_and_late_position(lin_conv):
-    """An activation-only product leaves the pass unchanged with no reasons; after fake_quant it is an error."""
+    """An activation-only product: unchanged, no reasons; running after fake_quant is an error."""
 
     class Attn(nn.Module):
         def forward(self, x):
@@ -143,9 +143,7 @@ def test_no_candidates_and_late_position(lin_conv):
 
 
 def test_end_to_end_small_cnn_gptq_and_bias_correction_beat_rtn():
-    """annotate, calibrate, gptq, bias_correction, fake_quant on the small CNN at W4A8: the fake-quant
-    graph's output error on held-out inputs is below plain round-to-nearest's, and the weights lie on
-    the grid fake_quant applies."""
+    """Small CNN W4A8, gptq + bias_correction: held-out output error under half of RTN's, weights on their grid."""
     m = make_small_cnn()
     g = qcompiler.trace(m, (torch.randn(2, 3, 16, 16),))
     rng = np.random.default_rng(0)

@@ -48,8 +48,7 @@ def conv_graph():
 
 
 def test_rounds_weight_onto_its_own_grid_and_stores_qparams(linear_graph):
-    """W2..W8, per-channel and per-group: the weight is replaced, lies on the grid of the ORIGINAL
-    weight's QParams (stored in the annotation), fake_quant(W) == W, and counts are reported."""
+    """W2..W8 per-channel/per-group: new weight on the ORIGINAL weight's grid, QParams stored, counts reported."""
     x = _correlated(256, 48)
     w0 = linear_graph.attr(_layer(linear_graph, aten.linear).args[1]).clone()
     for bits, gran, gs in ((4, "channel", 0), (4, "group", 16), (2, "channel", 0), (3, "group", 8), (8, "channel", 0)):
@@ -66,8 +65,7 @@ def test_rounds_weight_onto_its_own_grid_and_stores_qparams(linear_graph):
 
 @pytest.mark.parametrize("gran,gs", [("channel", 0), ("group", 16)])
 def test_w4_output_error_below_round_to_nearest(linear_graph, gran, gs):
-    """W4 per-channel / per-group, with and without act-order: ||X Wq^T - X W^T|| on the calibration
-    rows is strictly below round-to-nearest's."""
+    """W4 per-channel/per-group, act-order on/off: ||X Wq^T - X W^T|| on calibration rows is below RTN's."""
     x = _correlated(512, 48)
     w0 = linear_graph.attr(_layer(linear_graph, aten.linear).args[1])
     for act_order in (False, True):
@@ -81,8 +79,7 @@ def test_w4_output_error_below_round_to_nearest(linear_graph, gran, gs):
 
 
 def test_conv_gptq_beats_rtn_and_lies_on_grid(conv_graph):
-    """Grouped strided padded conv (im2col view per conv group), W4 per-channel: output error on the
-    calibration images is below round-to-nearest's and the weight lies on its grid."""
+    """Grouped strided padded conv at W4: output error on the calibration images below RTN's, weight on its grid."""
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(32, 8, 10, 10, generator=gen)
     x = x + 0.8 * x.roll(1, dims=1) + 0.5 * x.roll(1, dims=3)  # correlated channels and neighbours
@@ -102,7 +99,7 @@ def test_conv_gptq_beats_rtn_and_lies_on_grid(conv_graph):
 @pytest.mark.parametrize("nd,stride,padding,dilation,groups", [
     (2, (2, 1), ((1, 1), (0, 0)), (1, 2), 1), (2, (1, 1), ((1, 2), (1, 2)), (1, 1), 4), (1, (2,), ((2, 2),), (2,), 2)])
 def test_im2col_view_reproduces_conv(nd, stride, padding, dilation, groups):
-    """The conv view: rows(x) @ W_block^T, per conv group, equals conv(x, W) at fp32 tolerance (asymmetric padding too)."""
+    """rows(x) @ W_block^T per conv group equals conv(x, W) at fp32 tolerance (asymmetric padding too)."""
     gen = torch.Generator().manual_seed(0)
     k = (3, 2) if nd == 2 else (3,)
     w = torch.randn(8, 8 // groups, *k, generator=gen)
@@ -142,8 +139,7 @@ def test_codes_equal_rtn_when_hessian_is_diagonal():
 
 
 def test_fake_quant_reproduces_gptq_weights_exactly(linear_graph):
-    """annotate, calibrate, gptq, fake_quant: the weight quantizer uses gptq's QParams (not ones recomputed
-    from the rounded weight), so fake_quant(W_gptq) == W_gptq bit for bit in the compiled graph."""
+    """fake_quant uses gptq's stored QParams (not recomputed ones): fake_quant(W_gptq) == W_gptq bit for bit."""
     x = _correlated(256, 48)
     w0 = linear_graph.attr(_layer(linear_graph, aten.linear).args[1])
     g, _ = _run(linear_graph.copy(), ["annotate", "calibrate", "gptq", "fake_quant"], x,
@@ -206,7 +202,7 @@ def test_declines_shared_weight_and_embedding():
 
 
 def test_no_calibration_rows_and_no_candidates(linear_graph):
-    """No calibration rows reach the layer (max_batches 0): declined; activation-only matmul: nothing to do."""
+    """No calibration rows (max_batches 0): declined; activation-only matmul: unchanged, no reasons."""
     _, rec = _run(linear_graph.copy(), ["annotate", "gptq"], _correlated(16, 48), w_bits=4,
                   extra={"gptq": {"max_batches": 0}})
     assert rec[-1]["changed"] is False and "no calibration rows" in rec[-1]["declined"][0]
