@@ -197,6 +197,8 @@ def _head_layout(chain: list[fx.Node]) -> tuple[_Heads | None, str | None]:
                 part = int(n.args[2]) % nparts
             labels.pop(dim)
         elif is_op(n, aten.matmul):
+            if n.args[0] in chain:
+                return None, f"{n.name}: the attention probabilities depend on V"
             if labels[-1] != "hd" or labels[-2] is not None or "part" in labels:
                 return None, f"{n.name}: matmul contracts over heads or head channels of V"
             r = max(len(_shape(n.args[0])), len(labels))
@@ -213,7 +215,7 @@ def _head_layout(chain: list[fx.Node]) -> tuple[_Heads | None, str | None]:
 @register
 class RotateHadamard(Pass):
     """Fold (randomised, block-diagonal) Hadamard rotations into FFN down-projections (online
-    input rotation) and into value/out-projection pairs per head (offline only)."""
+    input rotation), value/out-projection pairs per head and a pre-LN residual stream (offline)."""
 
     name = "rotate"
     numerics = TOLERANT

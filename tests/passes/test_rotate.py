@@ -15,7 +15,7 @@ aten = torch.ops.aten
 nn = torch.nn
 OUTLIERS = [1, 5, 9]
 NAMES = ["input_ids", "attention_mask"]
-DYN = {k: {0: "batch", 1: "seq"} for k in NAMES}
+SEQ = 7  # traced with a dynamic batch and this sequence length
 
 
 def _minilm(seed=0):
@@ -64,12 +64,21 @@ def _assert_equiv(g, res, *x):
 
 @pytest.fixture(scope="module")
 def minilm():
-    return qcompiler.trace(_minilm(), _text(2, 7, 0), input_names=NAMES, dynamic=DYN)
+    return qcompiler.trace(_minilm(), _text(2, SEQ, 0), input_names=NAMES)
 
 
 @pytest.fixture(scope="module")
 def vit():
     return qcompiler.trace(_vit(), (torch.rand(2, 1, 28, 28),), input_names=["image"])
+
+
+@pytest.fixture(scope="module")
+def rotated(minilm, vit):
+    """The rotate pass's result on each small model, verified."""
+    out = {"minilm": RotateHadamard()(minilm.copy()), "vit": RotateHadamard()(vit.copy())}
+    for res in out.values():
+        verify(res.graph)
+    return out
 
 
 def test_hadamard_orthonormal():
@@ -96,23 +105,21 @@ def test_block_hadamard_and_factored_rotation():
         torch.testing.assert_close(y, x @ r)
 
 
-def test_minilm_structure_and_equivalence(minilm):
+def test_minilm_structure_and_equivalence(minilm, rotated):
     """MiniLM: 2 FFN down-projections get an online rotation (2 hadamard matmuls each), 2 value/out
     pairs are rotated offline, the post-LN residual stream is declined; outputs equal with padding."""
-    res = RotateHadamard()(minilm.copy())
-    verify(res.graph)
+    res = rotated["minilm"]
     assert res.changed and res.stats == {"ffn_down_rotated": 2, "value_out_rotated": 2, "declined_residual": 1}
     assert len(res.declined) == 1 and "(post-LN): its affine does not commute" in res.declined[0]
     had = [n for n in res.graph.nodes if n.name.startswith("hadamard_")]
     assert sum(is_op(n, aten.matmul) for n in had) == 4 and sum(is_op(n, aten.matmul) for n in res.graph.nodes) == 8
-    _assert_equiv(minilm, res, *_text(3, 9, 5))
+    _assert_equiv(minilm, res, *_text(3, SEQ, 5))
 
 
-def test_vit_structure_and_equivalence(vit):
+def test_vit_structure_and_equivalence(vit, rotated):
     """FashionViT: fused qkv (only the V third rotated, head dim 12 = 3 blocks of 4), MLP 96 = 3 x 32,
     and the pre-LN residual stream (every LayerNorm affine moved into its linears); outputs equal."""
-    res = RotateHadamard()(vit.copy())
-    verify(res.graph)
+    res = rotated["vit"]
     assert res.stats == {"ffn_down_rotated": 2, "value_out_rotated": 2, "residual_rotated": 1} and not res.declined
     for ln in (n for n in res.graph.nodes if is_op(n, aten.layer_norm)):
         assert torch.equal(res.graph.attr(ln.args[2]), torch.ones(48)) and not res.graph.attr(ln.args[3]).any()
@@ -149,12 +156,12 @@ def _channel_ratio(g, inputs, width):
     return max(ratios)
 
 
-def test_rotation_flattens_outlier_channels(minilm, vit):
+def test_rotation_flattens_outlier_channels(minilm, vit, rotated):
     """max/median of per-channel max|x| drops below 1/4 at the down-projection inputs (MiniLM) and at
     the LayerNorm-fed linears (ViT: qkv, fc1, head; gamma outliers)."""
-    text, image = _text(4, 9, 2), (torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(2)),)
-    for g, x, width in ((minilm, text, 96), (vit, image, 48)):
-        assert _channel_ratio(RotateHadamard()(g.copy()).graph, x, width) < _channel_ratio(g, x, width) / 4
+    text, image = _text(4, SEQ, 2), (torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(2)),)
+    for g, key, x, width in ((minilm, "minilm", text, 96), (vit, "vit", image, 48)):
+        assert _channel_ratio(rotated[key].graph, x, width) < _channel_ratio(g, x, width) / 4
 
 
 def test_no_candidates_unchanged():
