@@ -3,7 +3,7 @@
 A consumer y = X @ W^T (aten.linear, or aten.matmul(X, W) with W = W_lin^T) is unchanged by
     y = (X diag(1/s)) @ (W diag(s))^T
 for any positive per-input-channel s. Outlier activation channels move into the weights:
-    s_j = clamp(max|X_j|^alpha / max|W_j|^(1 - alpha), 1e-5, 1e5)
+    s_j = clamp(max|X_j|^alpha / max|W_j|^(1 - alpha), 1e-5, 1e5)   (s_j = 1 where max|X_j| = 0)
 with max|X_j| over calibration data and max|W_j| over column j of every consumer of X (the
 consumers of one X, e.g. q/k/v after one LayerNorm, form a group and share s). X / s is
 folded into X's producer where it can absorb a per-channel scale:
@@ -138,6 +138,9 @@ class FoldSmoothingScales(Pass):
         best = None
         for alpha in ALPHAS:
             s = (xmax.clamp_min(1e-12) ** alpha / wmax.clamp_min(1e-12) ** (1 - alpha)).clamp(1e-5, 1e5)
+            # a channel that is 0 on all calibration data (a dead ReLU) keeps s = 1: dividing by 1e-5
+            # would only amplify whatever rounding noise reaches it in a quantized graph
+            s = torch.where(xmax > 0, s, torch.ones_like(s))
             xq = _fq_act(xs / s)
             err = sum(float((xq @ _fq_w(w * s).t() - r).pow(2).sum() / r.pow(2).sum().clamp_min(1e-30))
                       for w, r in zip(ws, refs))

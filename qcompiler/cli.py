@@ -228,7 +228,7 @@ def cmd_inspect(a) -> int:
     print("-" * len(hdr))
     for row in m["layers"]:
         w = next((x for x in row["inputs"] if x["role"] == "weight"), None)
-        act = next((x for x in row["inputs"] if x["role"] == "act"), None)
+        act = next((x for x in row["inputs"] if x["role"] == "act"), None) or row.get("output")
         q = quality.get(row["name"], {})
         in_db = next((v for k, v in q.items() if k.startswith("input") and k.endswith("_sqnr_db")), None)
         ws = f"{min(w['scale']):.2e}..{max(w['scale']):.2e}" if w else "-"
@@ -240,6 +240,14 @@ def cmd_inspect(a) -> int:
     s = m["quality"]["summary"]
     print(f"{s['layers']} layers; layer-output SQNR mean {s['mean_output_sqnr_db']} dB, "
           f"min {s['min_output_sqnr_db']} dB at {s['worst_layer']}")
+    integer = m.get("integer")
+    if integer:
+        ops = ", ".join(f"{k} x{v}" for k, v in integer["ops"].items() if k.startswith("qc."))
+        print(f"integer-only graph: {ops}")
+        print(f"float islands: {', '.join(integer['float_islands']) or 'none'}")
+        for name, a in integer["agreement_with_fake_quant"].items():
+            print(f"output {name}: {a['within_1_lsb']:.2%} of elements within 1 LSB of the fake-quant graph "
+                  f"({a['equal']:.2%} equal, max {a['max_lsb']} LSB) on calibration batches")
     return 0
 
 

@@ -170,7 +170,8 @@ def _mixed_precision_summary(graph: Graph) -> dict | None:
 
 
 def _quality_summary(rows: list[dict]) -> dict:
-    outs = [r["output_sqnr_db"] for r in rows if r.get("output_sqnr_db") is not None]
+    outs = [r["output_sqnr_db"] for r in rows if r.get("output_sqnr_db") is not None
+            and abs(r["output_sqnr_db"]) != float("inf")]  # an exactly reproduced value (a graph input) says nothing
     worst = min(rows, key=lambda r: r["output_sqnr_db"]) if rows else None
     return {"layers": len(rows), "min_output_sqnr_db": min(outs) if outs else None,
             "worst_layer": worst["layer"] if worst else None,

@@ -157,3 +157,15 @@ def test_no_linears_unchanged_and_needs_calib():
     assert not res.changed and res.stats == {}
     with pytest.raises(QCError, match="calibration"):
         FoldSmoothingScales()(g)
+
+
+def test_dead_channel_keeps_unit_scale():
+    """A channel that is 0 on all calibration rows gets s = 1, not the 1e-5 clamp (no noise amplification)."""
+    from qcompiler.passes.smooth import FoldSmoothingScales
+
+    g = torch.Generator().manual_seed(0)
+    xs = torch.randn(64, 6, generator=g, dtype=torch.float64).abs()
+    xs[:, 2] = 0.0
+    w = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    _, s = FoldSmoothingScales()._search(xs, xs.abs().amax(0), w.abs().amax(0), [w])
+    assert float(s[2]) == 1.0 and bool((s[[0, 1, 3, 4, 5]] != 1.0).any())
