@@ -261,7 +261,15 @@ def main() -> int:
     p.add_argument("--sensitivity-batches", type=int, default=2)
     p.add_argument("--hutchinson-iters", type=int, default=30)
     p.add_argument("--latency-repeats", type=int, default=15)
+    p.add_argument("--part", help="write only this JSON (one model's rows, for running models in parallel processes)")
+    p.add_argument("--merge", nargs="+", metavar="PART", help="combine --part files into the table, JSON and plots")
     a = p.parse_args()
+    if a.merge:
+        parts = [json.loads(Path(f).read_text()) for f in a.merge]
+        return report([r for d in parts for r in d["rows"]], {k: v for d in parts for k, v in d["sensitivity"].items()},
+                      {k: v for d in parts for k, v in d["models"].items()}, parts[0]["settings"],
+                      " && ".join(d["command"] for d in parts) + " && " + shlex.join(["python", "bench/pareto.py", *sys.argv[1:]]),
+                      sum(d["seconds"] for d in parts))
     torch.set_num_threads(2)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from qcompiler.latency import profile_layers, save_table
@@ -301,6 +309,18 @@ def main() -> int:
         info[name]["top_sensitive_act_inputs"] = sorted(
             m.sens, key=lambda n: -sum(x["omega"][8] for x in m.sens[n].get("act", {}).values()))[:6]
         log(f"{name}: done, {time.perf_counter() - t_start:.0f} s so far")
+    command = shlex.join(["python", "bench/pareto.py", *sys.argv[1:]])
+    if a.part:
+        doc = {"command": command, "settings": vars(a), "seconds": round(time.perf_counter() - t_start, 1),
+               "models": info, "rows": rows, "sensitivity": sens}
+        Path(a.part).write_text(json.dumps(doc, indent=1, default=str) + "\n")
+        return 0
+    return report(rows, sens, info, vars(a), command, time.perf_counter() - t_start)
+
+
+def report(rows, sens, info, settings, command, seconds) -> int:
+    """Print the table and verdicts; write pareto.json and the plots."""
+    fp32 = {k: v["fp32"] for k, v in info.items()}
     print_table(rows)
     v = verdicts(rows)
     print()
@@ -310,9 +330,8 @@ def main() -> int:
               f"{x['strictly_better_than_both_somewhere']} ({x['budgets']} budgets)")
     RESULTS.mkdir(parents=True, exist_ok=True)
     plots = plot(rows, sens, fp32)
-    doc = {"command": shlex.join(["python", "bench/pareto.py", *sys.argv[1:]]), "settings": vars(a),
-           "seconds": round(time.perf_counter() - t_start, 1), "models": info, "verdicts": v, "rows": rows,
-           "sensitivity": sens, "plots": plots}
+    doc = {"command": command, "settings": settings, "seconds": round(seconds, 1), "models": info, "verdicts": v,
+           "rows": rows, "sensitivity": sens, "plots": plots}
     (RESULTS / "pareto.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
     print(f"\nwrote bench/results/pareto.json{''.join(', ' + p for p in plots)} in {doc['seconds']:.0f} s")
     return 0
