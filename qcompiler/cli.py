@@ -45,6 +45,11 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--latency-table", help="JSON {\"<op>:<weight shape>:<config>\": ms} measured on the target")
     c.add_argument("--pin", action="append", default=[], metavar="NAME=BITS",
                    help="mixed precision: fix a layer's weight width (repeatable)")
+    c.add_argument("--gptq", action="store_true", help="round weights with GPTQ on the calibration data")
+    c.add_argument("--bias-correction", action="store_true",
+                   help="correct each layer's bias for the mean output shift of weight quantization")
+    c.add_argument("--reparam", metavar="PARTS", help="RepQ-ViT reparameterization: layernorm, softmax or both "
+                   "(comma-separated); softmax needs --target reference without --integer")
     c.add_argument("--integer", action="store_true",
                    help="lower to an integer-only graph (dyadic requantization, integer Softmax/GELU/LayerNorm); "
                    "needs --target reference")
@@ -101,7 +106,9 @@ def cmd_compile(a) -> int:
     cfg = Config(target=a.target, w_bits=a.w_bits, a_bits=a.a_bits, w_granularity=a.w_granularity,
                  w_group_size=a.w_group_size, a_symmetric=not a.a_asym, observer=a.observer,
                  percentile=a.percentile, passes=tuple(a.passes), exclude=tuple(a.keep_float),
-                 calib_batch_size=a.calib_batch_size, integer=a.integer, allow_float=tuple(a.allow_float))
+                 calib_batch_size=a.calib_batch_size, integer=a.integer, allow_float=tuple(a.allow_float),
+                 gptq=a.gptq, bias_correction=a.bias_correction,
+                 reparam=tuple(p for p in (a.reparam or "").split(",") if p))
     if a.allow_float and not a.integer:
         raise QCError("--allow-float only applies with --integer")
     cfg.extra.update(_mixed_precision_options(a))

@@ -69,10 +69,9 @@ def quantize(graph: Graph, calib: CalibData, config: Config,
     pm = PassManager([*config.pre_passes, *config.passes], verify_each=config.verify_each, progress=progress)
     graph = pm.run(graph, ctx)
     float_graph = graph.copy()
-    mixed = ["sensitivity", "mixed_precision"] if config.extra.get("mixed_precision") else []
-    integer = ["annotate_integer"] if config.integer else []
-    qm = PassManager(["annotate", *integer, *mixed, "calibrate", "fake_quant"], verify_each=config.verify_each,
-                     progress=progress)
+    if config.reparam:
+        config.extra.setdefault("reparam_parts", list(config.reparam))
+    qm = PassManager(config.quantize_passes(), verify_each=config.verify_each, progress=progress)
     qgraph = qm.run(graph, ctx)
     return float_graph, qgraph, pm.record + qm.record
 

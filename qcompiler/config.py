@@ -27,6 +27,9 @@ class Config:
     # float-exact passes before quantization; SmoothQuant is on by default: measured neutral on the
     # Fashion-MNIST CNN/ViT and 0.982 -> 0.997 embedding cosine on MiniLM (bench/accuracy.py)
     pre_passes: tuple[str, ...] = ("remove_identities", "fold_bn", "fold_constants", "fold_additive_mask", "smooth")
+    gptq: bool = False  # GPTQ weight rounding on calibration data (passes/gptq.py); else round to nearest
+    bias_correction: bool = False  # subtract the expected output shift of weight quantization (passes/bias_correction.py)
+    reparam: tuple[str, ...] = ()  # RepQ-ViT reparameterization parts: "layernorm", "softmax" (passes/reparam.py)
     integer: bool = False  # lower to an integer-only graph (qc:: integer ops; see passes/lower_integer.py)
     allow_float: tuple[str, ...] = ()  # node names (globs) allowed to stay float islands in an integer graph
     int_internal_bits: int = 16  # integer mode: bits of tensors that do not only feed matmuls (residuals, LN inputs)
@@ -40,6 +43,20 @@ class Config:
         if self.observer not in OBSERVERS:
             raise QCError(f"unknown observer '{self.observer}' (choose from {', '.join(OBSERVERS)})")
         self.weight_spec(), self.act_spec()  # validates bits and granularity
+        bad = [p for p in self.reparam if p not in ("layernorm", "softmax")]
+        if bad:
+            raise QCError(f"unknown reparam part(s) {bad} (choose from layernorm, softmax)")
+        if self.reparam and self.integer:
+            raise QCError("reparam and integer lowering do not combine yet: integer mode already quantizes every "
+                          "LayerNorm output at its producer")
+
+    def quantize_passes(self) -> list[str]:
+        """The quantization pipeline, in order: annotate, [annotate_integer], [sensitivity,
+        mixed_precision], [reparam_prepare], calibrate, [reparam], [gptq], [bias_correction], fake_quant."""
+        mixed = ["sensitivity", "mixed_precision"] if self.extra.get("mixed_precision") else []
+        return ["annotate", *(["annotate_integer"] if self.integer else []), *mixed,
+                *(["reparam_prepare"] if self.reparam else []), "calibrate", *(["reparam"] if self.reparam else []),
+                *(["gptq"] if self.gptq else []), *(["bias_correction"] if self.bias_correction else []), "fake_quant"]
 
     def weight_spec(self) -> QuantSpec:
         return QuantSpec(bits=self.w_bits, signed=True, symmetric=True, granularity=self.w_granularity, axis=0,

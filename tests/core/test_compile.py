@@ -22,8 +22,8 @@ def test_quantize_inserts_shared_quantizers(small_cnn):
     for n in layers:
         for i, info in n.meta[QMETA]["inputs"].items():
             assert n.args[i].target is fake_quant and info["qparams"] is not None
-    assert [r["pass"] for r in record] == ["remove_identities", "fold_bn", "fold_constants", "smooth", "annotate",
-                                           "calibrate", "fake_quant"]
+    assert [r["pass"] for r in record] == ["remove_identities", "fold_bn", "fold_constants", "fold_additive_mask",
+                                           "smooth", "annotate", "calibrate", "fake_quant"]
 
 
 def test_keep_float_by_name(small_cnn):
@@ -86,3 +86,23 @@ def test_calibration_from_a_loader(small_cnn):
     assert a.files == b.files
     with pytest.raises(qcompiler.QCError, match="empty calibration"):
         qcompiler.compile(g.copy(), iter([]))
+
+
+def test_config_orders_the_quantization_passes():
+    """Config flags place reparam around calibrate and gptq / bias correction before fake-quant; reparam + integer is refused."""
+    cfg = qcompiler.Config(gptq=True, bias_correction=True, reparam=("layernorm",))
+    assert cfg.quantize_passes() == ["annotate", "reparam_prepare", "calibrate", "reparam", "gptq", "bias_correction",
+                                     "fake_quant"]
+    assert qcompiler.Config(integer=True).quantize_passes() == ["annotate", "annotate_integer", "calibrate", "fake_quant"]
+    with pytest.raises(qcompiler.QCError, match="do not combine"):
+        qcompiler.Config(integer=True, reparam=("layernorm",))
+    with pytest.raises(qcompiler.QCError, match="unknown reparam"):
+        qcompiler.Config(reparam=("attention",))
+
+
+def test_compile_with_gptq_and_bias_correction(small_cnn):
+    """compile() runs GPTQ and bias correction when asked; the manifest's pass record shows them with counts."""
+    g = qcompiler.trace(small_cnn, (torch.randn(2, 3, 16, 16),), input_names=["x"])
+    art = qcompiler.compile(g, _calib(), config=qcompiler.Config(w_bits=4, gptq=True, bias_correction=True))
+    rec = {r["pass"]: r for r in art.manifest["passes"]}
+    assert rec["gptq"]["stats"]["layers"] == 3 and rec["bias_correction"]["stats"]["layers"] == 3
