@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from qcompiler.ir import Graph, eliminate_dead_code, is_op
 from qcompiler.pipeline import EXACT, Pass, PassContext, PassResult, Rule, RuleSet, register
@@ -11,14 +12,38 @@ aten = torch.ops.aten
 _FOLD_LIMIT = 1 << 26  # elements: never materialise a constant larger than this
 
 
+def _known_contiguous(graph: Graph, x) -> bool:
+    """True when x is certainly a contiguous tensor (its recorded value, or the constant itself)."""
+    if not isinstance(x, fx.Node):
+        return False
+    v = graph.attr(x) if x.op == "get_attr" else x.meta.get("val")
+    if not isinstance(v, torch.Tensor):
+        return False
+    try:
+        return bool(statically_known_true(v.is_contiguous()))
+    except Exception:  # an undecidable symbolic layout: keep the copy
+        return False
+
+
 class DropoutIntoIdentity(Rule):
-    """dropout(x, p, train=False) -> x;  alias/clone/contiguous/detach(x) -> x."""
+    """dropout(x, p, train=False) -> x;  alias/detach(x) -> x;  clone/contiguous(x) -> x when x
+    is already contiguous (a copy of a transposed x is what lets a later view succeed)."""
 
     def match(self, node):
         if is_op(node, aten.dropout) and (len(node.args) < 3 or node.args[2] is False):
             return {"op": node}
         if is_op(node, aten.alias, aten.clone, aten.contiguous, aten.detach, aten.lift_fresh_copy):
             return {"op": node}
+        return None
+
+    def check(self, graph, m):
+        node = m["op"]
+        if not is_op(node, aten.clone, aten.contiguous):
+            return None
+        if node.kwargs.get("memory_format") not in (None, torch.contiguous_format, torch.preserve_format):
+            return "the copy changes the memory format"
+        if not _known_contiguous(graph, node.args[0]):
+            return "the copy makes a non-contiguous input contiguous (a later view may need it)"
         return None
 
     def rewrite(self, graph, m):
