@@ -16,8 +16,10 @@ model on the given inputs: batch dims come from them) and times it on the target
   (Hopper has no int4 MMA); "float" is bf16. 16-bit activations have no integer MMA there.
 
 Timing: warm-up, then `repeats` rounds that run every entry once in turn (interleaved, so
-drift hits all entries alike); each sample runs an entry enough times to last min_sample_ms;
-an entry's latency is the median of its samples, in milliseconds.
+drift hits all entries alike; a new random order each round, and an untimed call before each
+sample, so that no entry is always measured after the same, possibly much larger, one); each
+sample runs an entry enough times to last min_sample_ms; an entry's latency is the median of
+its samples, in milliseconds.
 
 Keys are those AssignBitWidths looks up (passes.mixed_precision.latency_key):
 "<op>:<weight shape>:<config>", with the input shape appended only where one model holds
@@ -468,9 +470,14 @@ def profile_layers(graph: Graph, target: str = "onnx-cpu", configs: Sequence[str
         one = t.sample(fn, 1)
         numbers[k] = int(min(1000, max(1, math.ceil(min_sample_ms / max(one, 1e-6)))))
     samples: dict[str, list[float]] = {k: [] for k in fns}
+    rng = np.random.default_rng(0)
+    keys = list(fns)
     for _ in tqdm(range(repeats), desc=f"time {target}", unit="round", leave=False, disable=None if progress else True):
-        for k, fn in fns.items():
-            samples[k].append(t.sample(fn, numbers[k]))
+        # a fresh order each round, and one untimed call before each sample: no entry is always
+        # the one measured with the caches its (possibly much larger) predecessor left behind
+        for k in (keys[i] for i in rng.permutation(len(keys))):
+            fns[k]()
+            samples[k].append(t.sample(fns[k], numbers[k]))
     table = LatencyTable({k: statistics.median(v) for k, v in samples.items()})
     table.meta = {**t.describe(), "configs": list(configs), "repeats": repeats, "warmup": warmup,
                   "min_sample_ms": min_sample_ms,
