@@ -115,8 +115,12 @@ def rotation_factors(width: int, gen: torch.Generator) -> tuple[int, torch.Tenso
     n = hadamard_block(width)
     a = 1 << (n.bit_length() - 1) // 2
     b = n // a
-    signs = lambda k: (torch.randint(0, 2, (k, 1), generator=gen) * 2 - 1).double() if k > 1 else torch.ones(1, 1, dtype=torch.float64)  # noqa: E731
-    return width // n, signs(a) * hadamard(a), signs(b) * hadamard(b)
+
+    def signed(k: int) -> torch.Tensor:  # diag(D) H_k with random signs D (none for k = 1)
+        d = torch.randint(0, 2, (k, 1), generator=gen).double() * 2 - 1 if k > 1 else torch.ones(1, 1, dtype=torch.float64)
+        return d * hadamard(k)
+
+    return width // n, signed(a), signed(b)
 
 
 def rotation(width: int, gen: torch.Generator) -> torch.Tensor:
