@@ -55,6 +55,8 @@ def _enc(a):
         return {"memory_format": str(a).replace("torch.", "")}
     if isinstance(a, torch.device):
         return {"device": str(a)}
+    if isinstance(a, torch.layout):
+        return {"layout": str(a).replace("torch.", "")}
     if isinstance(a, float):
         return {"float": a.hex()}  # exact round trip
     if a is None or isinstance(a, (bool, int, str)):
@@ -75,6 +77,8 @@ def _dec(a, env):
             return getattr(torch, a["memory_format"])
         if "device" in a:
             return torch.device(a["device"])
+        if "layout" in a:
+            return getattr(torch, a["layout"])
         if "float" in a:
             return float.fromhex(a["float"])
     return a
