@@ -22,11 +22,15 @@ Placements (each found by matching the ATen graph):
         x R = flatten(u, -3, -1)          (X [a, b] per block:  vec(X) R_n = vec(A^T X B))
     and W <- W R. The two matmuls by constant +-1/sqrt(k) matrices are named hadamard_* so a
     quantizer can keep them in float the way QuaRot runs its online Hadamard in fp16:
-    Config(exclude=("hadamard_*",)). Quantizing them (the default op set includes matmul)
-    quantizes the un-rotated outliers per-tensor again and then twice more, and it is ruinous:
-    real MiniLM, W8A8, 64 calibration / 128 evaluation sentences, embedding cosine vs FP32
-    mean / min: smooth 0.9968 / 0.9892; smooth + rotate 0.5826 / 0.2683 with hadamard_*
-    quantized; 0.9987 / 0.9949 with hadamard_* in float. Measured on CPU at MiniLM's shape x [8, 128, 1536], 2 threads
+    Config(exclude=("hadamard_*",)). Quantized (the default op set includes matmul), their
+    input is the un-rotated activation at per-tensor int8 again. Real MiniLM, 64 calibration /
+    128 evaluation sentences, embedding cosine vs FP32 mean / min, torch fake-quant graph:
+    W8A8 smooth 0.9971 / 0.9919, smooth + rotate 0.9974 / 0.9881 (hadamard_* quantized),
+    0.9987 / 0.9949 (hadamard_* in float); W4A8 smooth 0.8241 / 0.6994, smooth + rotate
+    0.8607 / 0.7610 (quantized), 0.8631 / 0.7559 (in float). The ONNX artifact of the
+    quantized-hadamard W8A8 graph scored 0.5826 / 0.2683: the ONNX backend does not reproduce
+    the fake-quant graph there (cosine 0.978 between the two on a small MiniLM), so keep
+    hadamard_* in float when targeting ONNX. Measured on CPU at MiniLM's shape x [8, 128, 1536], 2 threads
     (medians): this two-matmul Kronecker form 2.5 ms, one dense [512, 512] block matmul 12.3 ms,
     a 9-stage fast Walsh-Hadamard in ATen (reshape / add / sub / stack) 20.3 ms, the down-
     projection itself 8.7 ms; so the Kronecker form is what is inserted.
