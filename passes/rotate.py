@@ -30,8 +30,8 @@ Placements (each found by matching the ATen graph):
     0.8607 / 0.7610 (quantized), 0.8631 / 0.7559 (in float). The ONNX artifact of the
     quantized-hadamard W8A8 graph scored 0.5826 / 0.2683: the ONNX backend does not reproduce
     the fake-quant graph there (cosine 0.978 between the two on a small MiniLM), so keep
-    hadamard_* in float when targeting ONNX. Measured on CPU at MiniLM's shape x [8, 128, 1536], 2 threads
-    (medians): this two-matmul Kronecker form 2.5 ms, one dense [512, 512] block matmul 12.3 ms,
+    hadamard_* in float when targeting ONNX. Speed on CPU at MiniLM's shape x [8, 128, 1536],
+    2 threads (medians): this two-matmul Kronecker form 2.5 ms, one dense [512, 512] block matmul 12.3 ms,
     a 9-stage fast Walsh-Hadamard in ATen (reshape / add / sub / stack) 20.3 ms, the down-
     projection itself 8.7 ms; so the Kronecker form is what is inserted.
 (b) value / output projection per head. V = x W_v^T + b_v, split into heads of hd channels,
