@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import re
 import warnings
 from typing import Any
@@ -385,12 +386,29 @@ def _scrub(model: onnx.ModelProto) -> None:
 # -- runtime ----------------------------------------------------------------------------------
 
 
+def fused_int8_is_exact() -> bool:
+    """Whether ORT's fused int8 CPU kernels compute exact int32 sums here. On x86 CPUs without
+    VNNI, MLAS multiplies u8 x s8 pairs with vpmaddubsw, whose int16 pair sums saturate once
+    |a1 w1 + a2 w2| > 32767, which full-range int8 weights reach (measured on an AVX2-only AMD
+    EPYC: a QDQ MatMul 48 output steps off)."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return True
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return True
+    return any(f in flags for f in (" avx512_vnni", " avx_vnni", " amx_int8"))
+
+
 class OnnxRunner:
     """An onnxruntime session (CPU, default threads) with inputs and outputs keyed by name.
 
     `optimize=True` keeps ORT's default graph optimizations, which fuse QDQ patterns into
-    integer kernels (QGemm, QLinearConv: int32 bias, requantized outputs); `optimize=False`
-    runs the QDQ graph op by op, the same arithmetic as the torch reference.
+    integer kernels (QGemm, QLinearConv: int32 bias, requantized outputs), where those kernels
+    are exact (fused_int8_is_exact); elsewhere only the basic optimizations run, so the QDQ
+    graph computes what the torch reference does instead of saturating. `optimize=False`
+    runs the QDQ graph op by op. `self.fused_int8` says which it is.
     """
 
     def __init__(self, path_or_bytes: str | os.PathLike | bytes, *, optimize: bool = True):
@@ -398,8 +416,11 @@ class OnnxRunner:
 
         src = path_or_bytes if isinstance(path_or_bytes, bytes) else os.fspath(path_or_bytes)
         opts = ort.SessionOptions()
+        self.fused_int8 = optimize and fused_int8_is_exact()
         if not optimize:
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        elif not self.fused_int8:
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         try:
             self.session = ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
         except Exception as e:

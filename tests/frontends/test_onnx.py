@@ -20,8 +20,12 @@ INT_MAX = np.iinfo(np.int64).max
 
 
 def _ort(path, feeds: dict) -> list[np.ndarray]:
+    from qcompiler.backends.onnx import fused_int8_is_exact
+
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
+    if not fused_int8_is_exact():  # see backends/onnx.py: AVX2-only CPUs saturate in fused int8 kernels
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]).run(None, feeds)
 
 
