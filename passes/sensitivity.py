@@ -208,7 +208,7 @@ def hutchinson_traces(graph: Graph, calib: CalibData, *, loss: str = "auto", lab
            for n, w in zip(nodes, wnodes)}
     for (name, i) in akeys:
         res[name].setdefault("act", {})[i] = {
-            "trace": atr[(name, i)], "numel": numel[(name, i)], "omega": aom[(name, i)],
+            "trace": atr[(name, i)], "numel": numel[(name, i)], "omega": {b: max(v, 0.0) for b, v in aom[(name, i)].items()},
             "rel_std": math.sqrt(avar[(name, i)]) / abs(atr[(name, i)]) if atr[(name, i)] else 0.0}
     return res
 
@@ -260,8 +260,10 @@ def perturbation(weight: torch.Tensor, spec: QuantSpec) -> float:
 
 
 def omega(trace: float, n: int, weight: torch.Tensor, spec: QuantSpec) -> float:
-    """Omega(b) = Tr(H) / n * ||Q_b(W) - W||^2."""
-    return trace / max(n, 1) * perturbation(weight, spec)
+    """Omega(b) = max(Tr(H), 0) / n * ||Q_b(W) - W||^2. A negative trace estimate is Hutchinson
+    noise around a near-zero curvature (the loss is at a minimum in the float weights); taken at
+    face value it would make the ILP prefer the coarsest width for that layer."""
+    return max(trace, 0.0) / max(n, 1) * perturbation(weight, spec)
 
 
 def activation_omega(sensitivity: dict, bits: int) -> float | None:

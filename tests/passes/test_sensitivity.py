@@ -143,3 +143,13 @@ def test_activation_sensitivity_off_by_default_and_reproducible():
     a, b = hutchinson_traces(g, calib, a_bits=[8, 16], **kw), hutchinson_traces(g, calib, a_bits=[8, 16], **kw)
     assert "act" not in plain["linear"] and a == b
     assert a["linear"]["act"][0]["omega"][8] > a["linear"]["act"][0]["omega"][16] > 0
+
+
+def test_negative_trace_estimate_gives_zero_omega():
+    """A negative Hutchinson estimate (noise near zero curvature) is floored: Omega is 0, never negative."""
+    from qcompiler.passes.sensitivity import omega
+    from qcompiler.qspec import default_weight_spec
+
+    w = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+    assert omega(-0.7, w.numel(), w, default_weight_spec(4)) == 0.0
+    assert omega(0.7, w.numel(), w, default_weight_spec(4)) > 0.0
