@@ -61,7 +61,8 @@ SHAPE_OPS = (aten.view, aten.reshape, aten._unsafe_view, aten.permute, aten.tran
              aten.unsqueeze, aten.squeeze, aten.expand, aten.contiguous, aten.clone, aten.select, aten.slice,
              aten.unbind, aten.split, aten.split_with_sizes, aten.chunk, aten.alias, aten.detach, aten.unflatten,
              aten.dropout, aten.max_pool1d, aten.max_pool2d, aten.max_pool3d, aten.max_pool2d_with_indices,
-             aten.repeat, aten.flip, aten.roll, aten.narrow, aten.movedim)
+             aten.repeat, aten.flip, aten.roll, aten.narrow, aten.movedim, aten.expand_as, aten.view_as,
+             aten.reshape_as)
 MONOTONE_CLAMPS = (aten.relu, aten.clamp, aten.hardtanh, aten.clamp_min, aten.clamp_max)
 RESCALES = (aten.mul, aten.div)  # by a positive python scalar: only the scale changes
 MATMULS = (aten.linear, aten.conv1d, aten.conv2d, aten.conv3d, aten.matmul, aten.mm, aten.bmm, aten.addmm)
@@ -114,6 +115,24 @@ def _is_int_to_float(n: fx.Node) -> bool:
         return False
     src = n.args[0].meta.get("val")
     return isinstance(src, torch.Tensor) and not src.dtype.is_floating_point and src.dtype != torch.bool and _is_float(n)
+
+
+def _int_derived(n) -> bool:
+    """A float value that is an exact integer computed from integer inputs only (a mask cast to
+    float, its reshapes, sums and clamps at a positive epsilon: token counts). It is carried as
+    an integer at scale 1, never quantized."""
+    if not isinstance(n, fx.Node) or n.op != "call_function" or not _is_float(n):
+        return False
+    if _is_int_to_float(n):
+        return True
+    if not (is_op(n, aten.sum, aten.clamp, aten.clamp_min) or is_op(n, *SHAPE_OPS)):
+        return False
+    if is_op(n, aten.clamp, aten.clamp_min):
+        lo, hi = _clamp_bounds(n)
+        if hi is not None or lo is None or not 0 < lo <= 1:
+            return False
+    ins = [a for a in n.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)]
+    return bool(ins) and all(_int_derived(a) for a in ins)
 
 
 def _preserves_grid(n: fx.Node) -> bool:
@@ -180,7 +199,8 @@ class AnnotateIntegerTensors(Pass):
                 continue  # inside a float island: quantized only where it feeds integer code
             if not _is_float(n) or n.op not in ("placeholder", "call_function"):
                 continue
-            if n.op == "call_function" and (_preserves_grid(n) and n not in fused or n.target is fake_quant):
+            if n.op == "call_function" and (_preserves_grid(n) and n not in fused or n.target is fake_quant
+                                            or _int_derived(n)):
                 continue
             if not n.users or all(u.op == "output" for u in n.users) and n.op == "placeholder":
                 continue
@@ -451,10 +471,18 @@ class _Lowering:
             self.fail(n, "indexes a value that is not a tuple")
         if is_op(n, *MATMULS):
             return self.lower_matmul(n)
+        if _int_derived(n) and not _is_int_to_float(n):
+            return self.lower_int_derived(n)
         if _preserves_grid(n):
             return self.lower_grid_op(n)
         if is_op(n, aten.mul, aten.div) and isinstance(self.env.get(n.args[1]), (Const, ConstExpr)):
             return self.lower_mul_const(n)
+        if is_op(n, aten.mul) and all(isinstance(self.env.get(a), IntVal) for a in n.args[:2]):
+            return self.lower_mul(n)
+        if is_op(n, aten.sum):
+            return self.lower_sum(n)
+        if is_op(n, aten.linalg_vector_norm):
+            return self.lower_l2_norm(n)
         fq = self.out_fq(n)
         if fq is None:
             self.fail(n, "its output has no quantizer")
@@ -474,6 +502,8 @@ class _Lowering:
             out = self.lower_cat(n, scale, zp, qmin, qmax)
         elif is_op(n, aten.embedding):
             out = self.lower_embedding(n, scale, zp, qmin, qmax)
+        elif is_op(n, aten.div) and isinstance(self.env.get(n.args[1]), IntVal):
+            out = self.lower_div(n, scale, zp, qmin, qmax)
         else:
             self.fail(n, "no integer kernel for this op")
         self.env[n] = out
@@ -750,6 +780,64 @@ class _Lowering:
         inner = self.materialize(src, scale, zp, qmin, qmax)
         args = (inner, *fx.node.map_arg(n.args[1:], self._arg))
         return self.call(n.target, args, fx.node.map_arg(n.kwargs, self._arg))
+
+    def lower_int_derived(self, n) -> None:
+        """Integer-valued floats (masks, token counts) stay integers at scale 1."""
+        x = self.int_of(n, n.args[0])
+        if is_op(n, aten.sum):
+            dims = list(n.args[1]) if len(n.args) > 1 and n.args[1] is not None else list(range(n.args[0].meta["val"].dim()))
+            keep = bool(n.args[2]) if len(n.args) > 2 else bool(n.kwargs.get("keepdim", False))
+            node = self.call(I.int_sum, (x.node, x.zp, dims, keep), name=n.name)
+            self.env[n] = IntVal(node, torch.tensor(1.0, dtype=torch.float64), 0, -(2**31), 2**31 - 1, acc=True)
+        elif is_op(n, aten.clamp, aten.clamp_min):
+            # an integer x >= 0: max(x, eps) with 0 < eps <= 1 equals max(x, 1) except at x = 0, where it only
+            # divides a sum over nothing (0 / eps = 0 / 1 = 0; int_div of 0 gives 0 either way)
+            node = self.call(aten.clamp_min.default, (x.node, 1), name=n.name)
+            self.env[n] = IntVal(node, x.scale, 0, 1, x.qmax, acc=True)
+        else:
+            self.lower_grid_op(n)
+
+    def lower_mul(self, n) -> None:
+        """a * b of two quantized values: (a - z_a)(b - z_b), an int64 accumulator at s_a s_b."""
+        a, b = self.int_of(n, n.args[0]), self.int_of(n, n.args[1])
+        if not (a.per_tensor and b.per_tensor):
+            self.fail(n, "multiplies per-channel values")
+        node = self.call(I.int_mul, (a.node, a.zp, b.node, b.zp), name=n.name)
+        self.env[n] = IntVal(node, torch.tensor(a.s() * b.s(), dtype=torch.float64), 0, -(2**62), 2**62, acc=True)
+
+    def lower_sum(self, n) -> None:
+        x = self.int_of(n, n.args[0])
+        if not x.per_tensor:
+            self.fail(n, "sum of a per-channel value")
+        dims = list(n.args[1]) if len(n.args) > 1 and n.args[1] is not None else list(range(n.args[0].meta["val"].dim()))
+        keep = bool(n.args[2]) if len(n.args) > 2 else bool(n.kwargs.get("keepdim", False))
+        node = self.call(I.int_sum, (x.node, x.zp, dims, keep), name=n.name)
+        self.env[n] = IntVal(node, x.scale.clone(), 0, -(2**31), 2**31 - 1, acc=True)
+
+    def lower_l2_norm(self, n) -> None:
+        x = self.int_of(n, n.args[0])
+        order = n.args[1] if len(n.args) > 1 else n.kwargs.get("ord", 2)
+        if order != 2 or not x.per_tensor:
+            self.fail(n, "only the per-tensor-scaled L2 norm has an integer kernel")
+        shape = n.args[0].meta["val"].shape
+        dims = list(n.args[2]) if len(n.args) > 2 and n.args[2] is not None else list(range(len(shape)))
+        keep = bool(n.args[3]) if len(n.args) > 3 else bool(n.kwargs.get("keepdim", False))
+        count = math.prod(shape[d] for d in dims)
+        if not isinstance(count, int):
+            self.fail(n, "L2 norm over a dynamic dimension")
+        k = I.l2_frac_bits(count, max(x.qmax - x.zp, x.zp - x.qmin) + 1)
+        node = self.call(I.int_l2_norm, (x.node, x.zp, dims, keep, k), name=n.name)
+        self.choices[n.name] = f"{op_name(n)}: integer square root of the sum of squares ({k} fractional bits)"
+        self.env[n] = IntVal(node, torch.tensor(x.s() / 2.0**k, dtype=torch.float64), 0, 0, 2**62, acc=True)
+
+    def lower_div(self, n, scale, zp, qmin, qmax) -> IntVal:
+        """a / b for an integer divisor b >= 0 (a count, a norm) -> qc::int_div onto the output grid."""
+        a, b = self.int_of(n, n.args[0]), self.int_of(n, n.args[1])
+        if not (a.per_tensor and b.per_tensor) or b.zp != 0 or b.qmin < 0:
+            self.fail(n, "divides by a value that is not a non-negative integer quantity")
+        m, c = I.dyadic(torch.tensor(a.s() / (b.s() * float(scale.reshape(()))), dtype=torch.float64))
+        node = self.call(I.int_div, (a.node, a.zp, b.node, int(m), int(c), zp, qmin, qmax), name=n.name)
+        return IntVal(node, scale.reshape(()).clone(), zp, qmin, qmax)
 
     def lower_embedding(self, n, scale, zp, qmin, qmax) -> IntVal:
         """embedding(table, ids) with a per-row quantized table: the table is requantized onto

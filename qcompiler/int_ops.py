@@ -236,6 +236,64 @@ def _int_sum_fake(x, x_zp, dims, keepdim):
     return x.new_empty(x.shape, dtype=torch.float32).sum(dim=list(dims), keepdim=keepdim).to(torch.int32)
 
 
+_lib.define("int_mul(Tensor a, int a_zp, Tensor b, int b_zp) -> Tensor")
+_lib.define("int_div(Tensor a, int a_zp, Tensor b, int mult, int shift, int out_zp, int qmin, int qmax) -> Tensor")
+_lib.define("int_l2_norm(Tensor x, int x_zp, int[] dims, bool keepdim, int frac_bits) -> Tensor")
+
+
+@torch.library.impl(_lib, "int_mul", "CompositeExplicitAutograd")
+def _int_mul(a, a_zp, b, b_zp):
+    """p = (a - a_zp) * (b - b_zp), int64 (an accumulator at scale s_a s_b), broadcasting."""
+    return (a.to(I64) - a_zp) * (b.to(I64) - b_zp)
+
+
+@torch.library.register_fake("qc::int_mul")
+def _int_mul_fake(a, a_zp, b, b_zp):
+    return a.new_empty(torch.broadcast_shapes(a.shape, b.shape), dtype=I64)
+
+
+def round_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """num / den rounded half away from zero, int64, den > 0 (0 where den == 0)."""
+    d = den.clamp(min=1)
+    q = torch.div(2 * num.abs() + d, 2 * d, rounding_mode="floor")
+    return torch.where(den > 0, torch.where(num < 0, -q, q), torch.zeros_like(q))
+
+
+@torch.library.impl(_lib, "int_div", "CompositeExplicitAutograd")
+def _int_div(a, a_zp, b, mult, shift, out_zp, qmin, qmax):
+    """y = clamp(rshift_round(round_div((a - a_zp) * mult, b), shift) + out_zp, qmin, qmax) for an
+    integer divisor b >= 0 (a count, a norm), broadcasting; mult / 2^shift = s_a / (s_b s_y);
+    b = 0 gives out_zp (a zero sum over nothing)."""
+    t = round_div((a.to(I64) - a_zp) * mult, b.to(I64))
+    y = torch.where(b.to(I64) > 0, rshift_round(t, shift), torch.zeros_like(t)) + out_zp
+    return y.clamp(qmin, qmax).to(int_dtype(qmin, qmax))
+
+
+@torch.library.register_fake("qc::int_div")
+def _int_div_fake(a, a_zp, b, mult, shift, out_zp, qmin, qmax):
+    return a.new_empty(torch.broadcast_shapes(a.shape, b.shape), dtype=int_dtype(qmin, qmax))
+
+
+@torch.library.impl(_lib, "int_l2_norm", "CompositeExplicitAutograd")
+def _int_l2_norm(x, x_zp, dims, keepdim, frac_bits):
+    """r = isqrt(sum over dims of (x - x_zp)^2 * 2^(2 frac_bits)): the L2 norm at scale s_x / 2^frac_bits, int64."""
+    xi = x.to(I64) - x_zp
+    return isqrt((xi * xi).sum(dim=list(dims), keepdim=keepdim) * (1 << (2 * frac_bits)))
+
+
+@torch.library.register_fake("qc::int_l2_norm")
+def _int_l2_norm_fake(x, x_zp, dims, keepdim, frac_bits):
+    return x.new_empty(x.shape, dtype=torch.float32).sum(dim=list(dims), keepdim=keepdim).to(I64)
+
+
+def l2_frac_bits(n: int, levels: int) -> int:
+    """The most fractional bits (<= 16) for which n * (levels - 1)^2 * 4^k < 2^62."""
+    k = 16
+    while k and n * (levels - 1) ** 2 * 4**k >= 2**62:
+        k -= 1
+    return k
+
+
 # -- normalisations -------------------------------------------------------------------------
 
 _lib.define("int_softmax(Tensor x, Tensor? mask, Tensor exp_table, int dim, int mult, int shift, int out_zp, int qmin, "
@@ -353,6 +411,9 @@ int_lut = torch.ops.qc.int_lut.default
 int_sum = torch.ops.qc.int_sum.default
 int_softmax = torch.ops.qc.int_softmax.default
 int_layer_norm = torch.ops.qc.int_layer_norm.default
+int_mul = torch.ops.qc.int_mul.default
+int_div = torch.ops.qc.int_div.default
+int_l2_norm = torch.ops.qc.int_l2_norm.default
 
 INTEGER_OPS = (quantize, dequantize, requant, int_linear, int_matmul, int_conv, int_add, int_lut, int_sum,
-               int_softmax, int_layer_norm)
+               int_softmax, int_layer_norm, int_mul, int_div, int_l2_norm)

@@ -226,3 +226,19 @@ def test_int_layer_norm_16_bit_inputs():
     w, b = torch.rand(384, generator=g) + 0.5, torch.randn(384, generator=g) * 0.1
     y, ref = _ln_case(x, 0, 1e-3, 0.03, w, b)
     assert (y.double() - ref).abs().max() <= 1.0
+
+
+def test_int_mul_div_and_l2_norm():
+    """int_mul is the exact product of centred codes; int_div rounds half away from zero and maps a zero divisor
+    to the zero point; int_l2_norm is floor(sqrt(sum x^2) * 2^k) exactly."""
+    g = torch.Generator().manual_seed(10)
+    a = torch.randint(-128, 128, (5, 7), generator=g).to(torch.int8)
+    b = torch.randint(0, 3, (5, 7), generator=g)
+    assert torch.equal(I.int_mul(a, -3, b, 1), (a.long() + 3) * (b - 1))
+    num = torch.tensor([7, -7, 5, -5, 9, 4])
+    den = torch.tensor([2, 2, 2, 2, 0, 3])
+    assert I.int_div(num, 0, den, 1, 0, 10, -128, 127).tolist() == [14, 6, 13, 7, 10, 11]
+    x = torch.randint(-200, 200, (4, 9), generator=g).to(torch.int16)
+    r = I.int_l2_norm(x, 2, [1], True, 3)
+    want = [math.isqrt(int(((x[i].long() - 2) ** 2).sum()) * 64) for i in range(4)]
+    assert r.flatten().tolist() == want and r.shape == (4, 1)

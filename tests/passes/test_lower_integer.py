@@ -168,3 +168,43 @@ def test_no_fake_quant_left_and_weights_are_integers(vit_case):
     for n in ig.nodes:
         if n.target in (I.int_linear, I.int_conv):
             assert not ig.attr(n.args[2]).dtype.is_floating_point
+
+
+class MaskedMeanPool(nn.Module):
+    """Sentence-encoder head: masked mean over tokens, then L2 normalisation."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x, mask):
+        h = self.fc(x)
+        m = mask.to(h.dtype).unsqueeze(-1)
+        pooled = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
+        return nn.functional.normalize(pooled, p=2.0, dim=1)
+
+
+def test_masked_mean_pool_and_l2_normalize_are_integer():
+    """Masked mean pooling and L2 normalisation lower to int_mul / int_sum / int_div / int_l2_norm, the token
+    count stays an exact integer, and the output tracks the fake-quant graph."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(5)
+    mask = (rng.random((32, 6)) > 0.3).astype(np.int64)
+    mask[:, 0] = 1
+    calib = {"x": rng.standard_normal((32, 6, 8)).astype(np.float32), "mask": mask}
+    cfg = qcompiler.Config(integer=True)
+    g = qcompiler.trace(MaskedMeanPool().eval(), (torch.randn(2, 6, 8), torch.ones(2, 6, dtype=torch.long)),
+                        input_names=["x", "mask"], dynamic="batch")
+    ctx = PassContext(config=cfg, calib=CalibData(calib))
+    q = PassManager(["annotate", "annotate_integer", "calibrate", "fake_quant"], verify_each=True).run(g, ctx)
+    ig = PassManager(["lower_integer"]).run(q.copy(), ctx)
+    ops = ig.meta["integer"]["ops"]
+    for op in ("qc.int_mul", "qc.int_sum", "qc.int_div", "qc.int_l2_norm"):
+        assert ops.get(op, 0) >= 1, op
+    assert ig.meta["integer"]["float_islands"] == []
+    verify_integer(ig)
+    x = torch.from_numpy(calib["x"][:8])
+    m = torch.from_numpy(calib["mask"][:8])
+    fq_out, int_out = q(x, m)[0], ig(x, m)[0]
+    cos = torch.nn.functional.cosine_similarity(fq_out, int_out, dim=1)
+    assert float(cos.min()) > 0.999
