@@ -39,10 +39,6 @@ QC_VARIANTS = {  # name -> Config overrides
 INTEGER_VARIANTS = {
     "qcompiler W8A8 integer-only (dyadic requant, int softmax/GELU/LN)": {"integer": True, "target": "reference"},
 }
-# MiniLM's pooling head (masked mean over tokens, L2 normalisation) has no integer kernels yet:
-# it runs as listed float islands after the integer encoder
-FLOAT_TAIL = {"minilm": ("mul_7", "sum_1", "sum_2", "clamp", "div", "linalg_vector_norm", "clamp_min", "expand_as",
-                         "div_1")}
 ORT_VARIANTS = {  # name -> quantize_static options
     "ORT quantize_static QDQ per-channel U8S8 minmax": {"activation_type": "QUInt8", "calibrate_method": "MinMax"},
     "ORT quantize_static QDQ per-channel U8S8 percentile": {"activation_type": "QUInt8", "calibrate_method": "Percentile"},
@@ -114,7 +110,7 @@ def bench_model(name: str, n_calib: int) -> list[dict]:
     rows = [{"model": name, "variant": "FP32 (PyTorch)", **score(z.metric, ref, ref, labels), "seconds": 0.0}]
     g = qcompiler.trace(z.module, z.example_inputs, input_names=z.input_names, dynamic=z.dynamic)
     out_name = g.outputs[0].name
-    variants = {**QC_VARIANTS, **{k: {**v, "allow_float": FLOAT_TAIL.get(name, ())} for k, v in INTEGER_VARIANTS.items()}}
+    variants = {**QC_VARIANTS, **INTEGER_VARIANTS}
     for variant, overrides in variants.items():
         t0 = time.perf_counter()
         art = qcompiler.compile(g.copy(), calib, config=qcompiler.Config(**overrides))
