@@ -83,6 +83,15 @@ def _is_positive_scalar(a) -> bool:
     return isinstance(a, (int, float)) and not isinstance(a, bool) and a > 0
 
 
+def _reduction(n: fx.Node, at: int) -> tuple[list[int], bool, object]:
+    """(dims, keepdim, element count) of a reduction whose dims are args[at] and keepdim args[at + 1]
+    (all dims when absent; the count is symbolic over a dynamic dim)."""
+    shape = n.args[0].meta["val"].shape
+    dims = list(n.args[at]) if len(n.args) > at and n.args[at] is not None else list(range(len(shape)))
+    keep = bool(n.args[at + 1]) if len(n.args) > at + 1 else bool(n.kwargs.get("keepdim", False))
+    return dims, keep, math.prod(shape[d] for d in dims)
+
+
 def _clamp_bounds(n: fx.Node) -> tuple[float | None, float | None]:
     """(min, max) of a relu / clamp / hardtanh node (None: unbounded)."""
     if is_op(n, aten.relu):
@@ -370,7 +379,7 @@ class _Lowering:
                 p = self.new.placeholder(n.name)
                 p.meta = dict(n.meta)
                 p.meta.pop(QMETA, None)
-                self.env[n] = FloatVal(p) if _is_float(n) else FloatVal(p)
+                self.env[n] = FloatVal(p)
             elif n.op == "get_attr":
                 self.env[n] = Const(self.g.attr(n), n)
             elif n.op == "output":
@@ -434,8 +443,12 @@ class _Lowering:
     def lower(self, n: fx.Node) -> None:
         if n.op != "call_function":
             self.fail(n, f"{n.op} node")
-        if not isinstance(n.meta.get("val"), (torch.Tensor, tuple, list)):
-            # index / shape arithmetic (sym_size, getitem of sizes): copied as is
+        val = n.meta.get("val")
+        if not isinstance(val, (torch.Tensor, tuple, list)) or (
+                isinstance(val, torch.Tensor) and not val.dtype.is_floating_point
+                and not any(isinstance(self.env.get(a), IntVal) for a in n.all_input_nodes)):
+            # index / shape arithmetic (sym_size) and integer / boolean tensor arithmetic on integer
+            # inputs (masks, indices): copied as is
             node = self.new.call_function(n.target, fx.node.map_arg(n.args, self._arg),
                                           fx.node.map_arg(n.kwargs, self._arg))
             node.meta = {k: v for k, v in n.meta.items() if k != QMETA}
@@ -445,14 +458,6 @@ class _Lowering:
                          or isinstance(self.env.get(a), (IntVal, Const, ConstExpr, tuple))]
         if _is_float(n) and tensor_inputs and all(isinstance(self.env.get(a), (Const, ConstExpr)) for a in tensor_inputs):
             self.env[n] = ConstExpr(n)
-            return
-        val = n.meta.get("val")
-        if isinstance(val, torch.Tensor) and not val.dtype.is_floating_point and \
-                not any(isinstance(self.env.get(a), IntVal) for a in n.all_input_nodes):
-            # integer / boolean tensor arithmetic on integer inputs (masks, indices): copied as is
-            node = self.new.call_function(n.target, fx.node.map_arg(n.args, self._arg), fx.node.map_arg(n.kwargs, self._arg))
-            node.meta = {k: v for k, v in n.meta.items() if k != QMETA}
-            self.env[n] = FloatVal(node)
             return
         if _is_masked_logits(n):
             x = self.int_of(n, n.args[1])
@@ -606,8 +611,6 @@ class _Lowering:
         if kind == "linear":
             node = self.call(I.int_linear, (a.node, a.zp, b.node, bias), name=n.name)
         elif kind.startswith("conv"):
-            stride, padding, dilation, groups = (list(n.args[i]) if i < len(n.args) and i != 6 else None
-                                                 for i in (3, 4, 5, 6))
             groups = n.args[6] if len(n.args) > 6 else 1
             d = w_t.dim() - 2
             stride = list(n.args[3]) if len(n.args) > 3 else [1] * d
@@ -743,10 +746,7 @@ class _Lowering:
         x = self.int_of(n, n.args[0])
         if x.acc or not x.per_tensor:
             self.fail(n, "mean of an accumulator")
-        shape = n.args[0].meta["val"].shape
-        dims = list(n.args[1]) if len(n.args) > 1 and n.args[1] is not None else list(range(len(shape)))
-        keep = bool(n.args[2]) if len(n.args) > 2 else bool(n.kwargs.get("keepdim", False))
-        count = math.prod(shape[d] for d in dims)
+        dims, keep, count = _reduction(n, 1)
         if not isinstance(count, int):
             self.fail(n, "mean over a dynamic dimension")
         s = self.call(I.int_sum, (x.node, x.zp, dims, keep), name=f"{n.name}_sum")
@@ -785,8 +785,7 @@ class _Lowering:
         """Integer-valued floats (masks, token counts) stay integers at scale 1."""
         x = self.int_of(n, n.args[0])
         if is_op(n, aten.sum):
-            dims = list(n.args[1]) if len(n.args) > 1 and n.args[1] is not None else list(range(n.args[0].meta["val"].dim()))
-            keep = bool(n.args[2]) if len(n.args) > 2 else bool(n.kwargs.get("keepdim", False))
+            dims, keep, _ = _reduction(n, 1)
             node = self.call(I.int_sum, (x.node, x.zp, dims, keep), name=n.name)
             self.env[n] = IntVal(node, torch.tensor(1.0, dtype=torch.float64), 0, -(2**31), 2**31 - 1, acc=True)
         elif is_op(n, aten.clamp, aten.clamp_min):
@@ -809,8 +808,7 @@ class _Lowering:
         x = self.int_of(n, n.args[0])
         if not x.per_tensor:
             self.fail(n, "sum of a per-channel value")
-        dims = list(n.args[1]) if len(n.args) > 1 and n.args[1] is not None else list(range(n.args[0].meta["val"].dim()))
-        keep = bool(n.args[2]) if len(n.args) > 2 else bool(n.kwargs.get("keepdim", False))
+        dims, keep, _ = _reduction(n, 1)
         node = self.call(I.int_sum, (x.node, x.zp, dims, keep), name=n.name)
         self.env[n] = IntVal(node, x.scale.clone(), 0, -(2**31), 2**31 - 1, acc=True)
 
@@ -819,10 +817,7 @@ class _Lowering:
         order = n.args[1] if len(n.args) > 1 else n.kwargs.get("ord", 2)
         if order != 2 or not x.per_tensor:
             self.fail(n, "only the per-tensor-scaled L2 norm has an integer kernel")
-        shape = n.args[0].meta["val"].shape
-        dims = list(n.args[2]) if len(n.args) > 2 and n.args[2] is not None else list(range(len(shape)))
-        keep = bool(n.args[3]) if len(n.args) > 3 else bool(n.kwargs.get("keepdim", False))
-        count = math.prod(shape[d] for d in dims)
+        dims, keep, count = _reduction(n, 2)
         if not isinstance(count, int):
             self.fail(n, "L2 norm over a dynamic dimension")
         k = I.l2_frac_bits(count, max(x.qmax - x.zp, x.zp - x.qmin) + 1)
