@@ -9,7 +9,7 @@ FMNIST := .data/fashion-mnist/t10k-images-idx3-ubyte.gz
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[models,test]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[models,test,tvm]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -23,7 +23,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("model", help="model file (.onnx, .pt2) or zoo:NAME (bundled: minilm, fashion_cnn, fashion_vit, digits_cnn)")
     c.add_argument("-o", "--output", required=True, help="artifact directory to create")
     c.add_argument("--calib", help="calibration .npz: one array per model input, keyed by input name, samples on axis 0")
-    c.add_argument("--target", default="onnx", choices=["onnx", "reference"])
+    c.add_argument("--target", default="onnx", help="onnx (default), reference, tvm-llvm[:MCPU] or tvm-cuda[:ARCH] "
+                   "(the tvm targets compile integer-only graphs: they imply --integer)")
     c.add_argument("--w-bits", type=int, default=8)
     c.add_argument("--a-bits", type=int, default=8)
     c.add_argument("--w-granularity", default="channel", choices=["channel", "tensor", "group"])

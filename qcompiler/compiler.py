@@ -79,7 +79,7 @@ def quantize(graph: Graph, calib: CalibData, config: Config,
 def compile(model: Any, calib: CalibData | Mapping[str, np.ndarray] | str | Iterable[Mapping[str, Any]], *, config: Config | None = None,
             target: str | None = None, example_inputs=None,
             progress: Callable[[str], None] | None = None) -> Artifact:
-    """Compile a model into an artifact for `target` ("onnx" or "reference")."""
+    """Compile a model into an artifact for `target` ("onnx", "reference", "tvm-llvm[:MCPU]", "tvm-cuda[:ARCH]")."""
     from . import backends
     from .passes.calibrate import quality_report
 
@@ -87,6 +87,8 @@ def compile(model: Any, calib: CalibData | Mapping[str, np.ndarray] | str | Iter
     if target:
         config.target = target
     backend = backends.get(config.target)
+    if getattr(backend, "INTEGER_ONLY", False):
+        config.integer = True  # the TVM targets compile integer-only graphs, nothing else
     if isinstance(calib, str):
         calib = CalibData.from_npz(calib, batch_size=config.calib_batch_size)
     elif isinstance(calib, Mapping):
@@ -101,7 +103,7 @@ def compile(model: Any, calib: CalibData | Mapping[str, np.ndarray] | str | Iter
     out_graph, integer = qgraph, None
     if config.integer:
         if not getattr(backend, "INTEGER", False):
-            raise QCError(f"target '{config.target}' does not take integer-only graphs yet (use --target reference)")
+            raise QCError(f"target '{config.target}' does not take integer-only graphs (use --target reference, tvm-llvm or tvm-cuda)")
         from .passes.lower_integer import agreement
         pm = PassManager(["lower_integer"], progress=progress)
         out_graph = pm.run(qgraph.copy(), PassContext(config=config, calib=calib))
@@ -130,7 +132,8 @@ def compile(model: Any, calib: CalibData | Mapping[str, np.ndarray] | str | Iter
                     "summary": _quality_summary(quality)},
         "versions": {"qcompiler": __version__, "torch": torch.__version__.split("+")[0],
                      "onnx": _version("onnx"), "onnxruntime": _version("onnxruntime"),
-                     "python": platform.python_version()},
+                     "python": platform.python_version(),
+                     **({"tvm": _version("tvm")} if config.target.startswith("tvm") else {})},
     }
     return Artifact(manifest, files).finalize()
 

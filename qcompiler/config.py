@@ -7,7 +7,7 @@ from .errors import QCError
 from .qspec import OBSERVERS, QuantSpec
 
 DEFAULT_OPS = ("linear", "conv1d", "conv2d", "conv3d", "matmul", "bmm", "mm", "addmm", "embedding")
-TARGETS = ("onnx", "reference")
+TARGETS = ("onnx", "reference", "tvm-llvm", "tvm-cuda")  # the tvm targets take ":MCPU" / ":ARCH"
 
 
 @dataclass
@@ -38,7 +38,7 @@ class Config:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.target not in TARGETS:
+        if self.target.partition(":")[0] not in TARGETS or (":" in self.target and not self.target.startswith("tvm-")):
             raise QCError(f"unknown target '{self.target}' (choose from {', '.join(TARGETS)})")
         if self.observer not in OBSERVERS:
             raise QCError(f"unknown observer '{self.observer}' (choose from {', '.join(OBSERVERS)})")

@@ -1,0 +1,129 @@
+"""Run a TVM artifact with the TVM runtime only: tvm_ffi and ctypes, never `import tvm`.
+
+Deploy footprint: model.so, the vendored runtime libraries the artifact carries
+(libtvm_runtime.so, 3.4 MB; libtvm_runtime_cuda.so, 0.45 MB for CUDA), numpy and the
+apache-tvm-ffi wheel (`pip install qcompiler[runtime]`, or the wheel alone). CUDA also needs
+the CUDA driver and runtime (libcudart) of the machine.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+import numpy as np
+
+from qcompiler.errors import QCError
+
+KDL_CPU, KDL_CUDA = 1, 2
+POOLED = 2
+_loaded: dict[str, ctypes.CDLL] = {}
+
+
+def _installed_tvm_lib_dir(version: str | None) -> str | None:
+    """The lib/ folder of an installed apache-tvm of the artifact's version, found without importing it."""
+    try:
+        from importlib import metadata, util
+        if version is None or metadata.version("apache-tvm") != version:
+            return None
+        spec = util.find_spec("tvm")
+        return os.path.join(list(spec.submodule_search_locations)[0], "lib") if spec else None
+    except (ImportError, ValueError, metadata.PackageNotFoundError):
+        return None
+
+
+def load_runtime(artifact_dir: str, libs: tuple[str, ...], tvm_version: str | None = None) -> None:
+    """dlopen the TVM runtime libraries (RTLD_GLOBAL, once per process) so model.so links.
+
+    One process must hold one copy of the runtime: where apache-tvm is imported already, its
+    libraries are the runtime; where the artifact's version of it is installed, its files are
+    loaded (so a later `import tvm` finds them loaded); otherwise the artifact's vendored copy."""
+    os.environ.setdefault("TVM_FFI_DISABLE_TORCH_C_DLPACK", "1")
+    try:
+        import tvm_ffi  # noqa: F401  (loads libtvm_ffi.so, which the runtime needs)
+    except ImportError:
+        raise QCError("running a TVM artifact needs apache-tvm-ffi (pip install 'qcompiler[runtime]')") from None
+    if "tvm" in sys.modules:
+        return
+    dirs = [d for d in (_installed_tvm_lib_dir(tvm_version), artifact_dir) if d]
+    for lib in libs:
+        if lib in _loaded:
+            continue
+        for d in dirs:
+            path = os.path.join(d, lib)
+            if os.path.isfile(path):
+                try:
+                    _loaded[lib] = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+                except OSError as e:
+                    raise QCError(f"cannot load the TVM runtime library {path}: {e}") from None
+                break
+        else:
+            raise QCError(f"{artifact_dir}: the TVM runtime library {lib} is neither in the artifact nor in an "
+                          f"installed apache-tvm {tvm_version or ''}")
+
+
+def aligned_copy(a: np.ndarray, align: int = 64) -> np.ndarray:
+    """A C-contiguous copy of `a` whose data pointer is `align`-byte aligned (DLPack import needs it)."""
+    a = np.asarray(a)
+    buf = np.empty(a.nbytes + align, np.uint8)
+    off = (-buf.ctypes.data) % align
+    out = buf[off:off + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+
+class Runner:
+    """The VM of model.so on the device its target names (cpu:0, or cuda:0 with the host cpu)."""
+
+    def __init__(self, artifact_dir: str, manifest: dict):
+        from . import RUNTIME_LIBS
+        self.kind = "cuda" if manifest["backend"].startswith("tvm-cuda") else "llvm"
+        load_runtime(artifact_dir, RUNTIME_LIBS[self.kind], manifest.get("versions", {}).get("tvm"))
+        import tvm_ffi
+        self.ffi = tvm_ffi
+        path = os.path.join(artifact_dir, "model.so")
+        try:
+            self.lib = tvm_ffi.load_module(path)
+            self.vm = self.lib["vm_load_executable"]()
+            if self.kind == "cuda":
+                self.vm["vm_initialization"](KDL_CUDA, 0, POOLED, KDL_CPU, 0, POOLED)
+            else:
+                self.vm["vm_initialization"](KDL_CPU, 0, POOLED)
+        except Exception as e:  # a driver or ABI problem: say which file
+            raise QCError(f"{path}: cannot start the TVM VM ({type(e).__name__}: {str(e).splitlines()[0][:300]})") \
+                from None
+        self.fn = self.vm["main"]
+        self.input_names = [d["name"] for d in manifest["inputs"]]
+        self.output_names = [d["name"] for d in manifest["outputs"]]
+        self.device = tvm_ffi.device("cuda" if self.kind == "cuda" else "cpu", 0)
+        if self.kind == "cuda":
+            self._alloc = tvm_ffi.get_global_func("runtime.TVMTensorAllocWithScope")
+            self._from_bytes = tvm_ffi.get_global_func("runtime.TVMTensorCopyFromBytes")
+            self._to_bytes = tvm_ffi.get_global_func("runtime.TVMTensorCopyToBytes")
+
+    def to_device(self, a: np.ndarray):
+        a = np.ascontiguousarray(a)
+        if self.kind != "cuda":
+            return self.ffi.from_dlpack(aligned_copy(a))
+        t = self._alloc(self.ffi.Shape(list(a.shape)), self.ffi.dtype(str(a.dtype)), self.device, None)
+        self._from_bytes(t, a.ctypes.data_as(ctypes.c_void_p), a.nbytes)
+        return t
+
+    def to_host(self, t) -> np.ndarray:
+        if self.kind != "cuda":
+            return np.from_dlpack(t).copy()
+        out = np.empty(tuple(t.shape), dtype=str(t.dtype))
+        self._to_bytes(t, out.ctypes.data_as(ctypes.c_void_p), out.nbytes)
+        return out
+
+    def run_device(self, args):
+        """Run on tensors already on the device (for timing); returns the VM's outputs."""
+        return self.fn(*args)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        args = [self.to_device(feeds[n]) for n in self.input_names]
+        try:
+            out = self.fn(*args)
+        except Exception as e:
+            raise QCError(f"the TVM artifact failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
+        return {n: self.to_host(o) for n, o in zip(self.output_names, out)}

@@ -1,0 +1,606 @@
+"""The integer graph (qc:: integer ops, ATen shape ops) as a TVM Relax module.
+
+One Relax binding per fx node, built with relax.BlockBuilder. Each qc:: op is written out in
+the arithmetic its torch kernel defines (qcompiler/int_ops.py): int64 products, rounding
+shifts, integer divisions, exact isqrt; the matmul-like ops accumulate in int32, which is
+exact for the shapes qcompiler.int_ops.check_accumulator accepts. The translation never
+approximates: a node whose semantics it cannot reproduce is refused with its name and op.
+
+Rounding right shift, half away from zero, in one add and one arithmetic shift:
+    sign(p) (|p| + 2^(c-1)) >> c  ==  (p + 2^(c-1) - [p < 0]) >> c     (c >= 1)
+(for p < 0 both are -floor((|p| + h) / 2^c) = floor((p + h - 1) / 2^c)).
+"""
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from qcompiler import int_ops as I
+from qcompiler.errors import QCError
+from qcompiler.ir import Graph
+
+aten = torch.ops.aten
+I64_MIN_HALF = torch.iinfo(torch.int64).min // 2
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().contiguous().numpy()
+
+
+def _dt(t: torch.dtype) -> str:
+    return str(t).replace("torch.", "")
+
+
+class Translator:
+    def __init__(self, graph: Graph):
+        import tvm
+        from tvm import relax, tirx
+        self.tvm, self.relax, self.tir, self.R = tvm, relax, tirx, relax.op
+        self.g = graph
+        self.bb = relax.BlockBuilder()
+        self.env: dict[fx.Node, object] = {}
+        self.dims: dict[str, object] = {}
+
+    # -- helpers ------------------------------------------------------------------------------
+    def emit(self, expr, name: str | None = None):
+        return self.bb.emit(expr, name_hint=name or "")
+
+    def const(self, value, dtype: str):
+        return self.relax.const(np.asarray(value, dtype=dtype), dtype)
+
+    def shape_of(self, v) -> list:
+        return list(v.ty.shape.values)
+
+    def dtype_of(self, v) -> str:
+        return str(v.ty.dtype)
+
+    def ndim(self, v) -> int:
+        return v.ty.ndim
+
+    def cast(self, v, dtype: str):
+        return v if self.dtype_of(v) == dtype else self.emit(self.R.astype(v, dtype))
+
+    def i64(self, v):
+        return self.cast(v, "int64")
+
+    def sub_zp(self, v, zp: int, dtype: str = "int64"):
+        v = self.cast(v, dtype)
+        return v if zp == 0 else self.emit(self.R.subtract(v, self.const(zp, dtype)))
+
+    def axis_const(self, t: torch.Tensor, like, axis: int, dtype: str):
+        """A per-tensor (scalar) or per-channel constant shaped to broadcast along `axis` of `like`."""
+        a = _np(t).astype(dtype)
+        if a.size == 1:
+            return self.const(a.reshape(()), dtype)
+        shape = [1] * self.ndim(like)
+        shape[axis % self.ndim(like)] = a.size
+        return self.const(a.reshape(shape), dtype)
+
+    def rshift_round(self, p, c):
+        """p / 2^c rounded half away from zero; p int64, c an int or an int64 constant array."""
+        R = self.R
+        c_arr = np.asarray(c, dtype=np.int64)
+        if not c_arr.any():
+            return p
+        neg = self.emit(R.astype(R.less(p, self.const(0, "int64")), "int64"))
+        if c_arr.ndim == 0:
+            c_int = int(c_arr)
+            p = self.emit(R.subtract(R.add(p, self.const(1 << (c_int - 1), "int64")), neg))
+            return self.emit(R.right_shift(p, self.const(c_int, "int64")))
+        half = np.where(c_arr > 0, np.left_shift(1, np.maximum(c_arr - 1, 0)), 0).astype(np.int64)
+        pos = (c_arr > 0).astype(np.int64)
+        p = self.emit(R.subtract(R.add(p, self.const(half, "int64")), R.multiply(neg, self.const(pos, "int64"))))
+        return self.emit(R.right_shift(p, self.const(c_arr, "int64")))
+
+    def clip_cast(self, v, qmin: int, qmax: int):
+        dtype = _dt(I.int_dtype(qmin, qmax))
+        v = self.emit(self.R.clip(v, qmin, qmax))
+        return self.cast(v, dtype)
+
+    def round_div(self, num, den):
+        """num / den rounded half away from zero (int64; 0 where den == 0), as int_ops.round_div."""
+        R = self.R
+        d = self.emit(R.maximum(den, self.const(1, "int64")))
+        q = self.emit(R.floor_divide(R.add(R.multiply(R.abs(num), self.const(2, "int64")), d),
+                                     R.multiply(d, self.const(2, "int64"))))
+        q = self.emit(R.where(R.less(num, self.const(0, "int64")), R.negative(q), q))
+        return self.emit(R.where(R.greater(den, self.const(0, "int64")), q, R.zeros_like(q)))
+
+    def isqrt(self, v):
+        """floor(sqrt(v)) for int64 v in [0, 2^62): a float64 estimate and two integer fix-ups."""
+        R = self.R
+        r = self.emit(R.astype(R.floor(R.sqrt(R.astype(v, "float64"))), "int64"))
+        one = self.const(1, "int64")
+        for _ in range(2):
+            r1 = self.emit(R.add(r, one))
+            r = self.emit(R.where(R.less_equal(R.multiply(r1, r1), v), r1, r))
+            r = self.emit(R.where(R.greater(R.multiply(r, r), v), R.subtract(r, one), r))
+        return r
+
+    def arg(self, a):
+        if isinstance(a, fx.Node):
+            if a.op == "get_attr" and a not in self.env:  # a constant used as a tensor operand
+                t = self.tensor_const(a)
+                self.env[a] = self.const(_np(t), _dt(t.dtype))
+            if a not in self.env:
+                raise QCError("value used before it is defined", node=a.name, op=str(a.target))
+            return self.env[a]
+        if isinstance(a, (list, tuple)):
+            return type(a)(self.arg(x) for x in a)
+        return a
+
+    def tensor_const(self, node: fx.Node) -> torch.Tensor:
+        if not (isinstance(node, fx.Node) and node.op == "get_attr"):
+            raise QCError("the TVM backend needs this operand to be a constant", node=getattr(node, "name", "?"),
+                          op=str(getattr(node, "target", "?")))
+        return self.g.attr(node)
+
+    def value(self, node: fx.Node, dtype: str):
+        """An operand as a Relax value of `dtype`: a constant if it is one, else the computed value."""
+        if node.op == "get_attr":
+            return self.const(_np(self.tensor_const(node)).astype(dtype), dtype)
+        return self.cast(self.arg(node), dtype)
+
+    # -- the graph ------------------------------------------------------------------------------
+    def build(self):
+        relax, tir = self.relax, self.tir
+        params = []
+        for spec in self.g.inputs:
+            shape = []
+            for d in spec.shape:
+                if isinstance(d, str):
+                    d = self.dims.setdefault(d, tir.Var(d, "int64"))
+                shape.append(d)
+            params.append(relax.Var(spec.name, relax.TensorType(shape, spec.dtype)))
+        placeholders = [n for n in self.g.graph.nodes if n.op == "placeholder"]
+        with self.bb.function("main", params):
+            with self.bb.dataflow():
+                for n, p in zip(placeholders, params):
+                    self.env[n] = p
+                outs = None
+                for n in self.g.graph.nodes:
+                    if n.op == "placeholder":
+                        continue
+                    if n.op == "output":
+                        outs = [self.arg(o) for o in n.args[0]]
+                        break
+                    if n.op == "get_attr":
+                        continue  # constants are read by the ops that use them
+                    self.env[n] = self.node(n)
+                res = self.bb.emit_output(relax.Tuple(outs))
+            self.bb.emit_func_output(res)
+        return self.bb.get()
+
+    def node(self, n: fx.Node):
+        t = n.target
+        fn = QC.get(t) or ATEN.get(getattr(t, "overloadpacket", t))
+        if fn is None:
+            raise QCError("the TVM backend cannot translate this op", node=n.name, op=str(t))
+        try:
+            return fn(self, n)
+        except QCError:
+            raise
+        except Exception as e:  # a TVM type error: name the node
+            raise QCError(f"TVM translation failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}",
+                          node=n.name, op=str(t)) from None
+
+
+# -- qc:: integer ops ----------------------------------------------------------------------------
+
+def _quantize(tr: Translator, n):
+    """q = clamp(round_half_even(x / s) + z, qmin, qmax) in float32, as qcompiler.ops.quantize_ref."""
+    x, scale, zp, qmin, qmax, axis = n.args
+    R = tr.R
+    xv = tr.cast(tr.arg(x), "float32")
+    s = tr.axis_const(tr.tensor_const(scale).float(), xv, axis, "float32")
+    z = tr.axis_const(tr.tensor_const(zp).float(), xv, axis, "float32")
+    y = tr.emit(R.divide(xv, s))
+    from tvm import te, tirx
+    # relax's round is half away from zero on some targets; nearbyint is half to even everywhere
+    r = tr.bb.emit_te(lambda t: te.compute(t.shape, lambda *i: tirx.nearbyint(t(*i)), name="round_half_even"), y,
+                      primfunc_name_hint="round_half_even")
+    q = tr.emit(R.clip(R.add(r, z), float(qmin), float(qmax)))
+    return tr.cast(q, _dt(I.int_dtype(qmin, qmax)))
+
+
+def _dequantize(tr, n):
+    q, scale, zp, axis = n.args
+    qv = tr.arg(q)
+    z = tr.axis_const(tr.tensor_const(zp).float(), qv, axis, "float32")
+    s = tr.axis_const(tr.tensor_const(scale).float(), qv, axis, "float32")
+    R = tr.R
+    return tr.emit(R.multiply(R.subtract(R.astype(qv, "float32"), z), s))
+
+
+def _requant(tr, n):
+    acc, in_zp, mult, shift, out_zp, qmin, qmax, axis = n.args
+    a = tr.sub_zp(tr.arg(acc), in_zp)
+    b = tr.axis_const(tr.tensor_const(mult), a, axis, "int64")
+    c = _np(tr.tensor_const(shift)).astype(np.int64)
+    if c.size > 1:
+        shape = [1] * tr.ndim(a)
+        shape[axis % tr.ndim(a)] = c.size
+        c = c.reshape(shape)
+    else:
+        c = c.reshape(())
+    p = tr.emit(tr.R.multiply(a, b))
+    y = tr.rshift_round(p, c)
+    if out_zp:
+        y = tr.emit(tr.R.add(y, tr.const(out_zp, "int64")))
+    return tr.clip_cast(y, qmin, qmax)
+
+
+def _mm_operand(tr, v, zp):
+    """An operand of an int32-accumulating matmul: int8 as-is when its zero point is 0, else widened."""
+    if zp == 0 and tr.dtype_of(v) in ("int8", "int16", "int32"):
+        return v
+    return tr.sub_zp(v, zp, "int32")
+
+
+def _same_dtype(tr, a, b):
+    if tr.dtype_of(a) != tr.dtype_of(b):
+        return tr.cast(a, "int32"), tr.cast(b, "int32")
+    return a, b
+
+
+def _int_linear(tr, n):
+    x, x_zp, w, bias = n.args
+    xv = _mm_operand(tr, tr.arg(x), x_zp)
+    wt = tr.tensor_const(w)
+    wv = tr.const(_np(wt), _dt(wt.dtype))
+    xv, wv = _same_dtype(tr, xv, wv)
+    y = tr.emit(tr.R.linear(xv, wv, None, out_dtype="int32"))
+    if bias is not None:
+        y = tr.emit(tr.R.add(y, tr.value(bias, "int32")))
+    return y
+
+
+def _int_matmul(tr, n):
+    a, a_zp, b, b_zp = n.args
+    av, bv = _mm_operand(tr, tr.arg(a), a_zp), _mm_operand(tr, tr.arg(b), b_zp)
+    av, bv = _same_dtype(tr, av, bv)
+    return tr.emit(tr.R.matmul(av, bv, out_dtype="int32"))
+
+
+def _int_conv(tr, n):
+    x, x_zp, w, bias, stride, padding, dilation, groups = n.args
+    xv = _mm_operand(tr, tr.arg(x), x_zp)
+    wt = tr.tensor_const(w)
+    wv = tr.const(_np(wt), _dt(wt.dtype))
+    xv, wv = _same_dtype(tr, xv, wv)
+    R = tr.R
+    if wt.dim() == 4:
+        y = tr.emit(R.nn.conv2d(xv, wv, strides=stride, padding=padding, dilation=dilation, groups=groups,
+                                out_dtype="int32"))
+    elif wt.dim() == 3:
+        y = tr.emit(R.nn.conv1d(xv, wv, strides=stride, padding=padding, dilation=dilation, groups=groups,
+                                out_dtype="int32"))
+    else:
+        raise QCError(f"the TVM backend translates 1-D and 2-D integer convolutions, not {wt.dim() - 2}-D",
+                      node=n.name, op="qc::int_conv")
+    if bias is not None:
+        y = tr.emit(R.add(y, R.reshape(tr.value(bias, "int32"), [wt.shape[0]] + [1] * (wt.dim() - 2))))
+    return y
+
+
+def _int_add(tr, n):
+    a, a_zp, a_mult, b, b_zp, b_mult, shift, out_zp, qmin, qmax = n.args
+    R = tr.R
+    pa = tr.emit(R.multiply(tr.sub_zp(tr.arg(a), a_zp), tr.const(a_mult, "int64")))
+    pb = tr.emit(R.multiply(tr.sub_zp(tr.arg(b), b_zp), tr.const(b_mult, "int64")))
+    y = tr.rshift_round(tr.emit(R.add(pa, pb)), shift)
+    if out_zp:
+        y = tr.emit(R.add(y, tr.const(out_zp, "int64")))
+    return tr.clip_cast(y, qmin, qmax)
+
+
+def _int_lut(tr, n):
+    x, table, offset = n.args
+    tab = tr.tensor_const(table)
+    idx = tr.sub_zp(tr.arg(x), offset)
+    idx = tr.emit(tr.R.clip(idx, 0, tab.numel() - 1))
+    return tr.emit(tr.R.take(tr.const(_np(tab), _dt(tab.dtype)), idx, axis=0))
+
+
+def _int_sum(tr, n):
+    x, x_zp, dims, keepdim = n.args
+    s = tr.emit(tr.R.sum(tr.sub_zp(tr.arg(x), x_zp), axis=list(dims), keepdims=keepdim))
+    return tr.cast(s, "int32")
+
+
+def _int_mul(tr, n):
+    a, a_zp, b, b_zp = n.args
+    return tr.emit(tr.R.multiply(tr.sub_zp(tr.arg(a), a_zp), tr.sub_zp(tr.arg(b), b_zp)))
+
+
+def _int_div(tr, n):
+    a, a_zp, b, mult, shift, out_zp, qmin, qmax = n.args
+    R = tr.R
+    num = tr.emit(R.multiply(tr.sub_zp(tr.arg(a), a_zp), tr.const(mult, "int64")))
+    den = tr.i64(tr.arg(b))
+    t = tr.round_div(num, den)
+    y = tr.rshift_round(t, shift)
+    y = tr.emit(R.where(R.greater(den, tr.const(0, "int64")), y, R.zeros_like(y)))
+    if out_zp:
+        y = tr.emit(R.add(y, tr.const(out_zp, "int64")))
+    return tr.clip_cast(y, qmin, qmax)
+
+
+def _int_l2_norm(tr, n):
+    x, x_zp, dims, keepdim, frac_bits = n.args
+    R = tr.R
+    xi = tr.sub_zp(tr.arg(x), x_zp)
+    s = tr.emit(R.sum(R.multiply(xi, xi), axis=list(dims), keepdims=keepdim))
+    if frac_bits:
+        s = tr.emit(R.multiply(s, tr.const(1 << (2 * frac_bits), "int64")))
+    return tr.isqrt(s)
+
+
+def _int_softmax(tr, n):
+    x, mask, table, dim, mult, shift, out_zp, qmin, qmax = n.args
+    R = tr.R
+    xi = tr.i64(tr.arg(x))
+    tab = tr.tensor_const(table)
+    keep = None
+    if mask is not None:
+        keep = tr.emit(R.broadcast_to(tr.cast(tr.arg(mask), "bool"), tr.shape_of(xi)))
+        xi = tr.emit(R.where(keep, xi, R.full_like(xi, tr.const(I64_MIN_HALF, "int64"))))
+    d = tr.emit(R.subtract(R.max(xi, axis=[dim], keepdims=True), xi))
+    d = tr.emit(R.minimum(d, tr.const(tab.numel() - 1, "int64")))
+    e = tr.emit(R.take(tr.const(_np(tab).astype(np.int64), "int64"), d, axis=0))
+    if keep is not None:
+        e = tr.emit(R.where(keep, e, R.zeros_like(e)))
+    s = tr.emit(R.maximum(R.sum(e, axis=[dim], keepdims=True), tr.const(1, "int64")))
+    t = tr.emit(R.floor_divide(R.multiply(e, tr.const(mult, "int64")), s))
+    y = tr.rshift_round(t, shift)
+    if out_zp:
+        y = tr.emit(R.add(y, tr.const(out_zp, "int64")))
+    return tr.clip_cast(y, qmin, qmax)
+
+
+def _int_layer_norm(tr, n):
+    x, x_zp, eps, sqrt_bits, gamma, beta, shift, out_zp, qmin, qmax = n.args
+    R = tr.R
+    xi = tr.sub_zp(tr.arg(x), x_zp)
+    c = tr.shape_of(xi)[-1]
+    c = int(c)
+    d = tr.emit(R.subtract(R.multiply(xi, tr.const(c, "int64")), R.sum(xi, axis=[-1], keepdims=True)))
+    v = tr.emit(R.floor_divide(R.sum(R.multiply(d, d), axis=[-1], keepdims=True), tr.const(c, "int64")))
+    v = tr.emit(R.multiply(R.add(v, tr.const(eps, "int64")), tr.const(1 << sqrt_bits, "int64")))
+    r = tr.isqrt(v)
+    inv = tr.emit(R.where(R.greater(r, tr.const(0, "int64")),
+                          R.floor_divide(tr.const(1 << I.LN_RECIP_BITS, "int64"), R.maximum(r, tr.const(1, "int64"))),
+                          R.zeros_like(r)))
+    nn_ = tr.rshift_round(tr.emit(R.multiply(d, inv)), I.LN_RECIP_BITS - sqrt_bits // 2 - I.LN_NORM_BITS)
+    g = tr.const(_np(tr.tensor_const(gamma)).astype(np.int64), "int64")
+    b = tr.const(_np(tr.tensor_const(beta)).astype(np.int64), "int64")
+    y = tr.rshift_round(tr.emit(R.add(R.multiply(nn_, g), b)), shift)
+    if out_zp:
+        y = tr.emit(R.add(y, tr.const(out_zp, "int64")))
+    return tr.clip_cast(y, qmin, qmax)
+
+
+QC = {I.quantize: _quantize, I.dequantize: _dequantize, I.requant: _requant, I.int_linear: _int_linear,
+      I.int_matmul: _int_matmul, I.int_conv: _int_conv, I.int_add: _int_add, I.int_lut: _int_lut,
+      I.int_sum: _int_sum, I.int_mul: _int_mul, I.int_div: _int_div, I.int_l2_norm: _int_l2_norm,
+      I.int_softmax: _int_softmax, I.int_layer_norm: _int_layer_norm}
+
+
+# -- ATen shape ops and the few integer ATen ops an integer graph keeps ----------------------------
+
+def _norm_dim(d: int, ndim: int) -> int:
+    return d + ndim if d < 0 else d
+
+
+def _shape_arg(tr, shape):
+    return [tr.arg(s) if isinstance(s, fx.Node) else s for s in shape]
+
+
+def _reshape(tr, n):
+    x, shape = tr.arg(n.args[0]), _shape_arg(tr, n.args[1])
+    if sum(1 for s in shape if isinstance(s, int) and s == -1) == 1 and any(not isinstance(s, int) for s in shape):
+        # -1 beside symbolic dims: resolve it from the element count
+        total = 1
+        for s in tr.shape_of(x):
+            total = total * s
+        known = 1
+        for s in shape:
+            if not (isinstance(s, int) and s == -1):
+                known = known * s
+        shape = [total // known if isinstance(s, int) and s == -1 else s for s in shape]
+    return tr.emit(tr.R.reshape(x, shape))
+
+
+def _flatten(tr, n):
+    x = tr.arg(n.args[0])
+    shape = tr.shape_of(x)
+    nd = len(shape)
+    start = _norm_dim(n.args[1] if len(n.args) > 1 else 0, nd)
+    end = _norm_dim(n.args[2] if len(n.args) > 2 else -1, nd)
+    mid = 1
+    for s in shape[start:end + 1]:
+        mid = mid * s
+    return tr.emit(tr.R.reshape(x, shape[:start] + [mid] + shape[end + 1:]))
+
+
+def _transpose(tr, n):
+    x = tr.arg(n.args[0])
+    nd = tr.ndim(x)
+    a, b = _norm_dim(n.args[1], nd), _norm_dim(n.args[2], nd)
+    perm = list(range(nd))
+    perm[a], perm[b] = perm[b], perm[a]
+    return tr.emit(tr.R.permute_dims(x, perm))
+
+
+def _permute(tr, n):
+    x = tr.arg(n.args[0])
+    return tr.emit(tr.R.permute_dims(x, [_norm_dim(d, tr.ndim(x)) for d in n.args[1]]))
+
+
+def _unsqueeze(tr, n):
+    x = tr.arg(n.args[0])
+    return tr.emit(tr.R.expand_dims(x, [_norm_dim(n.args[1], tr.ndim(x) + 1)]))
+
+
+def _squeeze(tr, n):
+    x = tr.arg(n.args[0])
+    dims = n.args[1] if len(n.args) > 1 else None
+    if isinstance(dims, int):
+        dims = [dims]
+    return tr.emit(tr.R.squeeze(x, None if dims is None else [_norm_dim(d, tr.ndim(x)) for d in dims]))
+
+
+def _expand(tr, n):
+    x = tr.arg(n.args[0])
+    shape = _shape_arg(tr, n.args[1])
+    cur = tr.shape_of(x)
+    lead = len(shape) - len(cur)
+    shape = [cur[i - lead] if isinstance(s, int) and s == -1 else s for i, s in enumerate(shape)]
+    return tr.emit(tr.R.broadcast_to(x, shape))
+
+
+def _expand_as(tr, n):
+    return tr.emit(tr.R.broadcast_to(tr.arg(n.args[0]), tr.shape_of(tr.arg(n.args[1]))))
+
+
+def _cat(tr, n):
+    parts = [tr.arg(p) for p in n.args[0]]
+    dim = n.args[1] if len(n.args) > 1 else 0
+    return tr.emit(tr.R.concat(parts, axis=_norm_dim(dim, tr.ndim(parts[0]))))
+
+
+def _slice(tr, n):
+    x = tr.arg(n.args[0])
+    dim = _norm_dim(n.args[1] if len(n.args) > 1 else 0, tr.ndim(x))
+    start = n.args[2] if len(n.args) > 2 and n.args[2] is not None else 0
+    end = n.args[3] if len(n.args) > 3 and n.args[3] is not None else 2**62
+    step = n.args[4] if len(n.args) > 4 else 1
+    size = tr.shape_of(x)[dim]
+    if isinstance(end, int) and end >= 2**62 and start == 0 and step == 1:
+        return x  # the whole dim
+    start, end = tr.arg(start), tr.arg(end)
+    if isinstance(size, int) or hasattr(size, "value"):
+        size = int(size)
+        clip = lambda v: v if not isinstance(v, int) else max(0, min(size, v + size if v < 0 else v))  # noqa: E731
+        start, end = clip(start), clip(end)
+    # a symbolic bound (a sym_size of another input) cannot be proved in range: torch would
+    # clip it, and the graph's shapes only agree when it is in range, so it is
+    inbound = not (isinstance(start, int) and isinstance(end, int))
+    return tr.emit(tr.R.strided_slice(x, axes=[dim], begin=[start], end=[end], strides=[step], assume_inbound=inbound))
+
+
+def _select(tr, n):
+    x = tr.arg(n.args[0])
+    dim = _norm_dim(n.args[1], tr.ndim(x))
+    idx = n.args[2]
+    if idx < 0:
+        idx = tr.shape_of(x)[dim] + idx
+    s = tr.emit(tr.R.strided_slice(x, axes=[dim], begin=[idx], end=[idx + 1]))
+    return tr.emit(tr.R.squeeze(s, [dim]))
+
+
+def _unbind(tr, n):
+    x = tr.arg(n.args[0])
+    dim = _norm_dim(n.args[1] if len(n.args) > 1 else 0, tr.ndim(x))
+    k = int(tr.shape_of(x)[dim])
+    parts = tr.emit(tr.R.split(x, k, axis=dim))
+    return tr.relax.Tuple([tr.emit(tr.R.squeeze(tr.emit(tr.relax.TupleGetItem(parts, i)), [dim])) for i in range(k)])
+
+
+def _getitem(tr, n):
+    seq, i = tr.arg(n.args[0]), n.args[1]
+    if isinstance(seq, tr.relax.Tuple):
+        return seq.fields[i]
+    if isinstance(seq, (list, tuple)):
+        return seq[i]
+    return tr.emit(tr.relax.TupleGetItem(seq, i))
+
+
+def _sym_size(tr, n):
+    return tr.shape_of(tr.arg(n.args[0]))[n.args[1]]
+
+
+def _embedding(tr, n):
+    table, ids = n.args[0], n.args[1]
+    tab = tr.tensor_const(table) if table.op == "get_attr" else None
+    tv = tr.const(_np(tab), _dt(tab.dtype)) if tab is not None else tr.arg(table)
+    return tr.emit(tr.R.take(tv, tr.arg(ids), axis=0))
+
+
+def _scalar_like(tr, x, v):
+    return tr.const(v, tr.dtype_of(x))
+
+
+def _ne(tr, n):
+    x = tr.arg(n.args[0])
+    return tr.emit(tr.R.not_equal(x, _scalar_like(tr, x, n.args[1])))
+
+
+def _eq(tr, n):
+    x = tr.arg(n.args[0])
+    return tr.emit(tr.R.equal(x, _scalar_like(tr, x, n.args[1])))
+
+
+def _clamp(tr, n):
+    x = tr.arg(n.args[0])
+    lo = n.args[1] if len(n.args) > 1 else n.kwargs.get("min")
+    hi = n.args[2] if len(n.args) > 2 else n.kwargs.get("max")
+    if lo is not None:
+        x = tr.emit(tr.R.maximum(x, _scalar_like(tr, x, lo)))
+    if hi is not None:
+        x = tr.emit(tr.R.minimum(x, _scalar_like(tr, x, hi)))
+    return x
+
+
+def _clamp_min(tr, n):
+    x = tr.arg(n.args[0])
+    return tr.emit(tr.R.maximum(x, _scalar_like(tr, x, n.args[1])))
+
+
+def _clamp_max(tr, n):
+    x = tr.arg(n.args[0])
+    return tr.emit(tr.R.minimum(x, _scalar_like(tr, x, n.args[1])))
+
+
+def _max_pool2d(tr, n):
+    x = tr.arg(n.args[0])
+    k = n.args[1]
+    stride = n.args[2] if len(n.args) > 2 and n.args[2] else k
+    padding = n.args[3] if len(n.args) > 3 else 0
+    dilation = n.args[4] if len(n.args) > 4 else 1
+    ceil_mode = n.args[5] if len(n.args) > 5 else False
+    return tr.emit(tr.R.nn.max_pool2d(x, pool_size=k, strides=stride, padding=padding, dilation=dilation,
+                                      ceil_mode=ceil_mode))
+
+
+def _identity(tr, n):
+    return tr.arg(n.args[0])
+
+
+def _to(tr, n):
+    x = tr.arg(n.args[0])
+    dtype = n.kwargs.get("dtype") or next((a for a in n.args[1:] if isinstance(a, torch.dtype)), None)
+    return x if dtype is None else tr.cast(x, _dt(dtype))
+
+
+def _skip(tr, n):
+    return None
+
+
+ATEN = {aten.view: _reshape, aten.reshape: _reshape, aten._unsafe_view: _reshape, aten.flatten: _flatten,
+        aten.transpose: _transpose, aten.permute: _permute, aten.unsqueeze: _unsqueeze, aten.squeeze: _squeeze,
+        aten.expand: _expand, aten.expand_as: _expand_as, aten.cat: _cat, aten.slice: _slice, aten.select: _select,
+        aten.unbind: _unbind, operator.getitem: _getitem, aten.sym_size: _sym_size, aten.embedding: _embedding,
+        aten.ne: _ne, aten.eq: _eq, aten.clamp: _clamp, aten.clamp_min: _clamp_min, aten.clamp_max: _clamp_max,
+        aten.relu: lambda tr, n: tr.emit(tr.R.maximum(tr.arg(n.args[0]), _scalar_like(tr, tr.arg(n.args[0]), 0))),
+        aten.max_pool2d: _max_pool2d, aten.contiguous: _identity, aten.clone: _identity, aten.alias: _identity,
+        aten.detach: _identity, aten.dropout: _identity, aten._to_copy: _to, aten.to: _to,
+        aten._assert_tensor_metadata: _skip}
+
+
+def to_relax(graph: Graph):
+    """The Relax IRModule ("main": inputs in graph order -> tuple of outputs) of an integer graph."""
+    return Translator(graph).build()

@@ -1,0 +1,230 @@
+"""The tvm-llvm backend is bit-exact against the reference kernels (qcompiler/int_ops.py):
+each integer op on adversarial inputs (saturation, rounding ties, per-channel multipliers and
+shifts, masked rows, zero divisors), every bundled model through the saved artifact, and the
+artifact runs without importing tvm."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import qcompiler
+from qcompiler import int_ops as I
+from qcompiler.errors import QCError
+
+tvm = pytest.importorskip("tvm")
+qc = torch.ops.qc
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def build(module, example, dynamic="batch"):
+    """(reference graph, tvm VM main) for a module calling qc:: ops on its buffers."""
+    from tvm import relax
+
+    from qcompiler.backends.tvm.build import target_for
+    from qcompiler.backends.tvm.pipeline import pipeline
+    from qcompiler.backends.tvm.translate import to_relax
+    g = qcompiler.trace(module, example, dynamic=dynamic)
+    target = target_for("llvm", None)
+    with target:
+        ex = tvm.compile(to_relax(g), target=target, relax_pipeline=pipeline(target))
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    return g, vm["main"]
+
+
+def check(g, main, *inputs):
+    ref = g(*[torch.from_numpy(np.ascontiguousarray(x)) for x in inputs])
+    out = main(*[tvm.runtime.tensor(np.ascontiguousarray(x), tvm.cpu()) for x in inputs])
+    for r, o in zip(ref, out):
+        o = o.numpy()
+        assert str(o.dtype) == str(r.dtype).replace("torch.", ""), (o.dtype, r.dtype)
+        assert o.shape == tuple(r.shape)
+        assert np.array_equal(o, r.numpy()), f"{np.sum(o != r.numpy())} of {o.size} differ"
+    return ref
+
+
+class Requant(nn.Module):
+    def __init__(self, mult, shift, in_zp=0, out_zp=0, qmin=-128, qmax=127, axis=-1):
+        super().__init__()
+        b, c = I.dyadic(torch.as_tensor(mult, dtype=torch.float64))
+        self.register_buffer("b", b)
+        self.register_buffer("c", c if shift is None else torch.as_tensor(shift, dtype=torch.int64))
+        self.args = (in_zp, out_zp, qmin, qmax, axis)
+
+    def forward(self, acc):
+        in_zp, out_zp, qmin, qmax, axis = self.args
+        return qc.requant(acc, in_zp, self.b, self.c, out_zp, qmin, qmax, axis)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_requant_saturation_ties_and_shifts(per_channel):
+    rng = np.random.default_rng(0)
+    c = 16
+    mult = rng.uniform(1e-4, 0.9, c) if per_channel else 0.0371
+    g, main = build(Requant(mult, None, in_zp=3, out_zp=-5), (torch.zeros(2, c, dtype=torch.int32),))
+    acc = rng.integers(-2**31 + 8, 2**31 - 8, size=(64, c)).astype(np.int32)  # saturates both ends
+    acc[:4] = rng.integers(-300, 300, size=(4, c))
+    check(g, main, acc)
+
+
+class Ops(nn.Module):
+    """forward(*xs) = fn(self, *xs): qc:: ops on the buffers given as keyword tensors."""
+
+    def __init__(self, fn, **buffers):
+        super().__init__()
+        self.fn = fn
+        for k, v in buffers.items():
+            self.register_buffer(k, v)
+
+    def forward(self, x0, x1=None, x2=None, x3=None):
+        return self.fn(self, *[x for x in (x0, x1, x2, x3) if x is not None])
+
+
+@pytest.mark.parametrize("shift", [0, 1, 2, 13, 31, 62])
+def test_requant_exact_ties_round_half_away(shift):
+    """b = 1, shift c: acc / 2^c at every kind of tie (odd multiples of 2^(c-1)), both signs."""
+    m = Ops(lambda s, a: qc.requant(a, 0, s.b, s.c, 0, -(2**31), 2**31 - 1, -1),
+            b=torch.tensor([1]), c=torch.tensor([shift]))
+    g, main = build(m, (torch.zeros(2, 4, dtype=torch.int32),))
+    half = 1 << max(shift - 1, 0)
+    acc = np.clip([half, 3 * half, -half, -3 * half, 0, 1, -1, 2**31 - 1], -2**31, 2**31 - 1)
+    check(g, main, acc.astype(np.int32).reshape(2, 4))
+
+
+def test_quantize_ties_to_even_and_dequantize_per_channel():
+    scale = torch.tensor([0.5, 0.25, 1.0, 0.1])
+    zp = torch.tensor([0, 3, -2, 1], dtype=torch.int32)
+    m = Ops(lambda s, x: (qc.quantize(x, s.scale, s.zp, -128, 127, 1),
+                          qc.dequantize(qc.quantize(x, s.scale, s.zp, -128, 127, 1), s.scale, s.zp, 1)),
+            scale=scale, zp=zp)
+    g, main = build(m, (torch.zeros(2, 4),))
+    x = (np.arange(-12, 12, dtype=np.float32) / 4.0).reshape(6, 4) * scale.numpy() * 2  # exact .5 ties
+    x = np.concatenate([x, np.array([[1e6, -1e6, 300.0, -300.0]], np.float32)])  # saturation
+    check(g, main, x)
+
+
+def test_int_linear_matmul_conv_with_zero_points():
+    rng = np.random.default_rng(1)
+    w = torch.from_numpy(rng.integers(-128, 128, (8, 16)).astype(np.int8))
+    bias = torch.from_numpy(rng.integers(-5000, 5000, 8).astype(np.int32))
+    wc = torch.from_numpy(rng.integers(-128, 128, (6, 4, 3, 3)).astype(np.int8))
+    wg = torch.from_numpy(rng.integers(-128, 128, (6, 2, 3, 3)).astype(np.int8))
+    m = Ops(lambda s, x, a, b, img: (qc.int_linear(x, 0, s.w, s.bias), qc.int_linear(x, -7, s.w, None),
+                                     qc.int_matmul(a, 0, b, 0), qc.int_matmul(a, 5, b, -3),
+                                     qc.int_conv(img, 0, s.wc, s.bias[:6], [1, 1], [1, 1], [1, 1], 1),
+                                     qc.int_conv(img, 9, s.wg, None, [2, 2], [1, 1], [1, 1], 2)),
+            w=w, bias=bias, wc=wc, wg=wg)
+    ex = (torch.zeros(2, 16, dtype=torch.int8), torch.zeros(2, 3, 5, 16, dtype=torch.int8),
+          torch.zeros(2, 3, 16, 7, dtype=torch.int8), torch.zeros(2, 4, 9, 9, dtype=torch.uint8))
+    g, main = build(m, ex)
+    check(g, main, rng.integers(-128, 128, (5, 16)).astype(np.int8),
+          np.full((5, 3, 5, 16), -128, np.int8), rng.integers(-128, 128, (5, 3, 16, 7)).astype(np.int8),
+          rng.integers(0, 256, (5, 4, 9, 9)).astype(np.uint8))
+
+
+def test_int_add_lut_sum_mul_div():
+    rng = np.random.default_rng(2)
+    table = torch.from_numpy(rng.integers(-128, 128, 256).astype(np.int8))
+    m = Ops(lambda s, a, b, cnt: (qc.int_add(a, 3, 1 << 20, b, -2, -(3 << 19), 21, 4, -128, 127),
+                                  qc.int_add(a, 0, 12345, b, 0, 54321, 0, 0, -32768, 32767),
+                                  qc.int_lut(a, s.table, -128),
+                                  qc.int_sum(a, 3, [1], True), qc.int_sum(b, 0, [0, 1], False),
+                                  qc.int_mul(a, 1, b, -1),
+                                  qc.int_div(a, 2, cnt, 77777, 9, -3, -128, 127)),
+            table=table)
+    ex = (torch.zeros(2, 8, dtype=torch.int16), torch.zeros(2, 8, dtype=torch.int16),
+          torch.zeros(2, 1, dtype=torch.int64))
+    g, main = build(m, ex)
+    a = rng.integers(-128, 128, (7, 8)).astype(np.int16)
+    b = rng.integers(-32768, 32768, (7, 8)).astype(np.int16)
+    cnt = rng.integers(0, 4, (7, 1)).astype(np.int64)
+    cnt[0] = 0  # division by an empty count gives out_zp
+    check(g, main, a, b, cnt)
+
+
+def test_int_softmax_masked_rows_and_layer_norm():
+    rng = np.random.default_rng(3)
+    table = I.exp_table(0.05, 65536)
+    eps, k, gamma, beta, shift = I.layer_norm_consts(torch.rand(24) + 0.5, torch.randn(24), 24, 1e-5, 0.01, 0.05,
+                                                     in_levels=65536)
+    m = Ops(lambda s, x, mask, y: (qc.int_softmax(x, mask, s.table, -1, 1 << 30, 23, -128, -128, 127),
+                                   qc.int_softmax(x, None, s.table, -1, 1 << 30, 23, 0, 0, 255),
+                                   qc.int_layer_norm(y, 5, eps, k, s.gamma, s.beta, shift, 0, -128, 127)),
+            table=table, gamma=gamma, beta=beta)
+    ex = (torch.zeros(2, 3, 10, dtype=torch.int16), torch.ones(2, 1, 10, dtype=torch.bool),
+          torch.zeros(2, 6, 24, dtype=torch.int16))
+    g, main = build(m, ex)
+    x = rng.integers(-32768, 32768, (4, 3, 10)).astype(np.int16)
+    x[0, 0] = 7  # a constant row: every entry ties
+    mask = rng.random((4, 1, 10)) > 0.3
+    mask[1] = False  # a fully masked row gives out_zp
+    y = rng.integers(-32768, 32768, (4, 6, 24)).astype(np.int16)
+    y[0, 0] = 5  # zero variance: r = sqrt(eps) path
+    y[0, 1] = np.where(np.arange(24) % 2, 32767, -32768)  # the largest variance
+    check(g, main, x, mask, y)
+
+
+def test_int_l2_norm_exact_isqrt():
+    m = Ops(lambda s, x: qc.int_l2_norm(x, 0, [-1], True, 16))
+    g, main = build(m, (torch.zeros(2, 16, dtype=torch.int8),))
+    x = np.random.default_rng(4).integers(-128, 128, (9, 16)).astype(np.int8)
+    x[0], x[1] = 0, -128
+    check(g, main, x)
+
+
+def test_unsupported_op_is_refused_with_node_and_op():
+    from qcompiler.backends.tvm.translate import to_relax
+    g = qcompiler.trace(Ops(lambda s, x: torch.sort(x)[0]), (torch.zeros(2, 4),))
+    with pytest.raises(QCError, match=r"node '.*', op '.*sort"):
+        to_relax(g)
+
+
+# -- whole models, through the saved artifact -------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["fashion_cnn", "fashion_vit", "minilm"])
+def test_bundled_model_artifact_bit_exact(name, tmp_path):
+    from qcompiler.models import zoo
+    z = zoo.get(name)
+    g = qcompiler.trace(z.module, z.example_inputs, input_names=z.input_names, dynamic=z.dynamic)
+    calib = z.calib(16)
+    tvm_art = qcompiler.compile(g.copy(), calib, config=qcompiler.Config(target="tvm-llvm"))
+    ref_art = qcompiler.compile(g.copy(), calib, config=qcompiler.Config(target="reference", integer=True))
+    assert tvm_art.manifest["integer"] is not None and "model.so" in tvm_art.files
+    a = qcompiler.load(tvm_art.save(tmp_path / "tvm"))
+    b = qcompiler.load(ref_art.save(tmp_path / "ref"))
+    feeds = {k: v[:6] for k, v in z.calib(6).items()}
+    out_a, out_b = a(feeds), b(feeds)
+    for k in out_b:
+        assert np.array_equal(out_a[k], out_b[k]), k
+
+
+def test_artifact_runs_without_tvm(small_cnn, tmp_path):
+    module, example = small_cnn, torch.randn(4, 3, 16, 16)
+    calib = {"x": torch.randn(16, *example.shape[1:]).numpy()}
+    g = qcompiler.trace(module, (example,), input_names=["x"])
+    art = qcompiler.compile(g.copy(), calib, config=qcompiler.Config(target="tvm-llvm"))
+    path = art.save(tmp_path / "art")
+    assert {"model.so", "libtvm_runtime.so"} <= set(os.listdir(path))
+    ref = qcompiler.compile(g.copy(), calib, config=qcompiler.Config(target="reference", integer=True))
+    x = calib["x"][:3]
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "ref.npy", qcompiler.load(ref.save(tmp_path / "ref"))(x)[g.outputs[0].name])
+    code = (f"import sys, numpy as np, qcompiler\n"
+            f"m = qcompiler.load({str(path)!r})\n"
+            f"y = m(np.load({str(tmp_path / 'x.npy')!r}))[{g.outputs[0].name!r}]\n"
+            f"assert np.array_equal(y, np.load({str(tmp_path / 'ref.npy')!r}))\n"
+            f"assert 'tvm' not in sys.modules, 'the runtime imported the compiler'\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ))
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_unknown_tvm_target_is_refused():
+    for bad in ("tvm-vulkan", "onnx:sm_90"):
+        with pytest.raises(QCError, match="unknown target"):
+            qcompiler.Config(target=bad)
