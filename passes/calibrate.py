@@ -74,6 +74,7 @@ class Calibrate(Pass):
         for node in layers(graph):
             for src, q in act_quantizers(node):
                 q["qparams"] = observers[(src.name, q["spec"])].qparams()
+                q["spec"] = q["qparams"].spec  # unsigned_if_nonneg: the grid the observer chose
         return PassResult(graph, bool(observers), {"activation_observers": len(observers),
                                                    "batches": calib.num_batches()})
 

@@ -57,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--allow-float", action="append", default=[], metavar="NAME",
                    help="with --integer: let this node (glob) run in float between a dequantize and a quantize; "
                    "the manifest lists it (repeatable)")
+    c.add_argument("--recipe", default="auto", choices=["auto", "none", "transformer", "vit", "cnn", "generic"],
+                   help="pass combination per architecture; auto (default) detects it from the graph's ops unless "
+                   "--pass, --gptq, --bias-correction or --reparam name passes; none: only the default passes")
     c.add_argument("--calib-batch-size", type=int, default=8)
     c.add_argument("--force", action="store_true", help="replace an existing non-empty output directory")
 
@@ -109,7 +112,7 @@ def cmd_compile(a) -> int:
                  percentile=a.percentile, passes=tuple(a.passes), exclude=tuple(a.keep_float),
                  calib_batch_size=a.calib_batch_size, integer=a.integer, allow_float=tuple(a.allow_float),
                  gptq=a.gptq, bias_correction=a.bias_correction,
-                 reparam=tuple(p for p in (a.reparam or "").split(",") if p))
+                 reparam=tuple(p for p in (a.reparam or "").split(",") if p), recipe=a.recipe)
     if a.allow_float and not a.integer:
         raise QCError("--allow-float only applies with --integer")
     cfg.extra.update(_mixed_precision_options(a))
@@ -119,6 +122,10 @@ def cmd_compile(a) -> int:
     path = art.save(out, force=a.force)
     q = art.manifest["quality"]["summary"]
     size = sum(len(v) for v in art.files.values())
+    r = art.manifest["recipe"]
+    print(f"recipe {r['name']} ({r['reason']}; pattern {r['pattern']}): ran {', '.join(r['ran']) or 'nothing'}"
+          + "".join(f"; {p} declined: {why[0]}" + (f" (+{len(why) - 1} more)" if len(why) > 1 else "")
+                    for p, why in r["declined"].items()))
     print(f"wrote {path}: {q['layers']} quantized layers, {size / 1e6:.2f} MB, "
           f"min layer-output SQNR {q['min_output_sqnr_db']} dB ({q['worst_layer']}), "
           f"{time.perf_counter() - t0:.1f} s")

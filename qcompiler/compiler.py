@@ -14,7 +14,7 @@ from .artifact import FORMAT, FORMAT_VERSION, Artifact, read_artifact
 from .calib import CalibData
 from .config import Config
 from .errors import QCError
-from .ir import QMETA, Graph, TensorSpec
+from .ir import QMETA, Graph, TensorSpec, op_name
 from .pipeline import PassContext, PassManager
 
 
@@ -60,9 +60,33 @@ def _file_sha(path: str) -> str | None:
     return h.hexdigest()
 
 
+def op_counts(graph: Graph) -> dict[str, int]:
+    """How often each op kind occurs: {"conv2d": 4, "relu": 5, ...} (ATen names without namespace)."""
+    counts: dict[str, int] = {}
+    for n in graph.nodes:
+        if n.op == "call_function":
+            k = op_name(n).split(".")[-1]
+            counts[k] = counts.get(k, 0) + 1
+    return counts
+
+
+def recipe_summary(recipe: dict, record: list[dict]) -> dict:
+    """The recipe record plus what its passes did: which changed the graph ("ran") and, for
+    each that declined a match or found none, the reason strings from the pass record."""
+    from .config import BASE_PRE_PASSES
+    st = recipe.get("settings", {})
+    mine = {p for p in st.get("pre_passes", []) if p not in BASE_PRE_PASSES}
+    mine |= {p for p in ("gptq", "bias_correction") if st.get(p)} | ({"reparam_prepare", "reparam"} if st.get("reparam") else set())
+    ran = [r["pass"] for r in record if r["pass"] in mine and r["changed"]]
+    declined = {r["pass"]: r["declined"] or ["no candidates in this graph"]
+                for r in record if r["pass"] in mine and (r["declined"] or not r["changed"])}
+    return {**recipe, "ran": ran, "declined": declined}
+
+
 def quantize(graph: Graph, calib: CalibData, config: Config,
              progress: Callable[[str], None] | None = None) -> tuple[Graph, Graph, list[dict]]:
-    """Run the pre-quantization passes, then annotate / calibrate / fake-quant.
+    """Run the pre-quantization passes, then annotate / calibrate / fake-quant, with `config` as
+    given (compile() applies the recipe first: Config.with_recipe).
     Returns (float graph after the equivalence passes, fake-quant graph, pass record)."""
     calib.validate(graph.inputs)
     ctx = PassContext(config=config, calib=calib)
@@ -96,6 +120,7 @@ def compile(model: Any, calib: CalibData | Mapping[str, np.ndarray] | str | Iter
     elif not isinstance(calib, CalibData):
         calib = CalibData.from_batches(calib, batch_size=config.calib_batch_size)
     graph = load_model(model, example_inputs)
+    config, recipe = config.with_recipe(op_counts(graph))
     float_graph, qgraph, record = quantize(graph, calib, config, progress)
     if progress:
         progress("quality report")
@@ -124,6 +149,7 @@ def compile(model: Any, calib: CalibData | Mapping[str, np.ndarray] | str | Iter
         "inputs": [s.to_json() for s in qgraph.inputs],
         "outputs": [s.to_json() for s in qgraph.outputs],
         "config": config.to_json(),
+        "recipe": recipe_summary(recipe, record),
         "passes": record,
         "layers": layer_table(qgraph),
         "mixed_precision": _mixed_precision_summary(qgraph),

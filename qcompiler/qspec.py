@@ -6,6 +6,11 @@ Conventions (TensorFlow quantization whitepaper / ONNX):
 Symmetric specs have z = 0 and, for signed types, a restricted range [-(2^(b-1)-1), 2^(b-1)-1]
 for weights (so -128 never appears in int8 weights, as TensorRT expects).
 
+`unsigned_if_nonneg` (activations, per-tensor): a tensor whose calibrated minimum is >= 0
+(post-ReLU, post-Softmax, an image in [0, 1]) is quantized on [0, 2^b - 1] with zero point 0
+instead of the signed grid, whose negative half such a tensor never uses: int4 symmetric
+keeps 8 levels for it, uint4 16. The observer returns QParams whose spec says unsigned.
+
 Log specs (`log_base` "2" or "sqrt2", RepQ-ViT) quantize non-negative power-law activations
 (post-Softmax) instead: q = clamp(round(-k log2(x / s)), 0, 2^b - 1), x_hat = s 2^(-q/k),
 k = 1 or 2, with the top code 2^b - 1 meaning 0 (qcompiler.ops.fake_quant_log2). Their scale
@@ -39,6 +44,7 @@ class QuantSpec:
     narrow_range: bool = False  # symmetric signed: use [-(2^(b-1)-1), 2^(b-1)-1]
     percentile: float = 99.99
     log_base: str = ""  # "" uniform; "2" / "sqrt2": log quantizer of non-negative values (see module doc)
+    unsigned_if_nonneg: bool = False  # per-tensor: a tensor calibrated >= 0 gets the unsigned grid, zero point 0
 
     def __post_init__(self):
         if not 2 <= self.bits <= 16:
@@ -198,6 +204,8 @@ class Observer:
             eps = torch.finfo(torch.float32).tiny * 2**10
             scale = torch.where(hi > eps, hi, torch.ones_like(hi)).float().reshape(())
             return QParams(scale, torch.zeros((), dtype=torch.int32), spec)
+        if spec.unsigned_if_nonneg and spec.granularity == "tensor" and float(lo.min()) >= 0.0:
+            spec = spec.with_(signed=False, symmetric=False, unsigned_if_nonneg=False)  # lo = 0 -> zero point 0
         if spec.observer != "minmax" and self.samples:
             data = torch.cat(self.samples, dim=-1)
             if spec.granularity == "tensor":

@@ -41,7 +41,8 @@ def test_artifact_matches_fake_quant_graph(small_cnn, tmp_path, target):
     """The saved artifact, loaded back, reproduces the fake-quant graph it was compiled from."""
     g = qcompiler.trace(small_cnn, (torch.randn(2, 3, 16, 16),), input_names=["x"])
     calib = CalibData(_calib())
-    _, q, _ = qcompiler.compiler.quantize(g.copy(), calib, qcompiler.Config())
+    cfg, _ = qcompiler.Config(target=target).with_recipe(qcompiler.compiler.op_counts(g))  # what compile() runs
+    _, q, _ = qcompiler.compiler.quantize(g.copy(), calib, cfg)
     art = qcompiler.compile(g, calib, target=target)
     out = art.save(tmp_path / "art")
     model = qcompiler.load(out)
