@@ -10,6 +10,8 @@ QuantizeLinear -> DequantizeLinear, then post-processing with the onnx API:
   made exact by clipping a non-constant input to [(qmin-z)*s, (qmax-z)*s] before
   QuantizeLinear (Clip per tensor, Max/Min with broadcast bounds per channel); a constant
   input is clipped the same way before it is quantized;
+- qc.fake_quant_log2 and qc.log_sqrt2_split (log2 / log-sqrt2 quantizers) become standard ops
+  that reproduce the torch kernel bit for bit (see _log_translations);
 - dynamic dims get the names of the Graph's TensorSpecs; doc strings and metadata (stack
   traces, file paths) are dropped and node names made unique, so the bytes are a function of
   the graph alone;
@@ -17,6 +19,7 @@ QuantizeLinear -> DequantizeLinear, then post-processing with the onnx API:
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import platform
@@ -33,9 +36,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qcompiler.errors import QCError
 from qcompiler.ir import Graph, op_name
-from qcompiler.ops import expand_qparam, fake_quant, quantize_ref
+from qcompiler.ops import (SQRT2_F32, expand_qparam, fake_quant, fake_quant_log2, log_code_ref, log_sqrt2_split,
+                           quantize_ref)
 
 FAKE_QUANT = fake_quant
+LOG_OPS = (fake_quant_log2, log_sqrt2_split)
 DEFAULT_OPSET = 20  # torch.onnx's default; int4/uint4/int16/uint16 and blocked quantization need 21
 BLOCKED_OPSET = 21
 OPSETS = range(17, 24)  # 17 through onnx's version converter (torch.onnx builds 18 and up)
@@ -101,6 +106,9 @@ def _prepare(graph: Graph) -> tuple[Graph, set[str]]:
     g.gm.eval()
     needs: set[str] = set()
     for n in list(g.nodes):
+        if n.op == "call_function" and n.target in LOG_OPS:
+            _prepare_log(g, n)
+            continue
         if n.op != "call_function" or n.target is not FAKE_QUANT:
             continue
         x, s_node, z_node, qmin, qmax, axis, group = n.args
@@ -143,6 +151,22 @@ def _prepare(graph: Graph) -> tuple[Graph, set[str]]:
     g.prune_attrs()
     g.recompile()
     return g, needs
+
+
+def _prepare_log(g: Graph, n: fx.Node) -> None:
+    """A log quantizer's scale: a constant, made a 0-d float32 tensor; its input: float32."""
+    x, s_node = n.args[0], n.args[1]
+    if s_node.op != "get_attr":
+        raise QCError("the scale of a log quantizer must be a constant to export to ONNX", node=n.name, op=op_name(n))
+    v = x.meta.get("val")
+    if isinstance(v, torch.Tensor) and v.dtype != torch.float32:
+        raise QCError(f"log quantizers export for float32 inputs only (this one is {v.dtype})",
+                      node=n.name, op=op_name(n))
+    s = g.attr(s_node)
+    if s.numel() != 1:
+        raise QCError("a log quantizer's scale must be one value (per-tensor)", node=n.name, op=op_name(n))
+    if s.shape != () or s.dtype != torch.float32:
+        n.replace_input_with(s_node, g.add_constant(s.float().reshape(()), s_node.target, n))
 
 
 def _clip_bounds(s, z, qmin, qmax, like=None, axis=0, group=0):
@@ -201,6 +225,80 @@ def _qdq_translation(opset: int):
     return fake_quant
 
 
+@functools.lru_cache(maxsize=None)
+def log_thresholds(bits: int, root: int) -> np.ndarray:
+    """T[k], k = 0 .. 2^bits - 2: the smallest float32 y > 0 whose torch log code
+    (qcompiler.ops.log_code_ref on y = x / s) is <= k, found by bisection over float32 bit
+    patterns with the torch kernel itself. The code of y is then #{k : y < T[k]}: exact
+    wherever torch's float32 log2 is monotone (tests check every threshold's neighbourhood).
+    They are the boundaries of the torch kernel on the exporting machine: torch picks its log2
+    kernel by CPU capability, and another build of it may move a boundary by an ulp."""
+    one = torch.tensor(1.0)
+    k = torch.arange(2**bits - 1, dtype=torch.float32)
+    lo = torch.zeros_like(k, dtype=torch.int64)  # bits of +0: code 2^bits - 1 > k
+    hi = torch.full_like(lo, 0x7F800000)  # bits of +inf: code 0 <= k
+    while bool((hi - lo > 1).any()):
+        mid = (lo + hi) // 2
+        ok = log_code_ref(mid.to(torch.int32).view(torch.float32), one, bits, root) <= k
+        hi, lo = torch.where(ok, mid, hi), torch.where(ok, lo, mid)
+    return hi.to(torch.int32).view(torch.float32).numpy()
+
+
+def log_level_tables(bits: int, root: int) -> tuple[np.ndarray, np.ndarray]:
+    """(even, odd) [2^bits]: 2^(-ceil(q/root)) where q is even (odd), else 0, and 0 at the zero
+    code 2^bits - 1, computed with the torch kernel's expression (float32 exp2 of integers)."""
+    q = torch.arange(2**bits, dtype=torch.float32)
+    p = torch.where(q < 2**bits - 1, torch.exp2(-torch.ceil(q / root)), torch.zeros_like(q))
+    odd = (torch.remainder(q, 2) == 1) if root == 2 else torch.zeros_like(q, dtype=torch.bool)
+    return torch.where(odd, 0.0, p).numpy(), torch.where(odd, p, 0.0).numpy()
+
+
+def _log_translations(opset: int):
+    """onnxscript functions for qc.fake_quant_log2 and qc.log_sqrt2_split, bit-exact to the
+    torch kernels (qcompiler.ops). ONNX has no Log2, and Round(Log(y) * -root/ln 2) is not
+    torch's float32 log2: next to a code boundary it rounds the other way (2127 of 102400
+    floats within 256 ulps of the 8-bit log-sqrt2 boundaries, ORT 1.32). So no logarithm:
+        y = x / s where x > 0 else 0                      (Div: IEEE, as in torch)
+        q = #{k : y < T[k]}                               binary search: `bits` Gather/Less/Where steps
+        even = s * E[q],  odd = s * O[q]                  (E, O: log_level_tables; 0 at the zero code)
+        fake_quant_log2 = s * E[q] (+ (s * sqrt2_f32) * O[q] for root 2)
+    The products are the torch kernel's own (mantissa times an exact power of two), so every
+    input gives the same float32 bits, zeros, 1.0, x > s, subnormals and x / s underflowing to
+    0, inf and NaN (the zero code, as in torch) included."""
+    op = onnxscript.values.Opset("", opset)
+
+    def const(a):
+        return op.Constant(value=numpy_helper.from_array(np.asarray(a)))
+
+    def code(x, scale, bits: int, root: int):
+        t = log_thresholds(bits, root)
+        zero = const(np.array(0.0, np.float32))
+        y = op.Where(op.Greater(x, zero), op.Div(x, scale), zero)
+        shifted = const(np.concatenate([[np.inf], t]).astype(np.float32))  # shifted[c] = T[c - 1]
+        step = 2 ** (bits - 1)
+        q = op.Where(op.Less(y, const(t[step - 1])), const(np.array(step, np.int64)), const(np.array(0, np.int64)))
+        while step > 1:  # q + step <= 2^bits - 1: q counts the T[k] above y
+            step //= 2
+            c = op.Add(q, const(np.array(step, np.int64)))
+            q = op.Where(op.Less(y, op.Gather(shifted, c)), c, q)
+        return q
+
+    def log2_translation(x, scale, bits: int, root: int):
+        q = code(x, scale, bits, root)
+        even, odd = log_level_tables(bits, root)
+        y = op.Mul(scale, op.Gather(const(even), q))
+        if root == 2:
+            y = op.Add(y, op.Mul(op.Mul(scale, const(np.array(SQRT2_F32, np.float32))), op.Gather(const(odd), q)))
+        return y
+
+    def split_translation(x, scale, bits: int):
+        q = code(x, scale, bits, 2)
+        even, odd = log_level_tables(bits, 2)
+        return op.Mul(scale, op.Gather(const(even), q)), op.Mul(scale, op.Gather(const(odd), q))
+
+    return {fake_quant_log2: log2_translation, log_sqrt2_split: split_translation}
+
+
 def _torch_export(g: Graph, args, dynamic_shapes, opset: int) -> onnx.ModelProto:
     logs = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript")]
     levels = [log.level for log in logs]
@@ -210,7 +308,8 @@ def _torch_export(g: Graph, args, dynamic_shapes, opset: int) -> onnx.ModelProto
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             prog = torch.onnx.export(
-                g.gm, args, dynamo=True, custom_translation_table={FAKE_QUANT: _qdq_translation(opset)},
+                g.gm, args, dynamo=True,
+                custom_translation_table={FAKE_QUANT: _qdq_translation(opset), **_log_translations(opset)},
                 dynamic_shapes=dynamic_shapes, input_names=[s.name for s in g.inputs],
                 output_names=[s.name for s in g.outputs], opset_version=opset, optimize=True,
                 verbose=False, external_data=False,

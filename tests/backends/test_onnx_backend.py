@@ -11,8 +11,8 @@ from onnx import TensorProto
 
 import qcompiler
 from qcompiler import QCError, QuantSpec
-from qcompiler.backends.onnx import OnnxRunner, export_onnx, qtype
-from qcompiler.ops import quantize_ref
+from qcompiler.backends.onnx import OnnxRunner, export_onnx, log_thresholds, qtype
+from qcompiler.ops import fake_quant_log2, log_code_ref, log_sqrt2_split, quantize_ref
 from qcompiler.qspec import default_weight_spec, qparams_from_range, weight_qparams
 
 FQ = torch.ops.qc.fake_quant.default
@@ -391,6 +391,105 @@ def test_rotated_ffn_matches_fake_quant():
     b = export_onnx(q)
     for seed in range(3):
         x = randn(16, 7, 24, scale=1.5, seed=10 + seed)
+        ref = q(x)[0].numpy()
+        for runner in (OnnxRunner(b, optimize=False), OnnxRunner(b)):
+            np.testing.assert_allclose(runner.run({"x": x.numpy()})["output"], ref, rtol=1e-5, atol=1e-5)
+
+
+# -- log2 / log-sqrt2 quantizers (RepQ-ViT, passes/reparam.py) -------------------------------
+
+LOG_CASES = [(3, 1), (8, 1), (4, 2), (8, 2)]  # (bits, root): log2 and log-sqrt2
+
+
+class LogQuant(torch.nn.Module):
+    """qc::fake_quant_log2 for every LOG_CASES entry and qc::log_sqrt2_split at 4 and 8 bits,
+    at scale 1 (x / s = x, so inputs land exactly on code boundaries) and at 0.37."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("s1", torch.tensor(1.0))
+        self.register_buffer("s2", torch.tensor(0.37))
+
+    def forward(self, x):
+        outs = []
+        for s in (self.s1, self.s2):
+            outs += [fake_quant_log2(x, s, bits, root) for bits, root in LOG_CASES]
+            for bits in (4, 8):
+                outs += list(log_sqrt2_split(x, s, bits))
+        return tuple(outs)
+
+
+def log_inputs():
+    """Power-law (softmax) values, every float within 64 ulps of each code boundary of every
+    case, and the edges: +-0, negatives, 1.0, 0.37 (= s2), > s, tiny values that clamp to the
+    zero code, subnormals, the smallest float, inf and NaN."""
+    p = torch.softmax(randn(512, 64, scale=4.0, seed=3), -1).flatten()
+    near = [(torch.from_numpy(log_thresholds(b, r)).view(torch.int32)[:, None] + torch.arange(-64, 65)).flatten()
+            for b, r in LOG_CASES]
+    near = torch.cat(near).clamp(min=1).to(torch.int32).view(torch.float32)
+    edges = torch.tensor([0.0, -0.0, -1.0, -1e-30, 1.0, 0.37, 0.5, 0.9999999, 1.0000001, 2.0, 1e3, 1e-8, 1e-20, 1e-30,
+                          1e-38, 1e-40, 1e-45, float("inf"), float("nan")])
+    x = torch.cat([p, near, edges])
+    return torch.cat([x, torch.zeros(-len(x) % 4)]).reshape(-1, 4)
+
+
+def test_log_quantizers_are_bit_exact():
+    """qc::fake_quant_log2 and qc::log_sqrt2_split export as standard ONNX ops (no Log, no Pow)
+    and ORT reproduces the torch kernels bit for bit: power-law values, zeros, 1.0, x > s,
+    subnormals, inf, NaN, and every float within 64 ulps of each code boundary."""
+    g = build(LogQuant, torch.rand(2, 4))
+    b = export_onnx(g)
+    m = model_of(b)
+    ops = {n.op_type for n in m.graph.node}
+    assert all(n.domain in ("", "ai.onnx") for n in m.graph.node) and not ops & {"Log", "Pow", "Exp"}
+    x = log_inputs()
+    ref = [r.numpy() for r in g(x)]
+    for runner in (OnnxRunner(b, optimize=False), OnnxRunner(b)):
+        got = runner.run({"x": x.numpy()})
+        for r, name in zip(ref, runner.output_names):
+            np.testing.assert_array_equal(got[name].view(np.int32), r.view(np.int32), err_msg=name)
+    assert len(np.unique(np.concatenate([r.ravel() for r in ref]))) > 200  # many levels hit, not just 0 and s
+
+
+class LogQuantOfInput(torch.nn.Module):
+    def forward(self, x, s):
+        return fake_quant_log2(x, s, 8, 2)
+
+
+def test_log_quantizer_with_a_computed_scale_is_a_qcerror():
+    """A log quantizer whose scale is not a constant cannot be exported; the error names the node."""
+    g = qcompiler.trace(LogQuantOfInput(), (torch.rand(2, 4), torch.tensor(1.0)))
+    with pytest.raises(QCError, match=r"node 'fake_quant_log2'.*scale of a log quantizer must be a constant"):
+        export_onnx(g)
+
+
+@pytest.mark.parametrize("bits, root", LOG_CASES)
+def test_log_thresholds_are_the_torch_code_boundaries(bits, root):
+    """Below T[k] the torch code is > k, from T[k] on it is <= k, for every k (the bisection's
+    claim), and the codes of the 64 floats either side are monotone: a code is #{k : y < T[k]}."""
+    t = torch.from_numpy(log_thresholds(bits, root))
+    one = torch.tensor(1.0)
+    k = torch.arange(len(t), dtype=torch.float32)
+    below = (t.view(torch.int32) - 1).view(torch.float32)
+    assert (log_code_ref(below, one, bits, root) > k).all() and (log_code_ref(t, one, bits, root) <= k).all()
+    near = (t.view(torch.int32)[:, None] + torch.arange(-64, 65)).clamp(min=1).to(torch.int32).view(torch.float32)
+    want = (near.flatten()[:, None] < t[None]).sum(1).float()
+    assert torch.equal(log_code_ref(near.flatten(), one, bits, root), want)
+
+
+def test_reparam_softmax_graph_matches():
+    """A block through reparam softmax (qc::log_sqrt2_split feeding two matmuls) exports to ONNX
+    and ORT matches the fake-quant graph on seeded inputs."""
+    from qcompiler.calib import CalibData
+    from qcompiler.compiler import quantize
+
+    g = build(Block, torch.randn(2, 6, 16), dynamic={"x": {0: "batch", 1: "seq"}})
+    calib = CalibData({"x": randn(32, 6, 16, seed=0).numpy()})
+    _, q, _ = quantize(g, calib, qcompiler.Config(reparam=("softmax",)))
+    assert [n.target for n in q.nodes].count(log_sqrt2_split) == 1
+    b = export_onnx(q)
+    for seed in range(3):
+        x = randn(8, 9, 16, seed=20 + seed)
         ref = q(x)[0].numpy()
         for runner in (OnnxRunner(b, optimize=False), OnnxRunner(b)):
             np.testing.assert_allclose(runner.run({"x": x.numpy()})["output"], ref, rtol=1e-5, atol=1e-5)
