@@ -459,6 +459,7 @@ def main() -> int:
     p.add_argument("--ort-methods", default=",".join(ORT_METHODS),
                    help="calibration methods of ORT quantize_static to try (the best is reported)")
     p.add_argument("--no-peers", action="store_true", help="qcompiler rows only")
+    p.add_argument("--rows", help="only the qcompiler rows whose name contains one of these comma-separated words")
     p.add_argument("--only", choices=["all", "integer"], default="all",
                    help="integer: only the integer-only rows (and FP32), for a quick check")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
@@ -474,26 +475,27 @@ def main() -> int:
     bad = [s for s in settings if s not in SETTINGS]
     if bad:
         p.error(f"unknown settings {bad} (choose from {', '.join(SETTINGS)})")
-    rows, done = [], set()
+    meta = {"calibration_samples": a.calib, "evaluation": {"minilm": f"{EVAL_SENTENCES} sentences",
+                                                           "fashion_cnn": "10000 test images",
+                                                           "fashion_vit": "10000 test images"},
+            "date": time.strftime("%Y-%m-%d"), "ort_methods": a.ort_methods, "peers": not a.no_peers,
+            "qcompiler_rows": a.rows or "all", "torch": torch.__version__}
+    out = RESULTS / ("accuracy.json" if a.only == "all" else f"accuracy_{a.only}.json")
+    merged = []
     for name in a.models.split(","):
         t0 = time.perf_counter()
         b = Bench(name, a.calib)
         b.fp32()
         for s in settings:
-            b.qcompiler_rows(s, INTEGER_ROWS if a.only == "integer" else QC_ROWS)
+            qc = INTEGER_ROWS if a.only == "integer" else QC_ROWS
+            if a.rows:
+                qc = {k: v for k, v in qc.items() if any(w in k for w in a.rows.split(","))}
+            b.qcompiler_rows(s, qc)
             if a.only == "all" and not a.no_peers:
                 b.peers(s, [m for m in a.ort_methods.split(",") if m])
-            done.add((name, s))
-        done.add((name, "FP32"))
-        rows += b.rows
+            done = {(name, "FP32"), (name, s)}  # written after each setting: a stopped run keeps what it measured
+            merged = merge_results(out, [r for r in b.rows if (r["model"], r["setting"]) in done], done, meta)
         print(f"  {name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-    meta = {"calibration_samples": a.calib, "evaluation": {"minilm": f"{EVAL_SENTENCES} sentences",
-                                                           "fashion_cnn": "10000 test images",
-                                                           "fashion_vit": "10000 test images"},
-            "date": time.strftime("%Y-%m-%d"), "ort_methods": a.ort_methods, "peers": not a.no_peers,
-            "torch": torch.__version__}
-    out = RESULTS / ("accuracy.json" if a.only == "all" else f"accuracy_{a.only}.json")
-    merged = merge_results(out, rows, done, meta)
     print_table(merged)
     print(f"\nwrote {os.path.relpath(out, ROOT)}")
     return 0
