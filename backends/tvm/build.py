@@ -37,13 +37,21 @@ def target_for(kind: str, option: str | None):
     return Target({"kind": "cuda", "arch": option or "sm_90"}, host="llvm")
 
 
+def int8_dot(target) -> str | None:
+    """The int8 dot-product instruction the target has that the schedules use (None: plain code)."""
+    from tvm.target import codegen
+    if target.kind.name == "llvm" and codegen.target_has_features("avx512vnni", target):
+        return "vnni"
+    return None
+
+
 def compile_so(graph, kind: str, option: str | None, out_path: str) -> dict:
     """Translate, compile and export; returns build facts for the manifest."""
     tvm = _tvm()
     from .pipeline import pipeline
     from .translate import to_relax
-    mod = to_relax(graph)
     target = target_for(kind, option)
+    mod = to_relax(graph, dot=int8_dot(target))
     if kind == "cuda" and tvm.get_global_func("ffi.Module.create.cuda", allow_missing=True) is None:
         # without TVM's CUDA runtime module, tvm.compile would silently store CUDA source
         raise QCError("TVM's CUDA runtime module did not load (libcuda.so.1 missing): cannot emit machine code")

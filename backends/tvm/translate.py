@@ -34,8 +34,11 @@ def _dt(t: torch.dtype) -> str:
     return str(t).replace("torch.", "")
 
 
+VNNI_BLOCK = "qc_dot_u8s8"  # the block name schedule_cpu.py tensorizes with vpdpbusd
+
+
 class Translator:
-    def __init__(self, graph: Graph):
+    def __init__(self, graph: Graph, dot: str | None = None):
         import tvm
         from tvm import relax, tirx
         self.tvm, self.relax, self.tir, self.R = tvm, relax, tirx, relax.op
@@ -43,6 +46,8 @@ class Translator:
         self.bb = relax.BlockBuilder()
         self.env: dict[fx.Node, object] = {}
         self.dims: dict[str, object] = {}
+        self.dot = dot  # "vnni": int8 linears as u8 x s8 dot products over a packed weight layout
+        self.kernels: dict = {}  # hand-written kernels added to the module, per shape
 
     # -- helpers ------------------------------------------------------------------------------
     def emit(self, expr, name: str | None = None):
@@ -248,13 +253,48 @@ def _same_dtype(tr, a, b):
 
 def _int_linear(tr, n):
     x, x_zp, w, bias = n.args
-    xv = _mm_operand(tr, tr.arg(x), x_zp)
     wt = tr.tensor_const(w)
-    wv = tr.const(_np(wt), _dt(wt.dtype))
-    xv, wv = _same_dtype(tr, xv, wv)
-    y = tr.emit(tr.R.linear(xv, wv, None, out_dtype="int32"))
+    xv = tr.arg(x)
+    if tr.dot == "vnni" and wt.dtype == torch.int8 and tr.dtype_of(xv) in ("int8", "uint8") and \
+            wt.shape[0] % 16 == 0 and wt.shape[1] % 4 == 0:
+        y = _linear_vnni(tr, xv, x_zp, wt)
+    else:
+        xv = _mm_operand(tr, xv, x_zp)
+        wv = tr.const(_np(wt), _dt(wt.dtype))
+        xv, wv = _same_dtype(tr, xv, wv)
+        y = tr.emit(tr.R.linear(xv, wv, None, out_dtype="int32"))
     if bias is not None:
         y = tr.emit(tr.R.add(y, tr.value(bias, "int32")))
+    return y
+
+
+def _linear_vnni(tr, xv, x_zp: int, wt: torch.Tensor):
+    """(x - x_zp) @ w^T as AVX-512 VNNI computes it: u = x + 128 as uint8 for int8 x (x itself
+    for uint8), sum_k u_k w_jk in int32 over w packed as [N/16, K/4, 16, 4], minus
+    (128 + x_zp) * sum_k w_jk: the same integers, since every term is exact in int32."""
+    from tvm import te
+    n_out, k_in = wt.shape
+    w64 = wt.to(torch.int64)
+    off = 128 if tr.dtype_of(xv) == "int8" else 0
+    if off:
+        xv = tr.emit(tr.R.astype(tr.R.add(tr.R.astype(xv, "int16"), tr.const(128, "int16")), "uint8"))
+    packed = _np(wt).reshape(n_out // 16, 16, k_in // 4, 4).transpose(0, 2, 1, 3).reshape(-1).copy()
+    key = (k_in, n_out)
+    if key not in tr.kernels:
+        from .vnni import kernel
+        name = f"{VNNI_BLOCK}_{k_in}x{n_out}"
+        tr.kernels[key] = tr.bb.add_func(kernel(k_in, n_out).with_attr("global_symbol", name), name)
+    lead = tr.shape_of(xv)[:-1]
+    rows = 1
+    for d in lead:
+        rows = rows * d
+    u2 = tr.emit(tr.R.reshape(xv, [rows, k_in]))
+    y = tr.emit(tr.relax.call_tir(tr.kernels[key], [u2, tr.const(packed, "int8")],
+                                  tr.relax.TensorType([rows, n_out], "int32")))
+    y = tr.emit(tr.R.reshape(y, [*lead, n_out]))
+    corr = (off + x_zp) * w64.sum(1)
+    if corr.any():
+        y = tr.emit(tr.R.subtract(y, tr.const(_np(corr).astype(np.int32), "int32")))
     return y
 
 
@@ -601,6 +641,7 @@ ATEN = {aten.view: _reshape, aten.reshape: _reshape, aten._unsafe_view: _reshape
         aten._assert_tensor_metadata: _skip}
 
 
-def to_relax(graph: Graph):
-    """The Relax IRModule ("main": inputs in graph order -> tuple of outputs) of an integer graph."""
-    return Translator(graph).build()
+def to_relax(graph: Graph, dot: str | None = None):
+    """The Relax IRModule ("main": inputs in graph order -> tuple of outputs) of an integer graph;
+    dot="vnni" writes int8 linears in the form the CPU schedule tensorizes with AVX-512 VNNI."""
+    return Translator(graph, dot).build()

@@ -26,13 +26,13 @@ def build(module, example, dynamic="batch"):
     """(reference graph, tvm VM main) for a module calling qc:: ops on its buffers."""
     from tvm import relax
 
-    from qcompiler.backends.tvm.build import target_for
+    from qcompiler.backends.tvm.build import int8_dot, target_for
     from qcompiler.backends.tvm.pipeline import pipeline
     from qcompiler.backends.tvm.translate import to_relax
     g = qcompiler.trace(module, example, dynamic=dynamic)
     target = target_for("llvm", None)
     with target:
-        ex = tvm.compile(to_relax(g), target=target, relax_pipeline=pipeline(target))
+        ex = tvm.compile(to_relax(g, dot=int8_dot(target)), target=target, relax_pipeline=pipeline(target))
     vm = relax.VirtualMachine(ex, tvm.cpu())
     return g, vm["main"]
 
@@ -125,6 +125,21 @@ def test_int_linear_matmul_conv_with_zero_points():
     check(g, main, rng.integers(-128, 128, (5, 16)).astype(np.int8),
           np.full((5, 3, 5, 16), -128, np.int8), rng.integers(-128, 128, (5, 3, 16, 7)).astype(np.int8),
           rng.integers(0, 256, (5, 4, 9, 9)).astype(np.uint8))
+
+
+@pytest.mark.parametrize("dtype,zp", [(np.int8, 0), (np.int8, -3), (np.uint8, 128), (np.uint8, 0)])
+def test_int_linear_dot_product_kernel_shapes(dtype, zp):
+    """Shapes the CPU's VNNI kernel takes (out % 16 == 0, in % 4 == 0), where the machine has it:
+    u8 x s8 with the zero-point / +128 correction, saturating codes at both ends."""
+    rng = np.random.default_rng(5)
+    w = torch.from_numpy(rng.integers(-128, 128, (48, 24)).astype(np.int8))
+    w[0] = -128
+    m = Ops(lambda s, x: qc.int_linear(x, zp, s.w, None), w=w)
+    info = np.iinfo(dtype)
+    g, main = build(m, (torch.zeros(2, 3, 24, dtype=getattr(torch, np.dtype(dtype).name)),))
+    x = rng.integers(info.min, info.max + 1, (5, 3, 24)).astype(dtype)
+    x[0, 0], x[0, 1] = info.min, info.max
+    check(g, main, x)
 
 
 def test_int_add_lut_sum_mul_div():

@@ -1,0 +1,91 @@
+"""CPU speed of the integer-only TVM artifact against ONNX Runtime on MiniLM.
+
+    .venv/bin/python bench/cpu.py            (writes bench/results/cpu.json)
+
+all-MiniLM-L6-v2, batch 8 x seq 128 (real sentences padded to 128 tokens), the machine's
+cores, median of interleaved runs. Rows: ORT FP32; ORT int8 static QDQ U8S8 (ORT's own
+quantize_static, per-channel, MinMax) and dynamic (quantize_dynamic, per-channel); qcompiler's
+W8A8 QDQ artifact run by ORT; qcompiler's integer-only tvm-llvm artifact. Accuracy: embedding
+cosine vs FP32 PyTorch on 256 held-aside sentences, each row scored on the same inputs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from accuracy import ort_static, run_batched, score  # noqa: E402
+from demo import interleaved_medians, pad_to  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def ort_dynamic(fp32_onnx: bytes, workdir: str) -> bytes:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    src, dst = os.path.join(workdir, "fp32.onnx"), os.path.join(workdir, "dyn.onnx")
+    Path(src).write_bytes(fp32_onnx)
+    quantize_dynamic(src, dst, per_channel=True, weight_type=QuantType.QInt8)
+    return Path(dst).read_bytes()
+
+
+def main() -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import qcompiler
+    from qcompiler.backends.onnx import OnnxRunner, export_onnx
+    from qcompiler.models import zoo
+
+    z = zoo.get("minilm")
+    calib = z.calib(64)
+    ev = z.eval_inputs(256)
+    with torch.no_grad():
+        ref = run_batched(lambda f: z.module(*(torch.from_numpy(f[k]) for k in z.input_names)).numpy(), ev, 32)
+    g = qcompiler.trace(z.module, z.example_inputs, input_names=z.input_names, dynamic=z.dynamic)
+    fp32 = export_onnx(g)
+    work = tempfile.mkdtemp()
+    runners, compile_s = {}, {}
+    runners["ORT FP32"] = OnnxRunner(fp32)
+    t0 = time.perf_counter()
+    runners["ORT int8 static QDQ U8S8 (quantize_static)"] = OnnxRunner(
+        ort_static(fp32, calib, {"activation_type": "QUInt8", "calibrate_method": "MinMax"}, work))
+    compile_s["ORT static"] = time.perf_counter() - t0
+    runners["ORT int8 dynamic (quantize_dynamic)"] = OnnxRunner(ort_dynamic(fp32, work))
+    for name, target in (("qcompiler W8A8 QDQ artifact on ORT", "onnx"),
+                         ("qcompiler integer-only tvm-llvm artifact", "tvm-llvm")):
+        t0 = time.perf_counter()
+        art = qcompiler.compile(g.copy(), calib, config=qcompiler.Config(target=target))
+        compile_s[name] = time.perf_counter() - t0
+        runners[name] = qcompiler.load(art.save(Path(work) / target)).runner
+    out = g.outputs[0].name
+    acc = {name: score("cosine", ref, run_batched(lambda f, r=r: r.run(f)[out], ev, 32), None)
+           for name, r in runners.items()}
+    bench = pad_to(z.eval_inputs(8), 128)
+    lat = interleaved_medians({name: (lambda r=r: r.run(bench)) for name, r in runners.items()}, runs=11)
+    fastest_int8 = min(v for k, v in lat.items() if k.startswith("ORT int8"))
+    print(f"\nall-MiniLM-L6-v2 on {os.cpu_count()} cores ({torch.get_num_threads()} torch threads), batch 8 x seq 128, "
+          f"median of 11 interleaved runs; cosine vs FP32 on {len(ev['input_ids'])} sentences\n")
+    print(f"| {'variant':<44} | {'cosine mean':>11} | {'cosine min':>10} | {'latency ms':>10} | "
+          f"{'vs fastest ORT int8':>19} |")
+    print(f"|{'-' * 46}|{'-' * 13}|{'-' * 12}|{'-' * 12}|{'-' * 21}|")
+    rows = []
+    for name in runners:
+        a, ms = acc[name], lat[name]
+        print(f"| {name:<44} | {a['cosine_mean']:>11.4f} | {a['cosine_min']:>10.4f} | {ms:>10.1f} | "
+              f"{fastest_int8 / ms:>18.2f}x |")
+        rows.append({"variant": name, **a, "latency_ms": round(ms, 2), "speed_vs_fastest_ort_int8": fastest_int8 / ms})
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "cpu.json").write_text(json.dumps({
+        "model": "all-MiniLM-L6-v2", "batch": 8, "seq": 128, "cores": os.cpu_count(),
+        "cpu": next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), None),
+        "compile_seconds": {k: round(v, 1) for k, v in compile_s.items()}, "rows": rows}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
