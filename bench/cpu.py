@@ -53,7 +53,7 @@ def main() -> int:
     runners["ORT FP32"] = OnnxRunner(fp32)
     t0 = time.perf_counter()
     runners["ORT int8 static QDQ U8S8 (quantize_static)"] = OnnxRunner(
-        ort_static(fp32, calib, {"activation_type": "QUInt8", "calibrate_method": "MinMax"}, work))
+        ort_static(fp32, calib, 8, 8, "MinMax", work))
     compile_s["ORT static"] = time.perf_counter() - t0
     runners["ORT int8 dynamic (quantize_dynamic)"] = OnnxRunner(ort_dynamic(fp32, work))
     for name, target in (("qcompiler W8A8 QDQ artifact on ORT", "onnx"),
