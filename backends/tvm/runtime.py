@@ -116,10 +116,6 @@ class Runner:
         self._to_bytes(t, out.ctypes.data_as(ctypes.c_void_p), out.nbytes)
         return out
 
-    def run_device(self, args):
-        """Run on tensors already on the device (for timing); returns the VM's outputs."""
-        return self.fn(*args)
-
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         args = [self.to_device(feeds[n]) for n in self.input_names]
         try:

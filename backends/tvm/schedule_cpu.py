@@ -11,14 +11,14 @@ schedule; schedules only reorder loops, so results stay bit-identical:
   are tiled ROWS x VEC over (rows, columns) with the reduction loop outside the tile, the
   tile accumulated in registers (cache_write "local"), the requantization epilogue computed
   at the tile, columns vectorized, row blocks parallel;
-- other reductions (softmax / LayerNorm row sums): parallel over the spatial loops.
+- other reductions (softmax / LayerNorm row sums): parallel over their leading spatial
+  loops, nothing inlined.
 
-What it does not do yet: VNNI / AMX dot-product tensorization (vpdpbusd needs u8 x s8 with a
-packed weight layout), cache blocking over the reduction, or tuning.
+int8 linears on CPUs with AVX-512 VNNI do not come here: they are backends/tvm/vnni.py's
+hand-written kernels (TVM 0.27.0.post1's tensorize segfaults). Not done yet: vectorized row
+reductions, VNNI for activation x activation matmuls, cache blocking, tuning.
 """
 from __future__ import annotations
-
-from .translate import VNNI_BLOCK  # noqa: E402
 
 ROWS, VEC = 4, 16
 
@@ -58,8 +58,6 @@ def _rule():
 
     class IntegerCPU(dl.ScheduleRule):
         def apply(self, func, target, _tunable):
-            if not isinstance(func, s_tir.PrimFunc if hasattr(s_tir, "PrimFunc") else type(func)):
-                return None
             sch = s_tir.Schedule(func)
             infos = normalize_prim_func(sch)
             if infos is None:
@@ -70,7 +68,7 @@ def _rule():
                     _spatial(sch, b.block_rv)
                 return sch
             if len(reductions) == 1 and reductions[0] is infos[0] and _is_dot(sch, infos[0].block_rv):
-                if self._matmul(sch, try_inline(sch, infos), target):
+                if self._matmul(sch, try_inline(sch, infos)):
                     return sch
                 return None
             if any(not b.is_reduction() and not b.is_injective() for b in infos):
@@ -90,9 +88,8 @@ def _rule():
             return sch
 
         @staticmethod
-        def _matmul(sch, infos, target) -> bool:
+        def _matmul(sch, infos) -> bool:
             main = infos[0]
-            vnni = sch.get(main.block_rv).name_hint.startswith(VNNI_BLOCK)
             kinds = main.dom_kind()
             n_s = kinds.count("S")
             if kinds != "S" * n_s + "R" * (len(kinds) - n_s) or n_s < 2 or n_s == len(kinds):
@@ -113,27 +110,16 @@ def _rule():
             else:
                 ro, ri = row, None
             co, ci = sch.split(col, [None, VEC])
-            if vnni:  # the 16 columns x 4 reduction steps of one vpdpbusd innermost
-                ko, ki = sch.split(red[0], [None, 4])
-                red = [ko]
-                sch.reorder(*lead, ro, co, ko, *[ri] * (ri is not None), ci, ki)
-            else:
-                sch.reorder(*lead, ro, co, *red, *[ri] * (ri is not None), ci)
-            if not vnni:  # (tensorize matches global-scope buffers only)
-                acc = sch.cache_write(block, 0, "local")
-                sch.reverse_compute_at(acc, co)
+            sch.reorder(*lead, ro, co, *red, *[ri] * (ri is not None), ci)
+            acc = sch.cache_write(block, 0, "local")
+            sch.reverse_compute_at(acc, co)
             for b in infos[1:]:  # the epilogue at the tile: the accumulator never leaves the cache
                 sch.reverse_compute_at(b.block_rv, co)
-            if len(infos) > 1 and not vnni:
+            if len(infos) > 1:
                 sch.compute_inline(acc)
             sch.parallel(sch.fuse(*lead, ro) if lead else ro)
             if ri is not None:
                 sch.unroll(ri)
-            if vnni:
-                from tvm.s_tir.tensor_intrin.x86 import VNNI_DOT_16x4_INTRIN
-                sch.decompose_reduction(block, red[0])
-                sch.tensorize(ci, VNNI_DOT_16x4_INTRIN)
-                return True
             sch.vectorize(ci)
             sch.decompose_reduction(block, red[0])
             return True

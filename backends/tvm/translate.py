@@ -34,7 +34,7 @@ def _dt(t: torch.dtype) -> str:
     return str(t).replace("torch.", "")
 
 
-VNNI_BLOCK = "qc_dot_u8s8"  # the block name schedule_cpu.py tensorizes with vpdpbusd
+VNNI_BLOCK = "qc_dot_u8s8"  # the name of backends/tvm/vnni.py's kernels in the module
 
 
 class Translator:
@@ -272,7 +272,6 @@ def _linear_vnni(tr, xv, x_zp: int, wt: torch.Tensor):
     """(x - x_zp) @ w^T as AVX-512 VNNI computes it: u = x + 128 as uint8 for int8 x (x itself
     for uint8), sum_k u_k w_jk in int32 over w packed as [N/16, K/4, 16, 4], minus
     (128 + x_zp) * sum_k w_jk: the same integers, since every term is exact in int32."""
-    from tvm import te
     n_out, k_in = wt.shape
     w64 = wt.to(torch.int64)
     off = 128 if tr.dtype_of(xv) == "int8" else 0
@@ -574,14 +573,12 @@ def _scalar_like(tr, x, v):
     return tr.const(v, tr.dtype_of(x))
 
 
-def _ne(tr, n):
-    x = tr.arg(n.args[0])
-    return tr.emit(tr.R.not_equal(x, _scalar_like(tr, x, n.args[1])))
-
-
-def _eq(tr, n):
-    x = tr.arg(n.args[0])
-    return tr.emit(tr.R.equal(x, _scalar_like(tr, x, n.args[1])))
+def _with_scalar(op: str, arg: int = 1):
+    """x <op> scalar for an ATen op whose args[arg] is a python number (compared or clamped in x's dtype)."""
+    def f(tr, n):
+        x = tr.arg(n.args[0])
+        return tr.emit(getattr(tr.R, op)(x, _scalar_like(tr, x, n.args[arg] if arg is not None else 0)))
+    return f
 
 
 def _clamp(tr, n):
@@ -593,16 +590,6 @@ def _clamp(tr, n):
     if hi is not None:
         x = tr.emit(tr.R.minimum(x, _scalar_like(tr, x, hi)))
     return x
-
-
-def _clamp_min(tr, n):
-    x = tr.arg(n.args[0])
-    return tr.emit(tr.R.maximum(x, _scalar_like(tr, x, n.args[1])))
-
-
-def _clamp_max(tr, n):
-    x = tr.arg(n.args[0])
-    return tr.emit(tr.R.minimum(x, _scalar_like(tr, x, n.args[1])))
 
 
 def _max_pool2d(tr, n):
@@ -634,8 +621,9 @@ ATEN = {aten.view: _reshape, aten.reshape: _reshape, aten._unsafe_view: _reshape
         aten.transpose: _transpose, aten.permute: _permute, aten.unsqueeze: _unsqueeze, aten.squeeze: _squeeze,
         aten.expand: _expand, aten.expand_as: _expand_as, aten.cat: _cat, aten.slice: _slice, aten.select: _select,
         aten.unbind: _unbind, operator.getitem: _getitem, aten.sym_size: _sym_size, aten.embedding: _embedding,
-        aten.ne: _ne, aten.eq: _eq, aten.clamp: _clamp, aten.clamp_min: _clamp_min, aten.clamp_max: _clamp_max,
-        aten.relu: lambda tr, n: tr.emit(tr.R.maximum(tr.arg(n.args[0]), _scalar_like(tr, tr.arg(n.args[0]), 0))),
+        aten.ne: _with_scalar("not_equal"), aten.eq: _with_scalar("equal"), aten.clamp: _clamp,
+        aten.clamp_min: _with_scalar("maximum"), aten.clamp_max: _with_scalar("minimum"),
+        aten.relu: _with_scalar("maximum", None),
         aten.max_pool2d: _max_pool2d, aten.contiguous: _identity, aten.clone: _identity, aten.alias: _identity,
         aten.detach: _identity, aten.dropout: _identity, aten._to_copy: _to, aten.to: _to,
         aten._assert_tensor_metadata: _skip}
