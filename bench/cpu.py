@@ -3,7 +3,7 @@
     .venv/bin/python bench/cpu.py            (writes bench/results/cpu.json)
 
 all-MiniLM-L6-v2, batch 8 x seq 128 (real sentences padded to 128 tokens), the machine's
-cores, median of interleaved runs. Rows: ORT FP32; ORT int8 static QDQ U8S8 (ORT's own
+cores, median of interleaved runs. Rows: ORT FP32; ORT int8 static QDQ S8S8 (ORT's own
 quantize_static, per-channel, MinMax) and dynamic (quantize_dynamic, per-channel); qcompiler's
 W8A8 QDQ artifact run by ORT; qcompiler's integer-only tvm-llvm artifact. Accuracy: embedding
 cosine vs FP32 PyTorch on 256 held-aside sentences, each row scored on the same inputs.
@@ -52,7 +52,7 @@ def main() -> int:
     runners, compile_s = {}, {}
     runners["ORT FP32"] = OnnxRunner(fp32)
     t0 = time.perf_counter()
-    runners["ORT int8 static QDQ U8S8 (quantize_static)"] = OnnxRunner(
+    runners["ORT int8 static QDQ S8S8 (quantize_static)"] = OnnxRunner(
         ort_static(fp32, calib, 8, 8, "MinMax", work))
     compile_s["ORT static"] = time.perf_counter() - t0
     runners["ORT int8 dynamic (quantize_dynamic)"] = OnnxRunner(ort_dynamic(fp32, work))
