@@ -119,9 +119,9 @@ class FashionViT(nn.Module):
     """Pre-LN ViT: 4x4 patches (conv), cls token, learned positions, depth 4, dim 96, 4 heads, MLP x2 (307 k params)."""
 
     def __init__(self, patch: int = 4, dim: int = 96, depth: int = 4, heads: int = 4, mlp_ratio: int = 2,
-                 classes: int = 10, size: int = 28):
+                 classes: int = 10, size: int = 28, channels: int = 1):
         super().__init__()
-        self.patch_embed = nn.Conv2d(1, dim, patch, stride=patch)
+        self.patch_embed = nn.Conv2d(channels, dim, patch, stride=patch)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.randn(1, (size // patch) ** 2 + 1, dim) * 0.02)
         self.blocks = nn.Sequential(*(Block(dim, heads, mlp_ratio) for _ in range(depth)))

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 from qcompiler.errors import QCError
 
-RUNTIME_LIBS = {"llvm": ("libtvm_runtime.so",), "cuda": ("libtvm_runtime.so", "libtvm_runtime_cuda.so")}
+# loaded in this order; libcudart.so.13 is the CUDA runtime apache-tvm 0.27's CUDA library links against
+RUNTIME_LIBS = {"llvm": ("libtvm_runtime.so",), "cuda": ("libcudart.so.13", "libtvm_runtime.so", "libtvm_runtime_cuda.so")}
+KERNEL_LIB = "libqc_kernels_cuda.so"  # qcompiler's own CUDA kernels (cuda_kernels.py), when the graph calls them
 DEFAULT_ARCH = "sm_90"
 
 

@@ -2,8 +2,9 @@
 process, which needs nvcc and, on a machine without a GPU, a stub libcuda.so.1 so TVM's
 CUDA module loads and compiles kernels to machine code instead of storing source).
 
-    python -m qcompiler.backends.tvm.build GRAPH.json GRAPH.bin KIND OPTION OUT.so
-is the child's command line (the graph in qcompiler.graph_io form).
+    python -m qcompiler.backends.tvm.build GRAPH.json GRAPH.bin KIND OPTION OUT.so FACTS.json
+is the child's command line (the graph in qcompiler.graph_io form; FACTS.json receives the
+build facts, among them the qcompiler kernels the module calls).
 """
 from __future__ import annotations
 
@@ -42,6 +43,10 @@ def int8_dot(target) -> str | None:
     from tvm.target import codegen
     if target.kind.name == "llvm" and codegen.target_has_features("avx512vnni", target):
         return "vnni"
+    if target.kind.name == "cuda":
+        from .cuda_kernels import supported_arch
+        if supported_arch(str(target.attrs.get("arch", ""))):
+            return "sm90"
     return None
 
 
@@ -52,13 +57,24 @@ def compile_so(graph, kind: str, option: str | None, out_path: str) -> dict:
     from .translate import to_relax
     target = target_for(kind, option)
     mod = to_relax(graph, dot=int8_dot(target))
+    extern = sorted({str(c.args[0].global_symbol) for f in mod.functions.values() if isinstance(f, tvm.relax.Function)
+                     for c in _calls(f) if isinstance(c.args[0], tvm.relax.ExternFunc)})
     if kind == "cuda" and tvm.get_global_func("ffi.Module.create.cuda", allow_missing=True) is None:
         # without TVM's CUDA runtime module, tvm.compile would silently store CUDA source
         raise QCError("TVM's CUDA runtime module did not load (libcuda.so.1 missing): cannot emit machine code")
     with target:
         ex = tvm.compile(mod, target=target, relax_pipeline=pipeline(target))
         ex.export_library(out_path)
-    return {"target": str(target.export() if hasattr(target, "export") else target), "tvm": tvm.__version__}
+    return {"target": str(target.export() if hasattr(target, "export") else target), "tvm": tvm.__version__,
+            "kernels": extern}
+
+
+def _calls(f):
+    """The relax.Call nodes of a Relax function, in order."""
+    from tvm import relax
+    out = []
+    relax.analysis.post_order_visit(f, lambda e: out.append(e) if isinstance(e, relax.Call) else None)
+    return out
 
 
 def _runtime_lib_dir() -> str:
@@ -88,11 +104,14 @@ def _stub_libcuda(d: str) -> str:
 
 
 def build(graph, kind: str, option: str | None) -> dict[str, bytes]:
-    from . import RUNTIME_LIBS
+    import json
+    from . import KERNEL_LIB, RUNTIME_LIBS
     with tempfile.TemporaryDirectory(prefix="qc-tvm-") as d:
         so = os.path.join(d, "model.so")
+        facts = os.path.join(d, "facts.json")
         if kind == "llvm":
-            compile_so(graph, kind, option, so)
+            with open(facts, "w") as f:
+                json.dump(compile_so(graph, kind, option, so), f)
         else:
             if shutil.which("nvcc") is None:
                 raise QCError("tvm-cuda builds kernels with nvcc, which is not on PATH")
@@ -107,26 +126,50 @@ def build(graph, kind: str, option: str | None) -> dict[str, bytes]:
             if not _have_cuda_driver():
                 os.makedirs(os.path.join(d, "stub"))
                 env["LD_LIBRARY_PATH"] = _stub_libcuda(os.path.join(d, "stub")) + os.pathsep + env.get("LD_LIBRARY_PATH", "")
-            r = subprocess.run([sys.executable, "-m", "qcompiler.backends.tvm.build", gj, gb, kind, option or "", so],
+            r = subprocess.run([sys.executable, "-m", "qcompiler.backends.tvm.build", gj, gb, kind, option or "", so, facts],
                                env=env, capture_output=True, text=True)
             if r.returncode:
                 tail = (r.stderr or r.stdout).strip().splitlines()[-5:]
                 raise QCError("tvm-cuda build failed: " + " | ".join(tail)[:1500])
         with open(so, "rb") as f:
             files = {"model.so": f.read()}
-    libdir = _runtime_lib_dir()
+        with open(facts) as f:
+            used = json.load(f)["kernels"]
+    if any(k.startswith("qc.cuda.") for k in used):
+        from .cuda_kernels import build_library
+        with open(build_library(option or "sm_90"), "rb") as f:
+            files[KERNEL_LIB] = f.read()
     for lib in RUNTIME_LIBS[kind]:
-        with open(os.path.join(libdir, lib), "rb") as f:
+        with open(_runtime_lib_path(lib), "rb") as f:
             files[lib] = f.read()
     return files
 
 
+def _runtime_lib_path(lib: str) -> str:
+    """Where a runtime library the artifact vendors is: TVM's wheel, or (libcudart) the CUDA toolkit."""
+    if lib.startswith("libcudart"):
+        homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+        nvcc = shutil.which("nvcc")
+        if nvcc:
+            homes.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+        for h in filter(None, homes):
+            for sub in ("lib64", "lib", os.path.join("targets", "x86_64-linux", "lib")):
+                p = os.path.join(h, sub, lib)
+                if os.path.isfile(p):
+                    return p
+        raise QCError(f"tvm-cuda artifacts carry the CUDA runtime {lib}, which is not in the CUDA toolkit "
+                      f"(set CUDA_HOME)")
+    return os.path.join(_runtime_lib_dir(), lib)
+
+
 def _main(argv):
     from qcompiler import graph_io, int_ops, ops  # noqa: F401  (the qc:: op library)
-    gj, gb, kind, option, out = argv
+    gj, gb, kind, option, out, facts = argv
     with open(gj, "rb") as f, open(gb, "rb") as b:
         graph = graph_io.load(f.read(), b.read())
-    compile_so(graph, kind, option or None, out)
+    import json
+    with open(facts, "w") as f:
+        json.dump(compile_so(graph, kind, option or None, out), f)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ def _mark_int8_matmuls(mod):
     from tvm import tirx
     out = {}
     for gv, f in mod.functions.items():
-        if isinstance(f, tirx.PrimFunc) and any(str(b.dtype) in ("int8", "uint8") for b in f.buffer_map.values()):
+        if isinstance(f, tirx.PrimFunc) and any(str(getattr(v.ty, "dtype", "")) in ("int8", "uint8") for v in f.params):
             f = f.with_attr("dlight.do_not_tensorize", True)
         out[gv] = f
     return tvm.IRModule(out, attrs=mod.attrs)

@@ -1,9 +1,10 @@
 """Run a TVM artifact with the TVM runtime only: tvm_ffi and ctypes, never `import tvm`.
 
 Deploy footprint: model.so, the vendored runtime libraries the artifact carries
-(libtvm_runtime.so, 3.4 MB; libtvm_runtime_cuda.so, 0.45 MB for CUDA), numpy and the
-apache-tvm-ffi wheel (`pip install qcompiler[runtime]`, or the wheel alone). CUDA also needs
-the CUDA driver and runtime (libcudart) of the machine.
+(libtvm_runtime.so, 3.4 MB; for CUDA also libtvm_runtime_cuda.so, 0.45 MB, the CUDA runtime
+libcudart.so.13, 0.7 MB, and qcompiler's kernel library when the graph calls it), numpy and
+the apache-tvm-ffi wheel (`pip install qcompiler[runtime]`, or the wheel alone). CUDA also
+needs the machine's CUDA driver.
 """
 from __future__ import annotations
 
@@ -76,9 +77,15 @@ class Runner:
     """The VM of model.so on the device its target names (cpu:0, or cuda:0 with the host cpu)."""
 
     def __init__(self, artifact_dir: str, manifest: dict):
-        from . import RUNTIME_LIBS
+        from . import KERNEL_LIB, RUNTIME_LIBS
         self.kind = "cuda" if manifest["backend"].startswith("tvm-cuda") else "llvm"
         load_runtime(artifact_dir, RUNTIME_LIBS[self.kind], manifest.get("versions", {}).get("tvm"))
+        kernels = os.path.join(artifact_dir, KERNEL_LIB)
+        if os.path.isfile(kernels):  # registers the qc.cuda.* functions model.so calls
+            try:
+                _loaded.setdefault(kernels, ctypes.CDLL(kernels, mode=ctypes.RTLD_GLOBAL))
+            except OSError as e:
+                raise QCError(f"cannot load the kernel library {kernels}: {e}") from None
         import tvm_ffi
         self.ffi = tvm_ffi
         path = os.path.join(artifact_dir, "model.so")

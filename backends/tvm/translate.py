@@ -37,6 +37,28 @@ def _dt(t: torch.dtype) -> str:
 VNNI_BLOCK = "qc_dot_u8s8"  # the name of backends/tvm/vnni.py's kernels in the module
 
 
+class _Lets:
+    """Let-bindings for one element of a let_compute kernel."""
+
+    def __init__(self, table=None):
+        self.binds, self._table, self.raw = [], table, []
+
+    def __call__(self, expr):
+        from tvm import tirx
+        v = tirx.Var(f"t{len(self.binds)}", str(expr.ty))
+        self.binds.append((v, expr))
+        return v
+
+    def table(self, i):
+        return self(self._table(i))
+
+    def wrap(self, body):
+        from tvm import tirx
+        for v, e in reversed(self.binds):
+            body = tirx.Let(v, e, body)
+        return body
+
+
 class Translator:
     def __init__(self, graph: Graph, dot: str | None = None):
         import tvm
@@ -46,7 +68,10 @@ class Translator:
         self.bb = relax.BlockBuilder()
         self.env: dict[fx.Node, object] = {}
         self.dims: dict[str, object] = {}
-        self.dot = dot  # "vnni": int8 linears as u8 x s8 dot products over a packed weight layout
+        # "vnni": int8 linears as u8 x s8 dot products over a packed weight layout (CPU);
+        # "sm90": int8 linears / matmuls and the requant after them as one call of
+        # qcompiler's CUTLASS kernel (cuda_kernels.py), on Hopper's tensor cores
+        self.dot = dot
         self.kernels: dict = {}  # hand-written kernels added to the module, per shape
 
     # -- helpers ------------------------------------------------------------------------------
@@ -115,15 +140,56 @@ class Translator:
         return self.emit(R.where(R.greater(den, self.const(0, "int64")), q, R.zeros_like(q)))
 
     def isqrt(self, v):
-        """floor(sqrt(v)) for int64 v in [0, 2^62): a float64 estimate and two integer fix-ups."""
-        R = self.R
-        r = self.emit(R.astype(R.floor(R.sqrt(R.astype(v, "float64"))), "int64"))
-        one = self.const(1, "int64")
-        for _ in range(2):
-            r1 = self.emit(R.add(r, one))
-            r = self.emit(R.where(R.less_equal(R.multiply(r1, r1), v), r1, r))
-            r = self.emit(R.where(R.greater(R.multiply(r, r), v), R.subtract(r, one), r))
-        return r
+        """floor(sqrt(v)) for int64 v in [0, 2^62): a float64 estimate and two integer fix-ups,
+        as int_ops.isqrt. One elementwise kernel whose steps are let-bound: each fix-up reads r
+        three times, so written as separate ops (which the GPU schedules inline) the expression
+        would grow 3^4-fold and TVM's TIR passes take minutes on it."""
+        from tvm import te, tirx
+
+        def body(t):
+            def at(*i):
+                x = tirx.Var("x", "int64")
+                steps = [tirx.Var(f"r{j}", "int64") for j in range(5)]
+                one = tirx.const(1, "int64")
+                vals = [tirx.Cast("int64", tirx.floor(tirx.sqrt(tirx.Cast("float64", x))))]
+                for j in range(4):
+                    r = steps[j]
+                    vals.append(tirx.Select((r + one) * (r + one) <= x, r + one, r) if j % 2 == 0 else
+                                tirx.Select(r * r > x, r - one, r))
+                expr = steps[4]
+                for j in reversed(range(5)):
+                    expr = tirx.Let(steps[j], vals[j], expr)
+                return tirx.Let(x, t(*i), expr)
+            return te.compute(t.shape, at, name="isqrt")
+        return self.bb.emit_te(body, v, primfunc_name_hint="isqrt")
+
+    def let_compute(self, name: str, inputs: list, fn, dtype: str, table=None):
+        """One elementwise kernel over the broadcast shape of `inputs` (same rank; size-1 dims
+        broadcast): fn(L, *scalars) -> TIR expression, where L(expr) let-binds an intermediate
+        (so an expression that reads a value several times stays linear in size) and
+        L.table(i) reads the 1-D constant `table` at index i. A table index must not use
+        let-bound values (TIR's block read regions cannot see them): build it from L.raw, the
+        inputs' loads."""
+        from tvm import te, tirx
+        shapes = [self.shape_of(v) for v in inputs]
+        out_shape = []
+        for k in range(len(shapes[0])):
+            dims = [sh[k] for sh in shapes if not (_static(sh[k]) and int(sh[k]) == 1)]
+            out_shape.append(dims[0] if dims else shapes[0][k])
+
+        def body(*ts):
+            tensors, tab = (ts[:-1], ts[-1]) if table is not None else (ts, None)
+
+            def at(*i):
+                L = _Lets(tab)
+                for t in tensors:
+                    idx = [tirx.const(0, "int64") if (_static(d) and int(d) == 1 and not (_static(o) and int(o) == 1))
+                           else ix for d, o, ix in zip(t.shape, out_shape, i)]
+                    L.raw.append(t(*idx))
+                return L.wrap(fn(L, *[L(r) for r in L.raw]))
+            return te.compute(out_shape, at, name=name)
+        args = list(inputs) + ([table] if table is not None else [])
+        return self.bb.emit_te(body, *args, primfunc_name_hint=name)
 
     def arg(self, a):
         if isinstance(a, fx.Node):
@@ -174,6 +240,8 @@ class Translator:
                         break
                     if n.op == "get_attr":
                         continue  # constants are read by the ops that use them
+                    if n in self.env:
+                        continue  # computed by the kernel of the op before it (a fused requant)
                     self.env[n] = self.node(n)
                 res = self.bb.emit_output(relax.Tuple(outs))
             self.bb.emit_func_output(res)
@@ -255,6 +323,13 @@ def _int_linear(tr, n):
     x, x_zp, w, bias = n.args
     wt = tr.tensor_const(w)
     xv = tr.arg(x)
+    if tr.dot == "sm90":
+        req = _gemm_requant(tr, n, xv, x_zp, wt.shape[0], wt.shape[1], wt.dtype)
+        if req is not None:
+            b = np.zeros(wt.shape[0], np.int64) if bias is None else _np(tr.tensor_const(bias)).astype(np.int64)
+            b = b - x_zp * _np(wt).astype(np.int64).sum(1)  # (x - zp) w = x w - zp colsum(w): exact (checked)
+            if np.abs(b).max(initial=0) + wt.shape[1] * 128 * 128 < 2**31:
+                return _gemm_sm90(tr, n, req, xv, tr.const(_np(wt), "int8"), b.astype(np.int32), batched=False)
     if tr.dot == "vnni" and wt.dtype == torch.int8 and tr.dtype_of(xv) in ("int8", "uint8") and \
             wt.shape[0] % 16 == 0 and wt.shape[1] % 4 == 0:
         y = _linear_vnni(tr, xv, x_zp, wt)
@@ -299,9 +374,71 @@ def _linear_vnni(tr, xv, x_zp: int, wt: torch.Tensor):
 
 def _int_matmul(tr, n):
     a, a_zp, b, b_zp = n.args
+    if tr.dot == "sm90" and a_zp == 0 and b_zp == 0:
+        av, bv = tr.arg(a), tr.arg(b)
+        shape_b = tr.shape_of(bv)
+        if tr.ndim(av) == tr.ndim(bv) and tr.ndim(av) >= 3 and tr.dtype_of(av) == tr.dtype_of(bv) == "int8" and \
+                _static(shape_b[-1]) and _static(shape_b[-2]):
+            k_in, n_out = int(shape_b[-2]), int(shape_b[-1])
+            req = _gemm_requant(tr, n, av, 0, n_out, k_in, torch.int8)
+            if req is not None:
+                bt = tr.emit(tr.R.permute_dims(bv, [*range(tr.ndim(bv) - 2), tr.ndim(bv) - 1, tr.ndim(bv) - 2]))
+                return _gemm_sm90(tr, n, req, av, bt, np.zeros(n_out, np.int32), batched=True)
     av, bv = _mm_operand(tr, tr.arg(a), a_zp), _mm_operand(tr, tr.arg(b), b_zp)
     av, bv = _same_dtype(tr, av, bv)
     return tr.emit(tr.R.matmul(av, bv, out_dtype="int32"))
+
+
+def _static(d) -> bool:
+    from tvm import tirx
+    return isinstance(d, (int, tirx.IntImm))
+
+
+def _gemm_requant(tr, n, xv, x_zp: int, n_out: int, k_in: int, w_dtype):
+    """The requant that the CUDA GEMM kernel can compute in its epilogue for `n`, or None:
+    `n`'s only user, int8 out, input zero point 0, per tensor or per output channel; int8
+    operands with K and N multiples of 16 (TMA's 16-byte rows)."""
+    users = list(n.users)
+    if len(users) != 1 or users[0].target is not I.requant or w_dtype != torch.int8 or tr.dtype_of(xv) != "int8":
+        return None
+    r = users[0]
+    _acc, in_zp, mult, shift, _out_zp, qmin, qmax, axis = r.args
+    if in_zp != 0 or (qmin, qmax) != (-128, 127) or k_in % 16 or n_out % 16:
+        return None
+    m, c = tr.tensor_const(mult), tr.tensor_const(shift)
+    if m.numel() != 1 and (axis % max(1, tr.ndim(xv)) != tr.ndim(xv) - 1 or m.numel() != n_out):
+        return None
+    return r
+
+
+def _gemm_sm90(tr, n, req, xv, wv, bias: np.ndarray, batched: bool):
+    """requant(x @ w^T + bias) in one CUTLASS kernel; binds the requant node, returns None for n."""
+    from .cuda_kernels import GEMM_FUNC, pick_tile
+    _acc, _in_zp, mult, shift, out_zp, qmin, qmax, _axis = req.args
+    n_out = int(tr.shape_of(wv)[-2])
+    k_in = int(tr.shape_of(wv)[-1])
+    lead = tr.shape_of(xv)[:-1]
+    if batched:
+        rows = lead[-1]
+        batch = 1
+        for d in lead[:-1]:
+            batch = batch * d
+        x3 = tr.emit(tr.R.reshape(xv, [batch, rows, k_in]))
+        w3 = tr.emit(tr.R.reshape(wv, [batch, n_out, k_in]))
+        out_ty = tr.relax.TensorType([batch, rows, n_out], "int8")
+    else:
+        rows = 1
+        for d in lead:
+            rows = rows * d
+        x3 = tr.emit(tr.R.reshape(xv, [rows, k_in]))
+        w3 = wv
+        out_ty = tr.relax.TensorType([rows, n_out], "int8")
+    vec = lambda t: np.broadcast_to(_np(tr.tensor_const(t)).astype(np.int64).reshape(-1), (n_out,)).astype(np.int32)
+    args = [x3, w3, tr.const(bias, "int32"), tr.const(vec(mult), "int32"), tr.const(vec(shift), "int32"),
+            tr.relax.prim_value(int(out_zp)), tr.relax.prim_value(int(qmin)), tr.relax.prim_value(int(qmax))]
+    y = tr.emit(tr.relax.call_dps_packed(GEMM_FUNC.format(tile=pick_tile(n_out, k_in)), args, out_ty))
+    tr.env[req] = tr.emit(tr.R.reshape(y, [*lead, n_out]))
+    return None
 
 
 def _int_conv(tr, n):
@@ -379,25 +516,52 @@ def _int_l2_norm(tr, n):
 
 
 def _int_softmax(tr, n):
+    """As int_ops' int_softmax: d = rowmax - x (masked entries excluded), e = table[min(d, N-1)]
+    (0 where masked), t = (e * mult) // max(sum e, 1), y = clamp(rshift_round(t, shift) + out_zp).
+    The two elementwise stages are single let-bound kernels (see Translator.let_compute): written
+    as separate Relax ops, the GPU schedules inline them into an expression that TVM's TIR
+    passes take minutes to simplify."""
     x, mask, table, dim, mult, shift, out_zp, qmin, qmax = n.args
+    from tvm import tirx
     R = tr.R
-    xi = tr.i64(tr.arg(x))
+    xv = tr.arg(x)
     tab = tr.tensor_const(table)
-    keep = None
+    top = tab.numel() - 1
+    tv = tr.const(_np(tab).astype(np.int64), "int64")
+    i64 = lambda v: tirx.Cast("int64", v)
+    c = lambda v: tirx.const(v, "int64")
     if mask is not None:
-        keep = tr.emit(R.broadcast_to(tr.cast(tr.arg(mask), "bool"), tr.shape_of(xi)))
-        xi = tr.emit(R.where(keep, xi, R.full_like(xi, tr.const(I64_MIN_HALF, "int64"))))
-    d = tr.emit(R.subtract(R.max(xi, axis=[dim], keepdims=True), xi))
-    d = tr.emit(R.minimum(d, tr.const(tab.numel() - 1, "int64")))
-    e = tr.emit(R.take(tr.const(_np(tab).astype(np.int64), "int64"), d, axis=0))
-    if keep is not None:
-        e = tr.emit(R.where(keep, e, R.zeros_like(e)))
-    s = tr.emit(R.maximum(R.sum(e, axis=[dim], keepdims=True), tr.const(1, "int64")))
-    t = tr.emit(R.floor_divide(R.multiply(e, tr.const(mult, "int64")), s))
-    y = tr.rshift_round(t, shift)
-    if out_zp:
-        y = tr.emit(R.add(y, tr.const(out_zp, "int64")))
-    return tr.clip_cast(y, qmin, qmax)
+        mv = tr.cast(tr.arg(mask), "bool")
+        xm = tr.let_compute("softmax_masked", [xv, mv], lambda L, a, k: tirx.Select(k, i64(a), c(I64_MIN_HALF)),
+                            "int64")
+        mx = tr.emit(R.max(xm, axis=[dim], keepdims=True))
+
+        def exp_(L, a, k, m):
+            a, _k, m = L.raw
+            return tirx.Select(k, L.table(tirx.min(m - i64(a), c(top))), c(0))
+        e = tr.let_compute("softmax_exp", [xv, mv, mx], exp_, "int64", table=tv)
+    else:
+        mx = tr.emit(R.max(tr.i64(xv), axis=[dim], keepdims=True))
+        e = tr.let_compute("softmax_exp", [xv, mx], lambda L, a, m: L.table(tirx.min(L.raw[1] - i64(L.raw[0]), c(top))),
+                           "int64", table=tv)
+    s = tr.emit(R.sum(e, axis=[dim], keepdims=True))
+    out_dt = _dt(I.int_dtype(qmin, qmax))
+
+    def out_(L, ev, sv):
+        t = L(tirx.floordiv(ev * c(mult), tirx.max(sv, c(1))))
+        y = L(_rshift_round_scalar(t, shift) + c(out_zp))
+        return tirx.Cast(out_dt, tirx.max(tirx.min(y, c(qmax)), c(qmin)))
+    return tr.let_compute("softmax_out", [e, s], out_, out_dt)
+
+
+def _rshift_round_scalar(p, c: int):
+    """p / 2^c rounded half away from zero, for a TIR int64 scalar p and a constant shift c."""
+    from tvm import tirx
+    if c == 0:
+        return p
+    half, sh = tirx.const(1 << (c - 1), "int64"), tirx.const(c, "int64")
+    return tirx.Select(p < tirx.const(0, "int64"), tirx.const(0, "int64") - tirx.shift_right(half - p, sh),
+                       tirx.shift_right(p + half, sh))
 
 
 def _int_layer_norm(tr, n):

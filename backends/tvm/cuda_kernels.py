@@ -1,0 +1,107 @@
+"""qcompiler's own CUDA kernels (backends/tvm/kernels/*.cu), built with nvcc into one shared
+library that a tvm-cuda artifact carries beside model.so.
+
+Why our own: apache-tvm 0.27.0.post1's int8 tensor-core schedule (dlight
+MatmulInt8Tensorization) segfaults and its wheel has no cuBLAS / CUTLASS offload, so TVM alone
+emits int8 GEMMs as scalar int32 multiply-adds. The kernels here are CUTLASS 3 (headers from
+the `nvidia-cutlass` wheel; TVM's vendored copy lacks the collective builders) TMA +
+WGMMA GEMMs for sm_90a with qc::requant fused into the epilogue. They register themselves
+as tvm_ffi global functions (`qc.cuda.*`) when the library is loaded, and the Relax graph
+calls them with `call_dps_packed`.
+
+The library is cached per (source, arch, nvcc) under $QC_CACHE (default
+~/.cache/qcompiler), so a model's build pays the CUTLASS compile (about a minute) once.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+
+from qcompiler.errors import QCError
+
+LIB_NAME = "libqc_kernels_cuda.so"
+SOURCES = ("gemm_s8_sm90.cu",)
+# tile configurations compiled into the library: name -> (tile M, tile N)
+GEMM_TILES = {"128x128": (128, 128), "128x256": (128, 256)}
+GEMM_FUNC = "qc.cuda.gemm_s8_requant_{tile}"
+
+
+def pick_tile(n: int, k: int) -> str:
+    """The tile configuration for an [M, K] x [K, N] GEMM: 128x256 only where N and K are large
+    (bench/gpu.py's kernel table: 128x256 wins at 4096^3 and 8192^3, 128x128 at the models' shapes)."""
+    return "128x256" if n >= 4096 and k >= 2048 else "128x128"
+
+
+def supported_arch(arch: str) -> bool:
+    """The kernels use Hopper's WGMMA and TMA: sm_90 / sm_90a only."""
+    return arch in ("sm_90", "sm_90a")
+
+
+def _src_dir() -> str:
+    return os.path.join(os.path.dirname(__file__), "kernels")
+
+
+def cutlass_include() -> str:
+    try:
+        from importlib import util
+        spec = util.find_spec("cutlass_library")
+    except ImportError:
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise QCError("tvm-cuda's int8 tensor-core kernels need the CUTLASS headers: pip install 'qcompiler[cuda]' "
+                      "(nvidia-cutlass)")
+    inc = os.path.join(list(spec.submodule_search_locations)[0], "source", "include")
+    if not os.path.isfile(os.path.join(inc, "cutlass", "epilogue", "collective", "builders", "sm90_builder.inl")):
+        raise QCError(f"{inc}: the CUTLASS headers there lack the sm90 collective builders")
+    return inc
+
+
+def _ffi_dirs() -> tuple[str, str]:
+    import tvm_ffi
+    root = os.path.dirname(tvm_ffi.__file__)
+    return os.path.join(root, "include"), os.path.join(root, "lib")
+
+
+def _nvcc_version(nvcc: str) -> str:
+    r = subprocess.run([nvcc, "--version"], capture_output=True, text=True)
+    return r.stdout.strip().splitlines()[-1] if r.returncode == 0 and r.stdout.strip() else "unknown"
+
+
+def _cache_dir() -> str:
+    return os.environ.get("QC_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "qcompiler")
+
+
+def build_library(arch: str = "sm_90") -> str:
+    """Path of the kernel library for `arch`, compiled now unless the cache holds it."""
+    if not supported_arch(arch):
+        raise QCError(f"qcompiler's CUDA kernels are written for Hopper (sm_90), not {arch}")
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        raise QCError("tvm-cuda builds its kernels with nvcc, which is not on PATH")
+    inc_cutlass = cutlass_include()
+    inc_ffi, lib_ffi = _ffi_dirs()
+    h = hashlib.sha256()
+    for name in SOURCES:
+        with open(os.path.join(_src_dir(), name), "rb") as f:
+            h.update(name.encode() + b"\0" + f.read())
+    h.update(f"{arch}|{_nvcc_version(nvcc)}|{inc_cutlass}".encode())
+    out_dir = os.path.join(_cache_dir(), "cuda-kernels", h.hexdigest()[:16])
+    out = os.path.join(out_dir, LIB_NAME)
+    if os.path.isfile(out):
+        return out
+    os.makedirs(out_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".nvcc-", dir=out_dir) as d:
+        tmp = os.path.join(d, LIB_NAME)
+        cmd = [nvcc, "-std=c++17", "-O3", "-DNDEBUG", f"-arch={arch}a" if not arch.endswith("a") else f"-arch={arch}",
+               "-shared", "-Xcompiler", "-fPIC", "--expt-relaxed-constexpr", "-cudart", "static",
+               "-I", inc_cutlass, "-I", inc_ffi, "-L", lib_ffi, "-ltvm_ffi",
+               *[os.path.join(_src_dir(), s) for s in SOURCES], "-o", tmp]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode:
+            err = [ln for ln in (r.stderr or r.stdout).splitlines() if "error" in ln][:5]
+            raise QCError("nvcc could not build qcompiler's CUDA kernels: " + " | ".join(err)[:1500])
+        os.replace(tmp, out)  # atomic: a concurrent build sees the whole file or none
+    return out

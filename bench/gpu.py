@@ -1,0 +1,378 @@
+"""GPU speed of qcompiler's integer-only tvm-cuda artifacts against PyTorch, on an NVIDIA Hopper GPU.
+
+Two steps, because the GPU machine has no TVM (and no network):
+
+    .venv/bin/python bench/gpu.py prepare --out .gpu     (here: builds everything it will run)
+    python3 bench/gpu.py run --prebuilt .gpu             (on the GPU machine; writes bench/results/gpu.json)
+
+`prepare` builds the kernel library (backends/tvm/kernels, CUTLASS + nvcc, sm_90a) and, per
+model, the tvm-cuda artifact plus the reference backend's outputs on fixed inputs.
+`run` prints and writes:
+- a kernel table: each int8 GEMM shape of the models (and 4096^3, 8192^3) through qcompiler's
+  fused GEMM + requant kernel, in TOP/s and % of the int8 dense peak, beside torch._int_mm
+  (int32 out, no requant) and a bf16 matmul at the same shape; every shape's output is checked
+  bit for bit against qc::requant's reference arithmetic (qcompiler/int_ops.py) run by torch;
+- the models (when prepared): PyTorch FP32, bf16 eager, bf16 torch.compile, qcompiler's W8A8
+  fake-quant graph, and the tvm-cuda integer artifact, with ratios to bf16 torch.compile, and
+  the artifact's outputs compared bit for bit with the reference backend's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+INT8_PEAK_TOPS = {"H100": 1979.0, "H200": 1979.0}  # dense int8 tensor-core peak (SXM), TOP/s
+
+# (M, N, K) of the int8 GEMMs: MiniLM / BERT-base at batch 32 x seq 128, DeiT-S at batch 64 (197 tokens)
+GEMM_SHAPES = {
+    "MiniLM qkv/out": (4096, 384, 384), "MiniLM ffn up": (4096, 1536, 384), "MiniLM ffn down": (4096, 384, 1536),
+    "BERT-base qkv/out": (4096, 768, 768), "BERT-base ffn up": (4096, 3072, 768),
+    "BERT-base ffn down": (4096, 768, 3072),
+    "DeiT-S qkv": (12608, 1152, 384), "DeiT-S proj": (12608, 384, 384), "DeiT-S ffn up": (12608, 1536, 384),
+    "DeiT-S ffn down": (12608, 384, 1536),
+    "large 4096^3": (4096, 4096, 4096), "large 8192^3": (8192, 8192, 8192),
+}
+# edge cases checked for exactness only: partial tiles, one row, no rows
+EDGE_SHAPES = [(77, 384, 384), (1, 128, 256), (1000, 1536, 384), (0, 384, 384)]
+
+
+def _time_cuda(fn, iters: int = 50, warmup: int = 10) -> float:
+    """Median milliseconds of fn() over `iters` launches, CUDA events around each."""
+    import torch
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return float(np.median(times))
+
+
+def load_kernels(prebuilt: Path):
+    """dlopen the kernel library (it registers qc.cuda.* in tvm_ffi's global table)."""
+    import ctypes
+    os.environ.setdefault("TVM_FFI_DISABLE_TORCH_C_DLPACK", "1")
+    import tvm_ffi
+    ctypes.CDLL(str(prebuilt / "libqc_kernels_cuda.so"), mode=ctypes.RTLD_GLOBAL)
+    return tvm_ffi
+
+
+def gemm_case(torch, m, n, k, seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randint(-128, 128, (m, k), dtype=torch.int8, device="cuda", generator=g)
+    w = torch.randint(-128, 128, (n, k), dtype=torch.int8, device="cuda", generator=g)
+    bias = torch.randint(-2**20, 2**20, (n,), dtype=torch.int32, device="cuda", generator=g)
+    mult = torch.randint(2**30, 2**31 - 1, (n,), dtype=torch.int32, device="cuda", generator=g)
+    # shifts that put outputs across the int8 range (some saturate); a few tiny shifts hit exact ties
+    base = int(np.ceil(np.log2(max(1.0, 127 * 127 * np.sqrt(k))))) + 31 - 6
+    shift = torch.randint(base - 2, base + 3, (n,), dtype=torch.int32, device="cuda", generator=g)
+    shift[:4] = torch.tensor([0, 1, 2, 31], dtype=torch.int32)[: min(4, n)]
+    return x, w, bias, mult, shift
+
+
+def reference_gemm(torch, x, w, bias, mult, shift, out_zp):
+    from qcompiler import int_ops
+    if x.shape[0] == 0:
+        return torch.empty((0, w.shape[0]), dtype=torch.int8, device=x.device)
+    if x.shape[0] > 16:
+        acc = torch._int_mm(x, w.t())
+    else:  # _int_mm needs more than 16 rows
+        acc = (x.double() @ w.double().t()).to(torch.int32)  # |acc| < 2^31 < 2^53: exact
+    return int_ops.requant(acc + bias, 0, mult.long(), shift.long(), out_zp, -128, 127, -1)
+
+
+def kernel_table(prebuilt: Path, peak: float) -> list[dict]:
+    import torch
+    ffi = load_kernels(prebuilt)
+    from qcompiler.backends.tvm.cuda_kernels import GEMM_FUNC, GEMM_TILES
+    fns = {t: ffi.get_global_func(GEMM_FUNC.format(tile=t)) for t in GEMM_TILES}
+    rows = []
+    for label, (m, n, k) in [*[(f"edge {s}", s) for s in EDGE_SHAPES], *GEMM_SHAPES.items()]:
+        edge = label.startswith("edge")
+        x, w, bias, mult, shift = gemm_case(torch, m, n, k, seed=m + n + k)
+        out_zp = 3
+        ref = reference_gemm(torch, x, w, bias, mult, shift, out_zp)
+        row = {"shape": label, "M": m, "N": n, "K": k}
+        args = [ffi.from_dlpack(t) for t in (x, w, bias, mult, shift)]
+        for tile, fn in fns.items():
+            y = torch.empty((m, n), dtype=torch.int8, device="cuda")
+            yt = ffi.from_dlpack(y)
+            try:
+                fn(*args, out_zp, -128, 127, yt)
+                torch.cuda.synchronize()
+            except Exception as e:  # report, keep measuring the rest
+                row[f"qc {tile} error"] = str(e).splitlines()[0][:200]
+                continue
+            row[f"qc {tile} exact"] = bool(torch.equal(y, ref))
+            if not row[f"qc {tile} exact"]:
+                row[f"qc {tile} mismatches"] = int((y != ref).sum())
+            if not edge:
+                ms = _time_cuda(lambda: fn(*args, out_zp, -128, 127, yt))
+                row[f"qc {tile} ms"] = ms
+                row[f"qc {tile} TOP/s"] = 2 * m * n * k / ms / 1e9
+        if not edge:
+            wt = w.t()
+            row["torch._int_mm ms"] = _time_cuda(lambda: torch._int_mm(x, wt))
+            row["torch._int_mm TOP/s"] = 2 * m * n * k / row["torch._int_mm ms"] / 1e9
+            xb, wb = x.bfloat16(), w.bfloat16().t()
+            row["bf16 matmul ms"] = _time_cuda(lambda: xb @ wb)
+            row["bf16 TFLOP/s"] = 2 * m * n * k / row["bf16 matmul ms"] / 1e9
+            best = max((row.get(f"qc {t} TOP/s", 0.0), t) for t in GEMM_TILES)
+            row["qc best tile"], row["qc best TOP/s"] = best[1], best[0]
+            row["qc % of int8 peak"] = 100 * best[0] / peak
+            row["qc / _int_mm"] = best[0] / row["torch._int_mm TOP/s"]
+        rows.append(row)
+        torch.cuda.empty_cache()
+    return rows
+
+
+def print_kernel_table(rows, peak):
+    print(f"\nint8 GEMM + fused requant (qcompiler, CUTLASS WGMMA) vs torch._int_mm (int32 out) and bf16; "
+          f"int8 dense peak {peak:.0f} TOP/s")
+    print(f"{'shape':<22}{'M x N x K':>20}{'exact':>7}{'qc TOP/s':>10}{'% peak':>8}{'_int_mm':>9}{'qc/_int_mm':>11}"
+          f"{'bf16 TF/s':>10}")
+    for r in rows:
+        exact = all(v for key, v in r.items() if key.endswith("exact")) and not any(key.endswith("error") for key in r)
+        mnk = f"{r['M']}x{r['N']}x{r['K']}"
+        if "qc best TOP/s" not in r:
+            print(f"{r['shape']:<22}{mnk:>20}{str(exact):>7}")
+            continue
+        print(f"{r['shape']:<22}{mnk:>20}{str(exact):>7}{r['qc best TOP/s']:>10.0f}{r['qc % of int8 peak']:>7.0f}%"
+              f"{r['torch._int_mm TOP/s']:>9.0f}{r['qc / _int_mm']:>10.2f}x{r['bf16 TFLOP/s']:>10.0f}")
+
+
+# -- models ---------------------------------------------------------------------------------------
+MODELS = {"minilm": 32, "bert-base": 32, "deit-s": 64}  # name -> batch (static shapes: TVM's GPU schedules need them)
+SEQ = 128
+
+
+def build_module(name: str, real_weights: bool):
+    """The model, seeded. MiniLM: all-MiniLM-L6-v2's real weights where `real_weights` (here),
+    else the same architecture seeded (the GPU machine lacks the weights package; speed does not
+    depend on the values). BERT-base-size: 12 x 768, 12 heads, FFN 3072, vocab 2048 (the vocab
+    only sizes the embedding gather). DeiT-S-size: 224^2 x 3 images, 16^2 patches (197 tokens),
+    12 x 384, 6 heads, MLP x4, 1000 classes."""
+    import torch
+    from qcompiler.models.fashion import FashionViT
+    from qcompiler.models.minilm import MiniLMEncoder
+    torch.manual_seed(0)
+    if name == "minilm":
+        if real_weights:
+            from qcompiler.models import zoo
+            return zoo.get("minilm").module
+        m = MiniLMEncoder()
+    elif name == "bert-base":
+        m = MiniLMEncoder(vocab=2048, dim=768, layers=12, heads=12, hidden=3072)
+    elif name == "deit-s":
+        m = FashionViT(patch=16, dim=384, depth=12, heads=6, mlp_ratio=4, classes=1000, size=224, channels=3)
+    else:
+        raise KeyError(name)
+    return m.eval()
+
+
+def model_inputs(name: str, batch: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    if name == "deit-s":
+        return {"image": rng.standard_normal((batch, 3, 224, 224)).astype(np.float32)}
+    vocab = 2048 if name == "bert-base" else 30522
+    ids = rng.integers(1000 if vocab > 1000 else 1, vocab, (batch, SEQ)).astype(np.int64)
+    mask = np.ones((batch, SEQ), np.int64)
+    mask[: batch // 2, SEQ * 3 // 4:] = 0  # half the rows padded: the masked softmax path runs too
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _input_names(name):
+    return ["image"] if name == "deit-s" else ["input_ids", "attention_mask"]
+
+
+def _calib(name: str, n: int = 32):
+    if name == "minilm":  # real sentences, padded to the static sequence length
+        from qcompiler.models import zoo
+        c = zoo.get("minilm").calib(n)
+        return {k: np.pad(v, ((0, 0), (0, SEQ - v.shape[1]))) for k, v in c.items()}
+    return model_inputs(name, n, seed=1)
+
+
+def prepare_model(name: str, out: Path) -> dict:
+    import torch
+    import qcompiler
+    mod = build_module(name, real_weights=True)
+    names = _input_names(name)
+    ex = model_inputs(name, MODELS[name], seed=2)
+    g = qcompiler.trace(mod, tuple(torch.from_numpy(ex[k]) for k in names), input_names=names, dynamic=None)
+    calib = _calib(name, MODELS[name])  # one batch of the static shape
+    cfg = dict(calib_batch_size=MODELS[name])
+    t0 = time.perf_counter()
+    art = qcompiler.compile(g.copy(), calib, config=qcompiler.Config(target="tvm-cuda", **cfg))
+    build_s = time.perf_counter() - t0
+    art.save(out / name)
+    ref = qcompiler.compile(g.copy(), calib, config=qcompiler.Config(target="reference", integer=True, **cfg))
+    check = model_inputs(name, MODELS[name], seed=3)
+    with tempfile.TemporaryDirectory() as d:
+        got = qcompiler.load(ref.save(Path(d) / "ref"))(check)
+    np.savez(out / name / "check.npz", **{f"in.{k}": v for k, v in check.items()},
+             **{f"out.{k}": v for k, v in got.items()})
+    sizes = {f: (out / name / f).stat().st_size for f in art.manifest["files"]}
+    kernels = sum(1 for f in sizes if f.startswith("libqc"))
+    print(f"{name}: built in {build_s:.0f} s, files {sizes}, kernel library {'yes' if kernels else 'no'}")
+    return {"build_s": build_s, "files": sizes}
+
+
+def _time_host(fn, sync, iters: int = 30, warmup: int = 5) -> float:
+    """Median ms of fn() then sync(), wall clock (what a caller of the model sees)."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    ts = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn()
+        sync()
+        ts.append((time.perf_counter() - t) * 1e3)
+    return float(np.median(ts))
+
+
+def model_rows(prebuilt: Path, name: str) -> dict:
+    import torch
+    import qcompiler
+    batch = MODELS[name]
+    names = _input_names(name)
+    feeds = model_inputs(name, batch, seed=4)
+    row = {"model": name, "batch": batch}
+    sync = torch.cuda.synchronize
+    mod = build_module(name, real_weights=False).cuda()
+    xs = [torch.from_numpy(feeds[k]).cuda() for k in names]
+    with torch.no_grad():
+        row["fp32 eager ms"] = _time_host(lambda: mod(*xs), sync)
+        mb = build_module(name, real_weights=False).cuda().to(torch.bfloat16)
+        xb = [x.to(torch.bfloat16) if x.is_floating_point() else x for x in xs]
+        row["bf16 eager ms"] = _time_host(lambda: mb(*xb), sync)
+        try:
+            mc = torch.compile(mb)
+            row["bf16 torch.compile ms"] = _time_host(lambda: mc(*xb), sync)
+        except Exception as e:
+            row["bf16 torch.compile error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        try:  # qcompiler's W8A8 fake-quant graph, calibrated here on the seeded model, run by torch on the GPU
+            g = qcompiler.trace(build_module(name, real_weights=False), tuple(torch.from_numpy(model_inputs(name, batch, 2)[k])
+                                for k in names), input_names=names, dynamic=None)
+            from qcompiler.calib import CalibData
+            _, qg, _ = qcompiler.compiler.quantize(g, CalibData(model_inputs(name, batch, 1), batch_size=batch),
+                                                   qcompiler.Config(calib_batch_size=batch))
+            gm = qg.gm.cuda()
+            row["qcompiler W8A8 fake-quant (torch eager) ms"] = _time_host(lambda: gm(*xs), sync)
+        except Exception as e:
+            row["fake-quant error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    del mod, mb
+    torch.cuda.empty_cache()
+    art_dir = prebuilt / name
+    if (art_dir / "model.so").is_file():
+        try:
+            cm = qcompiler.load(art_dir)
+            r = cm.runner
+            chk = np.load(art_dir / "check.npz")
+            got = r.run({k: chk[f"in.{k}"] for k in names})
+            row["tvm-cuda bit-exact vs reference"] = all(np.array_equal(got[k], chk[f"out.{k}"]) for k in got)
+            if not row["tvm-cuda bit-exact vs reference"]:
+                row["tvm-cuda max abs diff"] = float(max(np.abs(got[k].astype(np.float64) - chk[f"out.{k}"]).max()
+                                                         for k in got))
+            dev = [r.to_device(feeds[k]) for k in names]
+            row["qcompiler tvm-cuda integer ms"] = _time_host(lambda: r.fn(*dev), sync)
+        except Exception as e:
+            row["tvm-cuda error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+    base = row.get("bf16 torch.compile ms")
+    if base:
+        for k in list(row):
+            if k.endswith(" ms"):
+                row[k.replace(" ms", " speedup vs bf16 compile")] = base / row[k]
+    return row
+
+
+def print_model_rows(rows):
+    cols = ["fp32 eager", "bf16 eager", "bf16 torch.compile", "qcompiler W8A8 fake-quant (torch eager)",
+            "qcompiler tvm-cuda integer"]
+    print("\nend to end, median ms (speedup vs bf16 torch.compile)")
+    print(f"{'model':<11}{'batch':>6}" + "".join(f"{c[:26]:>28}" for c in cols) + f"{'bit-exact':>11}")
+    for r in rows:
+        cells = []
+        for c in cols:
+            ms = r.get(f"{c} ms")
+            cells.append(f"{ms:.2f} ({r[c + ' speedup vs bf16 compile']:.2f}x)" if ms and
+                         f"{c} speedup vs bf16 compile" in r else (f"{ms:.2f}" if ms else "-"))
+        print(f"{r['model']:<11}{r['batch']:>6}" + "".join(f"{c:>28}" for c in cells) +
+              f"{str(r.get('tvm-cuda bit-exact vs reference', '-')):>11}")
+        for k, v in r.items():
+            if "error" in k:
+                print(f"    {k}: {v}")
+
+
+def run(args) -> int:
+    import torch
+    prebuilt = Path(args.prebuilt).resolve()
+    name = torch.cuda.get_device_name(0)
+    peak = next((v for k, v in INT8_PEAK_TOPS.items() if k in name), 1979.0)
+    out = {"device": name, "torch": torch.__version__, "int8_peak_tops": peak, "when": time.strftime("%Y-%m-%d %H:%M")}
+    print(f"device: {name}, torch {torch.__version__}")
+    if args.part in ("kernels", "all"):
+        out["kernels"] = kernel_table(prebuilt, peak)
+        print_kernel_table(out["kernels"], peak)
+    if args.part in ("models", "all"):
+        out["models"] = []
+        for name in args.models.split(","):
+            out["models"].append(model_rows(prebuilt, name))
+            print_model_rows(out["models"][-1:])
+            dest = Path(args.json)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_text(json.dumps(out, indent=1))  # what is done so far survives a timeout
+        print_model_rows(out["models"])
+    dest = Path(args.json)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(json.dumps(out, indent=1))
+    print(f"\nwrote {dest}")
+    return 0
+
+
+def prepare(args) -> int:
+    import shutil
+    from qcompiler.backends.tvm.cuda_kernels import LIB_NAME, build_library
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    shutil.copy(build_library("sm_90"), out / LIB_NAME)
+    print(f"kernel library: {out / LIB_NAME} ({time.perf_counter() - t0:.0f} s)")
+    for name in args.models.split(","):
+        if name:
+            prepare_model(name, out)
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    pp = sub.add_parser("prepare", help="build the kernel library and the artifacts (needs apache-tvm and nvcc)")
+    pp.add_argument("--out", default=".gpu")
+    pp.add_argument("--models", default=",".join(MODELS))
+    pr = sub.add_parser("run", help="measure on the GPU machine")
+    pr.add_argument("--prebuilt", default=".gpu")
+    pr.add_argument("--part", choices=("kernels", "models", "all"), default="all")
+    pr.add_argument("--json", default=str(RESULTS / "gpu.json"))
+    pr.add_argument("--models", default=",".join(MODELS))
+    args = p.parse_args(argv)
+    return prepare(args) if args.cmd == "prepare" else run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
