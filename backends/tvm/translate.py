@@ -38,25 +38,21 @@ VNNI_BLOCK = "qc_dot_u8s8"  # the name of backends/tvm/vnni.py's kernels in the 
 
 
 class _Lets:
-    """Let-bindings for one element of a let_compute kernel."""
+    """The per-element context of a elementwise kernel: L(expr) names an intermediate and
+    L.table(i) reads the kernel's constant table. Intermediates are not TIR Let bindings:
+    TVM's simplifier substitutes let-bound values back anyway, and in apache-tvm 0.27 a Let
+    over a per-channel value inside a vectorized CPU loop fails its type check (int64 vs
+    int64x16). So each kernel's arithmetic is written to read a value at most a few times
+    (no Select: see _rshift_round), which keeps its expression small once inlined."""
 
     def __init__(self, table=None):
-        self.binds, self._table, self.raw = [], table, []
+        self._table, self.raw = table, []
 
     def __call__(self, expr):
-        from tvm import tirx
-        v = tirx.Var(f"t{len(self.binds)}", str(expr.ty))
-        self.binds.append((v, expr))
-        return v
+        return expr
 
     def table(self, i):
-        return self(self._table(i))
-
-    def wrap(self, body):
-        from tvm import tirx
-        for v, e in reversed(self.binds):
-            body = tirx.Let(v, e, body)
-        return body
+        return self._table(i)
 
 
 class Translator:
@@ -109,87 +105,55 @@ class Translator:
         shape[axis % self.ndim(like)] = a.size
         return self.const(a.reshape(shape), dtype)
 
-    def rshift_round(self, p, c):
-        """p / 2^c rounded half away from zero; p int64, c an int or an int64 constant array."""
-        R = self.R
-        c_arr = np.asarray(c, dtype=np.int64)
-        if not c_arr.any():
-            return p
-        neg = self.emit(R.astype(R.less(p, self.const(0, "int64")), "int64"))
-        if c_arr.ndim == 0:
-            c_int = int(c_arr)
-            p = self.emit(R.subtract(R.add(p, self.const(1 << (c_int - 1), "int64")), neg))
-            return self.emit(R.right_shift(p, self.const(c_int, "int64")))
-        half = np.where(c_arr > 0, np.left_shift(1, np.maximum(c_arr - 1, 0)), 0).astype(np.int64)
-        pos = (c_arr > 0).astype(np.int64)
-        p = self.emit(R.subtract(R.add(p, self.const(half, "int64")), R.multiply(neg, self.const(pos, "int64"))))
-        return self.emit(R.right_shift(p, self.const(c_arr, "int64")))
+    def isqrt(self, v, scale_bits: int = 0):
+        """floor(sqrt(v * 2^scale_bits)) for int64 v (one elementwise kernel)."""
+        return self.elementwise("isqrt", [v], lambda L, x: _isqrt(L, x * (1 << scale_bits) if scale_bits else x),
+                                "int64", own_kernel=True)
 
-    def clip_cast(self, v, qmin: int, qmax: int):
-        dtype = _dt(I.int_dtype(qmin, qmax))
-        v = self.emit(self.R.clip(v, qmin, qmax))
-        return self.cast(v, dtype)
-
-    def round_div(self, num, den):
-        """num / den rounded half away from zero (int64; 0 where den == 0), as int_ops.round_div."""
-        R = self.R
-        d = self.emit(R.maximum(den, self.const(1, "int64")))
-        q = self.emit(R.floor_divide(R.add(R.multiply(R.abs(num), self.const(2, "int64")), d),
-                                     R.multiply(d, self.const(2, "int64"))))
-        q = self.emit(R.where(R.less(num, self.const(0, "int64")), R.negative(q), q))
-        return self.emit(R.where(R.greater(den, self.const(0, "int64")), q, R.zeros_like(q)))
-
-    def isqrt(self, v):
-        """floor(sqrt(v)) for int64 v in [0, 2^62): a float64 estimate and two integer fix-ups,
-        as int_ops.isqrt. One elementwise kernel whose steps are let-bound: each fix-up reads r
-        three times, so written as separate ops (which the GPU schedules inline) the expression
-        would grow 3^4-fold and TVM's TIR passes take minutes on it."""
+    def elementwise(self, name: str, inputs: list, fn, dtype: str, table=None, own_kernel: bool = False):
+        """One elementwise kernel over the broadcast shape of `inputs` (numpy broadcasting; a
+        Python int stands for a scalar constant and is passed to fn as is): fn(L, *scalars) ->
+        TIR expression, where L.table(i) reads the 1-D constant `table` at index i and L.raw
+        holds the tensor inputs' loads. Each integer op is one such kernel (not a chain of
+        Relax ops), so TVM's GPU schedules, which inline elementwise producers into their
+        consumers, inline one small expression per op instead of a tree that copies every
+        value into each of its uses (exponential in a chain of requantizations).
+        own_kernel: never fused into a consumer (op_pattern opaque), for small per-row results
+        whose expression is long (isqrt): inlined where it is read several times, TVM's
+        simplifier takes minutes per kernel (MiniLM's LayerNorm: 117 s)."""
         from tvm import te, tirx
-
-        def body(t):
-            def at(*i):
-                x = tirx.Var("x", "int64")
-                steps = [tirx.Var(f"r{j}", "int64") for j in range(5)]
-                one = tirx.const(1, "int64")
-                vals = [tirx.Cast("int64", tirx.floor(tirx.sqrt(tirx.Cast("float64", x))))]
-                for j in range(4):
-                    r = steps[j]
-                    vals.append(tirx.Select((r + one) * (r + one) <= x, r + one, r) if j % 2 == 0 else
-                                tirx.Select(r * r > x, r - one, r))
-                expr = steps[4]
-                for j in reversed(range(5)):
-                    expr = tirx.Let(steps[j], vals[j], expr)
-                return tirx.Let(x, t(*i), expr)
-            return te.compute(t.shape, at, name="isqrt")
-        return self.bb.emit_te(body, v, primfunc_name_hint="isqrt")
-
-    def let_compute(self, name: str, inputs: list, fn, dtype: str, table=None):
-        """One elementwise kernel over the broadcast shape of `inputs` (same rank; size-1 dims
-        broadcast): fn(L, *scalars) -> TIR expression, where L(expr) let-binds an intermediate
-        (so an expression that reads a value several times stays linear in size) and
-        L.table(i) reads the 1-D constant `table` at index i. A table index must not use
-        let-bound values (TIR's block read regions cannot see them): build it from L.raw, the
-        inputs' loads."""
-        from tvm import te, tirx
-        shapes = [self.shape_of(v) for v in inputs]
+        tensors = [v for v in inputs if not isinstance(v, int)]
+        shapes = [self.shape_of(v) for v in tensors]
+        rank = max(len(sh) for sh in shapes)
+        one = lambda d: _static(d) and int(d) == 1
         out_shape = []
-        for k in range(len(shapes[0])):
-            dims = [sh[k] for sh in shapes if not (_static(sh[k]) and int(sh[k]) == 1)]
-            out_shape.append(dims[0] if dims else shapes[0][k])
+        for k in range(rank):
+            dims = [sh[k - rank + len(sh)] for sh in shapes if k - rank + len(sh) >= 0]
+            big = [d for d in dims if not one(d)]
+            out_shape.append(big[0] if big else dims[0])
 
         def body(*ts):
-            tensors, tab = (ts[:-1], ts[-1]) if table is not None else (ts, None)
+            ts, tab = (ts[:-1], ts[-1]) if table is not None else (ts, None)
 
             def at(*i):
                 L = _Lets(tab)
-                for t in tensors:
-                    idx = [tirx.const(0, "int64") if (_static(d) and int(d) == 1 and not (_static(o) and int(o) == 1))
-                           else ix for d, o, ix in zip(t.shape, out_shape, i)]
+                for t in ts:
+                    r = len(t.shape)
+                    idx = [tirx.const(0, "int64") if one(d) and not one(o) else ix
+                           for d, o, ix in zip(t.shape, out_shape[rank - r:], i[rank - r:])]
                     L.raw.append(t(*idx))
-                return L.wrap(fn(L, *[L(r) for r in L.raw]))
+                loaded = iter([L(r) for r in L.raw])
+                return fn(L, *[v if isinstance(v, int) else next(loaded) for v in inputs])
             return te.compute(out_shape, at, name=name)
-        args = list(inputs) + ([table] if table is not None else [])
-        return self.bb.emit_te(body, *args, primfunc_name_hint=name)
+        args = tensors + ([table] if table is not None else [])
+        attrs = {"primfunc_attrs": {"op_pattern": 8}} if own_kernel else {}  # 8: kOpaque
+        return self.bb.emit_te(body, *args, primfunc_name_hint=name, **attrs)
+
+    def per_channel(self, t: torch.Tensor, like, axis: int):
+        """An integer constant of a requant-like op: a Python int when it is one value, else an
+        int64 tensor shaped to broadcast along `axis` of `like` (for elementwise)."""
+        a = _np(t).astype(np.int64)
+        return int(a.reshape(-1)[0]) if a.size == 1 else self.axis_const(t, like, axis, "int64")
 
     def arg(self, a):
         if isinstance(a, fx.Node):
@@ -289,21 +253,16 @@ def _dequantize(tr, n):
 
 
 def _requant(tr, n):
+    """y = clamp(rshift_round((acc - in_zp) * mult, shift) + out_zp): one elementwise kernel."""
     acc, in_zp, mult, shift, out_zp, qmin, qmax, axis = n.args
-    a = tr.sub_zp(tr.arg(acc), in_zp)
-    b = tr.axis_const(tr.tensor_const(mult), a, axis, "int64")
-    c = _np(tr.tensor_const(shift)).astype(np.int64)
-    if c.size > 1:
-        shape = [1] * tr.ndim(a)
-        shape[axis % tr.ndim(a)] = c.size
-        c = c.reshape(shape)
-    else:
-        c = c.reshape(())
-    p = tr.emit(tr.R.multiply(a, b))
-    y = tr.rshift_round(p, c)
-    if out_zp:
-        y = tr.emit(tr.R.add(y, tr.const(out_zp, "int64")))
-    return tr.clip_cast(y, qmin, qmax)
+    av = tr.arg(acc)
+    m = tr.per_channel(tr.tensor_const(mult), av, axis)
+    c = tr.per_channel(tr.tensor_const(shift), av, axis)
+
+    def fn(L, a, m_, c_):
+        p = L((_i64(a) - in_zp) * m_)
+        return _saturate(L(_rshift_round(L, p, c_) + out_zp), qmin, qmax)
+    return tr.elementwise("requant", [av, m, c], fn, _dt(I.int_dtype(qmin, qmax)))
 
 
 def _mm_operand(tr, v, zp):
@@ -464,13 +423,11 @@ def _int_conv(tr, n):
 
 def _int_add(tr, n):
     a, a_zp, a_mult, b, b_zp, b_mult, shift, out_zp, qmin, qmax = n.args
-    R = tr.R
-    pa = tr.emit(R.multiply(tr.sub_zp(tr.arg(a), a_zp), tr.const(a_mult, "int64")))
-    pb = tr.emit(R.multiply(tr.sub_zp(tr.arg(b), b_zp), tr.const(b_mult, "int64")))
-    y = tr.rshift_round(tr.emit(R.add(pa, pb)), shift)
-    if out_zp:
-        y = tr.emit(R.add(y, tr.const(out_zp, "int64")))
-    return tr.clip_cast(y, qmin, qmax)
+
+    def fn(L, x, y):
+        p = L((_i64(x) - a_zp) * a_mult + (_i64(y) - b_zp) * b_mult)
+        return _saturate(L(_rshift_round(L, p, shift) + out_zp), qmin, qmax)
+    return tr.elementwise("int_add", [tr.arg(a), tr.arg(b)], fn, _dt(I.int_dtype(qmin, qmax)))
 
 
 def _int_lut(tr, n):
@@ -493,34 +450,31 @@ def _int_mul(tr, n):
 
 
 def _int_div(tr, n):
+    """As int_ops.int_div, with round_div (half away from zero, 0 where b == 0) inline."""
+    from tvm import tirx
     a, a_zp, b, mult, shift, out_zp, qmin, qmax = n.args
-    R = tr.R
-    num = tr.emit(R.multiply(tr.sub_zp(tr.arg(a), a_zp), tr.const(mult, "int64")))
-    den = tr.i64(tr.arg(b))
-    t = tr.round_div(num, den)
-    y = tr.rshift_round(t, shift)
-    y = tr.emit(R.where(R.greater(den, tr.const(0, "int64")), y, R.zeros_like(y)))
-    if out_zp:
-        y = tr.emit(R.add(y, tr.const(out_zp, "int64")))
-    return tr.clip_cast(y, qmin, qmax)
+
+    def fn(L, x, den):
+        num, den = L((_i64(x) - a_zp) * mult), L(_i64(den))
+        d = L(tirx.max(den, _c(1)))
+        q = L(tirx.floordiv(tirx.abs(num) * 2 + d, d * 2))
+        t = L(q * (_c(1) - 2 * tirx.Cast("int64", num < _c(0))))
+        y = L(_rshift_round(L, t, shift) * tirx.Cast("int64", den > _c(0)) + out_zp)
+        return _saturate(y, qmin, qmax)
+    return tr.elementwise("int_div", [tr.arg(a), tr.arg(b)], fn, _dt(I.int_dtype(qmin, qmax)))
 
 
 def _int_l2_norm(tr, n):
     x, x_zp, dims, keepdim, frac_bits = n.args
-    R = tr.R
-    xi = tr.sub_zp(tr.arg(x), x_zp)
-    s = tr.emit(R.sum(R.multiply(xi, xi), axis=list(dims), keepdims=keepdim))
-    if frac_bits:
-        s = tr.emit(R.multiply(s, tr.const(1 << (2 * frac_bits), "int64")))
-    return tr.isqrt(s)
+    sq = tr.elementwise("l2_square", [tr.arg(x)], lambda L, v: (lambda t: t * t)(L(_i64(v) - x_zp)), "int64")
+    s = tr.emit(tr.R.sum(sq, axis=list(dims), keepdims=keepdim))
+    return tr.isqrt(s, 2 * frac_bits)
 
 
 def _int_softmax(tr, n):
     """As int_ops' int_softmax: d = rowmax - x (masked entries excluded), e = table[min(d, N-1)]
     (0 where masked), t = (e * mult) // max(sum e, 1), y = clamp(rshift_round(t, shift) + out_zp).
-    The two elementwise stages are single let-bound kernels (see Translator.let_compute): written
-    as separate Relax ops, the GPU schedules inline them into an expression that TVM's TIR
-    passes take minutes to simplify."""
+    The two elementwise stages are single kernels (see Translator.elementwise)."""
     x, mask, table, dim, mult, shift, out_zp, qmin, qmax = n.args
     from tvm import tirx
     R = tr.R
@@ -528,62 +482,96 @@ def _int_softmax(tr, n):
     tab = tr.tensor_const(table)
     top = tab.numel() - 1
     tv = tr.const(_np(tab).astype(np.int64), "int64")
-    i64 = lambda v: tirx.Cast("int64", v)
-    c = lambda v: tirx.const(v, "int64")
+    i64, c = _i64, _c
     if mask is not None:
         mv = tr.cast(tr.arg(mask), "bool")
-        xm = tr.let_compute("softmax_masked", [xv, mv], lambda L, a, k: tirx.Select(k, i64(a), c(I64_MIN_HALF)),
+        xm = tr.elementwise("softmax_masked", [xv, mv], lambda L, a, k: tirx.Select(k, i64(a), c(I64_MIN_HALF)),
                             "int64")
         mx = tr.emit(R.max(xm, axis=[dim], keepdims=True))
 
         def exp_(L, a, k, m):
             a, _k, m = L.raw
             return tirx.Select(k, L.table(tirx.min(m - i64(a), c(top))), c(0))
-        e = tr.let_compute("softmax_exp", [xv, mv, mx], exp_, "int64", table=tv)
+        e = tr.elementwise("softmax_exp", [xv, mv, mx], exp_, "int64", table=tv)
     else:
         mx = tr.emit(R.max(tr.i64(xv), axis=[dim], keepdims=True))
-        e = tr.let_compute("softmax_exp", [xv, mx], lambda L, a, m: L.table(tirx.min(L.raw[1] - i64(L.raw[0]), c(top))),
+        e = tr.elementwise("softmax_exp", [xv, mx], lambda L, a, m: L.table(tirx.min(L.raw[1] - i64(L.raw[0]), c(top))),
                            "int64", table=tv)
     s = tr.emit(R.sum(e, axis=[dim], keepdims=True))
-    out_dt = _dt(I.int_dtype(qmin, qmax))
 
     def out_(L, ev, sv):
         t = L(tirx.floordiv(ev * c(mult), tirx.max(sv, c(1))))
-        y = L(_rshift_round_scalar(t, shift) + c(out_zp))
-        return tirx.Cast(out_dt, tirx.max(tirx.min(y, c(qmax)), c(qmin)))
-    return tr.let_compute("softmax_out", [e, s], out_, out_dt)
+        return _saturate(L(_rshift_round(L, t, shift) + c(out_zp)), qmin, qmax)
+    return tr.elementwise("softmax_out", [e, s], out_, _dt(I.int_dtype(qmin, qmax)))
 
 
-def _rshift_round_scalar(p, c: int):
-    """p / 2^c rounded half away from zero, for a TIR int64 scalar p and a constant shift c."""
+def _i64(v):
     from tvm import tirx
-    if c == 0:
-        return p
-    half, sh = tirx.const(1 << (c - 1), "int64"), tirx.const(c, "int64")
-    return tirx.Select(p < tirx.const(0, "int64"), tirx.const(0, "int64") - tirx.shift_right(half - p, sh),
-                       tirx.shift_right(p + half, sh))
+    return v if str(v.ty) == "int64" else tirx.Cast("int64", v)
+
+
+def _c(v: int):
+    from tvm import tirx
+    return tirx.const(v, "int64")
+
+
+def _saturate(y, qmin: int, qmax: int):
+    from tvm import tirx
+    return tirx.Cast(_dt(I.int_dtype(qmin, qmax)), tirx.max(tirx.min(y, _c(qmax)), _c(qmin)))
+
+
+def _rshift_round(L, p, c):
+    """p / 2^c rounded half away from zero (int_ops.rshift_round), for an int64 p and a shift
+    c >= 0 that is a Python int or an int64 value (a per-channel shift), written without Select
+    and reading p twice: (p + 2^(c-1) - [p < 0]) >> c (arithmetic shift) for c > 0, p for c = 0.
+    (For p < 0 that is floor((p + 2^(c-1) - 1) / 2^c) = -floor((|p| + 2^(c-1)) / 2^c).) A Select
+    reads p three times and makes TVM's simplifier simplify each branch under its condition:
+    exponential time in a chain of requantizations."""
+    from tvm import tirx
+    neg = tirx.Cast("int64", p < _c(0))
+    if isinstance(c, int):
+        return p if c == 0 else tirx.shift_right(p + _c(1 << (c - 1)) - neg, _c(c))
+    pos = tirx.Cast("int64", c > _c(0))
+    half = tirx.shift_left(pos, tirx.max(c - _c(1), _c(0)))
+    return tirx.shift_right(p + half - neg * pos, c)
+
+
+def _isqrt(L, x):
+    """floor(sqrt(x)) for int64 x in [0, 2^62), as int_ops.isqrt: the float64 estimate r0 is
+    within 1 of the answer R (|sqrt(fl(x)) - sqrt(x)| < 2^-21 for x < 2^62), so one step down
+    (r0 > R) then one step up (r0 < R) makes it exact; Select-free like _rshift_round."""
+    from tvm import tirx
+    x = L(x)
+    r = L(tirx.Cast("int64", tirx.floor(tirx.sqrt(tirx.Cast("float64", x)))))
+    r = L(r - tirx.Cast("int64", r * r > x))
+    return L(r + tirx.Cast("int64", (r + _c(1)) * (r + _c(1)) <= x))
 
 
 def _int_layer_norm(tr, n):
+    """As int_ops.int_layer_norm, in four kernels: the row sum of x', the row sum of d^2 (d
+    recomputed from x and the first sum), the per-row reciprocal std, and the output."""
+    from tvm import tirx
     x, x_zp, eps, sqrt_bits, gamma, beta, shift, out_zp, qmin, qmax = n.args
     R = tr.R
-    xi = tr.sub_zp(tr.arg(x), x_zp)
-    c = tr.shape_of(xi)[-1]
-    c = int(c)
-    d = tr.emit(R.subtract(R.multiply(xi, tr.const(c, "int64")), R.sum(xi, axis=[-1], keepdims=True)))
-    v = tr.emit(R.floor_divide(R.sum(R.multiply(d, d), axis=[-1], keepdims=True), tr.const(c, "int64")))
-    v = tr.emit(R.multiply(R.add(v, tr.const(eps, "int64")), tr.const(1 << sqrt_bits, "int64")))
-    r = tr.isqrt(v)
-    inv = tr.emit(R.where(R.greater(r, tr.const(0, "int64")),
-                          R.floor_divide(tr.const(1 << I.LN_RECIP_BITS, "int64"), R.maximum(r, tr.const(1, "int64"))),
-                          R.zeros_like(r)))
-    nn_ = tr.rshift_round(tr.emit(R.multiply(d, inv)), I.LN_RECIP_BITS - sqrt_bits // 2 - I.LN_NORM_BITS)
-    g = tr.const(_np(tr.tensor_const(gamma)).astype(np.int64), "int64")
-    b = tr.const(_np(tr.tensor_const(beta)).astype(np.int64), "int64")
-    y = tr.rshift_round(tr.emit(R.add(R.multiply(nn_, g), b)), shift)
-    if out_zp:
-        y = tr.emit(R.add(y, tr.const(out_zp, "int64")))
-    return tr.clip_cast(y, qmin, qmax)
+    xv = tr.arg(x)
+    ch = int(tr.shape_of(xv)[-1])
+    s1 = tr.emit(R.sum(tr.sub_zp(xv, x_zp), axis=[-1], keepdims=True))
+    dev = lambda L, v, s: L((_i64(v) - x_zp) * ch - s)
+    sq = tr.elementwise("ln_square", [xv, s1], lambda L, v, s: (lambda d: d * d)(dev(L, v, s)), "int64")
+    s2 = tr.emit(R.sum(sq, axis=[-1], keepdims=True))
+
+    def recip(L, v):
+        r = _isqrt(L, (tirx.floordiv(v, _c(ch)) + eps) * (1 << sqrt_bits))
+        return tirx.floordiv(_c(1 << I.LN_RECIP_BITS), tirx.max(r, _c(1))) * tirx.Cast("int64", r > _c(0))
+    inv = tr.elementwise("ln_recip", [s2], recip, "int64", own_kernel=True)
+    g = tr.const(_np(tr.tensor_const(gamma)).astype(np.int64).reshape(-1), "int64")
+    b = tr.const(_np(tr.tensor_const(beta)).astype(np.int64).reshape(-1), "int64")
+
+    def out(L, v, s, r, g_, b_):
+        nn_ = L(_rshift_round(L, L(dev(L, v, s) * r), I.LN_RECIP_BITS - sqrt_bits // 2 - I.LN_NORM_BITS))
+        y = L(_rshift_round(L, L(nn_ * g_ + b_), shift) + out_zp)
+        return _saturate(y, qmin, qmax)
+    return tr.elementwise("layer_norm", [xv, s1, inv, g, b], out, _dt(I.int_dtype(qmin, qmax)))
 
 
 QC = {I.quantize: _quantize, I.dequantize: _dequantize, I.requant: _requant, I.int_linear: _int_linear,

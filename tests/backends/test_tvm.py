@@ -192,6 +192,34 @@ def test_int_l2_norm_exact_isqrt():
     check(g, main, x)
 
 
+def test_isqrt_kernel_exact_at_perfect_squares_up_to_2_62():
+    """The kernel's float64 estimate is fixed up by one step each way: exact where fl(x) rounds
+    across a perfect square (k^2 - 1 for k near 2^31 converts to k^2 in float64)."""
+    from tvm import relax
+
+    from qcompiler.backends.tvm.pipeline import pipeline
+    from qcompiler.backends.tvm.build import target_for
+    from qcompiler.backends.tvm.translate import Translator
+    rng = np.random.default_rng(5)
+    k = np.concatenate([np.arange(0, 70), rng.integers(1 << 20, (1 << 31) - 1, 300), [(1 << 31) - 1]]).astype(np.int64)
+    v = np.concatenate([k * k - 1, k * k, k * k + 1, rng.integers(0, 1 << 62, 300)])
+    v = np.clip(v, 0, (1 << 62) - 1).astype(np.int64)
+    tr = Translator(qcompiler.trace(Ops(lambda s, x: x + 1), (torch.zeros(2, dtype=torch.int64),)))
+    x = relax.Var("x", relax.TensorType([v.size], "int64"))
+    with tr.bb.function("main", [x]):
+        with tr.bb.dataflow():
+            out = tr.bb.emit_output(tr.isqrt(x))
+        tr.bb.emit_func_output(out)
+    target = target_for("llvm", None)
+    with target:
+        ex = tvm.compile(tr.bb.get(), target=target, relax_pipeline=pipeline(target))
+    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(v, tvm.cpu())).numpy()
+    want = I.isqrt(torch.from_numpy(v)).numpy()
+    assert np.array_equal(got, want), f"{np.sum(got != want)} of {v.size} differ"
+    r = want.astype(object)
+    assert all(a * a <= b < (a + 1) * (a + 1) for a, b in zip(r, v.astype(object)))  # the reference is exact too
+
+
 def test_unsupported_op_is_refused_with_node_and_op():
     from qcompiler.backends.tvm.translate import to_relax
     g = qcompiler.trace(Ops(lambda s, x: torch.sort(x)[0]), (torch.zeros(2, 4),))
