@@ -11,6 +11,7 @@ from tqdm import tqdm
 from qcompiler.calib import CalibData
 from qcompiler.errors import QCError
 from qcompiler.ir import QMETA, Graph
+from qcompiler.ops import SQRT2_F32
 from qcompiler.pipeline import NUMERICS, Pass, PassContext, PassResult, register
 from qcompiler.qspec import Observer, QuantSpec
 
@@ -87,14 +88,44 @@ def _sqnr_db(signal: float, noise: float) -> float:
     return 10.0 * math.log10(signal / noise)
 
 
+def _split_sqrt2(v) -> torch.Tensor:
+    """The log-sqrt2 quantized value E + round32(sqrt2) O from qc::log_sqrt2_split's (E, O)."""
+    even, odd = v
+    return even + SQRT2_F32 * odd
+
+
 def quality_report(float_graph: Graph, quant_graph: Graph, calib: CalibData, max_batches: int = 8) -> list[dict]:
     """Per quantized layer: SQNR (dB) of its quantized weight, of its quantized input
-    activation(s), and of its output against the float model, on calibration data."""
-    qlayers = layers(quant_graph)
-    outs = {n.name for n in qlayers}
+    activation(s), and of its output against the float model, on calibration data.
+
+    Layers pair with float nodes by name. A rewrite after the float graph was taken
+    (passes/reparam.py) may leave a layer's value on another node, or add layers it lacks:
+    - a softmax -> matmul split into log-sqrt2 even/odd halves (meta["qc"]["log_sqrt2_split"]):
+      the row of the original matmul measures its output on the "sum" node (matmul(E, V) +
+      sqrt2 matmul(O, V)) and its input 0 on the qc::log_sqrt2_split quantizer (E + sqrt2 O
+      against the softmax); the odd half ({"even": name}) has no row of its own, its only
+      quantizer (V's) is the original's, so it is attributed to that row;
+    - any other layer without a float counterpart has no output to compare against and is left
+      out (every row carries an output SQNR) rather than failing the report.
+    """
+    float_names = {n.name for n in float_graph.nodes}
+    nodes = {n.name: n for n in quant_graph.nodes}
+    qlayers, out_at = [], {}  # reported layers; quant node carrying a layer's value -> float node name
+    for n in layers(quant_graph):
+        info = n.meta[QMETA]
+        split = info.get("log_sqrt2_split", {})
+        if "even" in split or n.name not in float_names:
+            continue  # the odd half of a split matmul (reported with its even half), or no float twin
+        qlayers.append(n)
+        out_at[split.get("sum", n.name)] = n.name
     # activation quantizer node -> the node it quantizes (weights are constants: measured once below)
     act_fq = {n.args[i].name: n.args[i].args[0].name for n in qlayers
               for i, q in n.meta[QMETA]["inputs"].items() if q["role"] == "act"}
+    splits = {}  # qc::log_sqrt2_split node -> the softmax it quantizes
+    for n in qlayers:
+        name = n.meta[QMETA].get("log_sqrt2_split", {}).get("split")
+        if name in nodes:
+            splits[name] = nodes[name].args[0].name
     sums: dict[tuple[str, str], list[float]] = {}
 
     def add(key, ref, got):
@@ -108,13 +139,16 @@ def quality_report(float_graph: Graph, quant_graph: Graph, calib: CalibData, max
 
     def on_quant(n, v):
         quant_vals[n.name] = v
-        if n.name in outs:
-            add(("out", n.name), float_vals[n.name], v)
+        if n.name in out_at:
+            add(("out", out_at[n.name]), float_vals[out_at[n.name]], v)
         if n.name in act_fq:
             add(("fq", n.name), quant_vals[act_fq[n.name]], v)
+        if n.name in splits:
+            add(("fq", n.name), quant_vals[splits[n.name]], _split_sqrt2(v))
 
-    f_rec = _Recorder(float_graph.gm, outs, lambda n, v: float_vals.__setitem__(n.name, v))
-    q_rec = _Recorder(quant_graph.gm, outs | set(act_fq) | set(act_fq.values()), on_quant)
+    f_rec = _Recorder(float_graph.gm, set(out_at.values()), lambda n, v: float_vals.__setitem__(n.name, v))
+    q_rec = _Recorder(quant_graph.gm, set(out_at) | set(act_fq) | set(act_fq.values()) | set(splits)
+                      | set(splits.values()), on_quant)
     with torch.no_grad():
         for batch in calib.batches(float_graph.inputs, max_batches):
             float_vals.clear(), quant_vals.clear()
@@ -124,9 +158,11 @@ def quality_report(float_graph: Graph, quant_graph: Graph, calib: CalibData, max
     for n in qlayers:
         info = n.meta[QMETA]
         row = {"layer": n.name, "op": info["op"]}
-        for i, q in sorted(info["inputs"].items()):
-            fq = n.args[i]
-            role = q["role"]
+        quantizers = [(i, n.args[i].name, q["role"]) for i, q in info["inputs"].items()]
+        if info.get("log_sqrt2_split", {}).get("split") in splits:  # input 0's quantizer is the split
+            quantizers.append((0, info["log_sqrt2_split"]["split"], "act"))
+        for i, fq_name, role in sorted(quantizers):
+            fq = nodes[fq_name]
             key = "weight" if role == "weight" else f"input{i}"
             s, e = sums.get(("fq", fq.name), (0.0, 0.0))
             if role == "weight":

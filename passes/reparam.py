@@ -33,6 +33,12 @@ and  matmul(P^, V) = matmul(E, V) + sqrt2 * matmul(O, V):  two matmuls whose lef
 s times a power of two (a shift of V), and one constant factor on the odd-parity result.
 P^ == E + round32(sqrt2) O holds bit for bit; the matmul outputs agree up to float32
 summation order. V keeps its quantizer (shared by both matmuls).
+Bookkeeping: the matmul keeps its name and annotation (now on E; input 0 is no longer a
+fake-quant input) and records meta["qc"]["log_sqrt2_split"] = {bits, scale, spec, "split": the
+qc::log_sqrt2_split node (the softmax quantizer now), "odd": the new matmul(O, V), "sum": the node
+that now carries the original matmul's value}; the odd matmul is annotated as a layer of its own
+(V's quantizer) with {"even": the original matmul's name}: it has no counterpart in the float
+graph, and quality_report (passes/calibrate.py) attributes it to the original.
 Declined: the matmul's output is itself quantized (integer mode), so the sum could not carry it.
 
 Which parts run: `config.extra["reparam_parts"]`, a subset of ("layernorm", "softmax") (default
@@ -281,7 +287,7 @@ class ReparameterizeScales(Pass):
         inputs = {i: e for i, e in info["inputs"].items() if i != 0}
         info["inputs"] = inputs
         info["log_sqrt2_split"] = {"bits": qp.spec.bits, "scale": float(qp.scale), "odd": m_odd.name,
-                                   "spec": q["reparam"]["spec"]}
+                                   "split": split.name, "sum": total.name, "spec": q["reparam"]["spec"]}
         m_odd.meta[QMETA] = {"layer": m_odd.name, "op": info["op"],
                              "inputs": {i: dict(e) for i, e in inputs.items()},
                              "log_sqrt2_split": {"even": m.name}}

@@ -27,11 +27,17 @@ Placements (each found by matching the ATen graph):
     128 evaluation sentences, embedding cosine vs FP32 mean / min, torch fake-quant graph:
     W8A8 smooth 0.9971 / 0.9919, smooth + rotate 0.9974 / 0.9881 (hadamard_* quantized),
     0.9987 / 0.9949 (hadamard_* in float); W4A8 smooth 0.8241 / 0.6994, smooth + rotate
-    0.8607 / 0.7610 (quantized), 0.8631 / 0.7559 (in float). The ONNX artifact of the
-    quantized-hadamard W8A8 graph scored 0.5826 / 0.2683: the ONNX backend does not reproduce
-    the fake-quant graph there (cosine 0.978 between the two on a small MiniLM), so keep
-    hadamard_* in float when targeting ONNX. Speed on CPU at MiniLM's shape x [8, 128, 1536],
-    2 threads (medians): this two-matmul Kronecker form 2.5 ms, one dense [512, 512] block matmul 12.3 ms,
+    0.8607 / 0.7610 (quantized), 0.8631 / 0.7559 (in float); the transformer recipe keeps them
+    in float for that (qcompiler/config.py). The ONNX backend has no Hadamard-specific handling:
+    kept in float they export as plain MatMuls; quantized, like any matmul with a quantized
+    constant operand (the constant as integer initializer -> DequantizeLinear), and ORT matches
+    the fake-quant graph at float32 tolerance (tests/backends/test_onnx_backend.py,
+    test_rotated_ffn_matches_fake_quant). An earlier ONNX score of the quantized-hadamard W8A8
+    artifact, 0.5826 / 0.2683, was ORT's fused int8 kernels on x86 without VNNI saturating their
+    int16 pair sums on the Hadamard's all +-127 codes, not the export; OnnxRunner runs only ORT's
+    basic optimizations there (backends/onnx.py, fused_int8_is_exact). Speed on CPU at
+    MiniLM's shape x [8, 128, 1536], 2 threads (medians): this two-matmul Kronecker form
+    2.5 ms, one dense [512, 512] block matmul 12.3 ms,
     a 9-stage fast Walsh-Hadamard in ATen (reshape / add / sub / stack) 20.3 ms, the down-
     projection itself 8.7 ms; so the Kronecker form is what is inserted.
 (b) value / output projection per head. V = x W_v^T + b_v, split into heads of hd channels,

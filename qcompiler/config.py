@@ -151,6 +151,10 @@ def _low_bits(cfg: Config) -> tuple[dict, list[str]]:
 
 
 def _transformer(cfg: Config) -> tuple[dict, list[str]]:
+    """smooth + rotate with rotate's online Hadamard matmuls (hadamard_*) in float: measured more
+    accurate than quantizing them (passes/rotate.py). An accuracy choice, not an ONNX export
+    limit: quantized, the ONNX backend exports them as ordinary QDQ matmuls with a constant
+    operand that match the fake-quant graph (tests/backends/test_onnx_backend.py)."""
     low, notes = _low_bits(cfg)
     if cfg.integer:
         return low, notes + ["rotate declined: integer lowering has no float islands for the online Hadamard "

@@ -10,6 +10,7 @@ from qcompiler.config import Config
 from qcompiler.errors import PassError, QCError
 from qcompiler.ir import QMETA, is_op, verify
 from qcompiler.ops import fake_quant, fake_quant_log2, log_sqrt2_split
+from qcompiler.passes.calibrate import quality_report
 from qcompiler.pipeline import PassContext, PassManager
 
 aten = torch.ops.aten
@@ -177,6 +178,28 @@ def test_softmax_split_equals_log_sqrt2():
     verify(after)
     x = _x(8, 3)
     torch.testing.assert_close(after(x)[0], before(x)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_quality_report_after_softmax_split():
+    """quality_report on a split graph: the odd-half matmul (no float counterpart) does not break it; each
+    split matmul keeps one row with its input-0 (split quantizer) and output SQNR, equal to the log-sqrt2 graph's."""
+    cfg = Config(a_bits=4, op_types=("matmul",))
+    before, _ = _run(Attention, PREPARED + ["fake_quant"], cfg)
+    after, _ = _run(Attention, PREPARED + ["reparam", "fake_quant"], cfg)
+    float_graph = _traced(Attention).copy()
+    calib = CalibData({float_graph.inputs[0].name: _x(16, 4).numpy()}, batch_size=8)
+    rows_b = quality_report(float_graph, before, calib)
+    rows_a = quality_report(float_graph, after, calib)
+    split = next(n for n in after.nodes if "log_sqrt2_split" in n.meta.get(QMETA, {})
+                 and "odd" in n.meta[QMETA]["log_sqrt2_split"])
+    assert split.meta[QMETA]["log_sqrt2_split"]["odd"] not in {n.name for n in float_graph.nodes}
+    assert [r["layer"] for r in rows_a] == [r["layer"] for r in rows_b]  # no row for the odd half
+    for a, b in zip(rows_a, rows_b):
+        assert a.keys() == b.keys() and "input0_sqnr_db" in a, (a, b)
+        for k in a:
+            if k.endswith("_sqnr_db"):
+                assert a[k] == pytest.approx(b[k], abs=0.05), (k, a, b)
+    assert rows_a[1]["layer"] == split.name and 0 < rows_a[1]["input0_sqnr_db"] < 60
 
 
 class Block(nn.Module):
