@@ -26,7 +26,13 @@ LIB_NAME = "libqc_kernels_cuda.so"
 SOURCES = ("gemm_s8_sm90.cu",)
 # tile configurations compiled into the library: name -> (tile M, tile N)
 GEMM_TILES = {"128x128": (128, 128), "128x256": (128, 256)}
-GEMM_FUNC = "qc.cuda.gemm_s8_requant_{tile}"
+GEMM_FUNC = "qc.cuda.gemm_s8_requant{out}_{tile}"
+GEMM_OUTS = {"int8": "", "int16": "_i16"}  # output dtype -> name suffix
+
+
+def gemm_func(tile: str, out_dtype: str = "int8") -> str:
+    """The registered name of the GEMM + requant kernel for a tile and an output dtype."""
+    return GEMM_FUNC.format(out=GEMM_OUTS[out_dtype], tile=tile)
 
 
 def pick_tile(n: int, k: int) -> str:

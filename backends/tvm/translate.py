@@ -355,28 +355,31 @@ def _static(d) -> bool:
 
 def _gemm_requant(tr, n, xv, x_zp: int, n_out: int, k_in: int, w_dtype):
     """The requant that the CUDA GEMM kernel can compute in its epilogue for `n`, or None:
-    `n`'s only user, int8 out, input zero point 0, per tensor or per output channel; int8
-    operands with K and N multiples of 16 (TMA's 16-byte rows)."""
+    `n`'s only user, int8 or int16 out (the full range), input zero point 0, per tensor or per
+    output channel; int8 operands with K and N multiples of 16 (TMA's 16-byte rows)."""
     users = list(n.users)
     if len(users) != 1 or users[0].target is not I.requant or w_dtype != torch.int8 or tr.dtype_of(xv) != "int8":
         return None
     r = users[0]
     _acc, in_zp, mult, shift, _out_zp, qmin, qmax, axis = r.args
-    if in_zp != 0 or (qmin, qmax) != (-128, 127) or k_in % 16 or n_out % 16:
+    if in_zp != 0 or (qmin, qmax) not in ((-128, 127), (-32768, 32767)) or k_in % 16 or n_out % 16:
         return None
     m, c = tr.tensor_const(mult), tr.tensor_const(shift)
     if m.numel() != 1 and (axis % max(1, tr.ndim(xv)) != tr.ndim(xv) - 1 or m.numel() != n_out):
+        return None
+    if m.abs().max() >= 2**31 or c.min() < 0 or c.max() > 62:  # the kernel takes int32 multipliers
         return None
     return r
 
 
 def _gemm_sm90(tr, n, req, xv, wv, bias: np.ndarray, batched: bool):
     """requant(x @ w^T + bias) in one CUTLASS kernel; binds the requant node, returns None for n."""
-    from .cuda_kernels import GEMM_FUNC, pick_tile
+    from .cuda_kernels import gemm_func, pick_tile
     _acc, _in_zp, mult, shift, out_zp, qmin, qmax, _axis = req.args
     n_out = int(tr.shape_of(wv)[-2])
     k_in = int(tr.shape_of(wv)[-1])
     lead = tr.shape_of(xv)[:-1]
+    out_dt = _dt(I.int_dtype(qmin, qmax))
     if batched:
         rows = lead[-1]
         batch = 1
@@ -384,18 +387,18 @@ def _gemm_sm90(tr, n, req, xv, wv, bias: np.ndarray, batched: bool):
             batch = batch * d
         x3 = tr.emit(tr.R.reshape(xv, [batch, rows, k_in]))
         w3 = tr.emit(tr.R.reshape(wv, [batch, n_out, k_in]))
-        out_ty = tr.relax.TensorType([batch, rows, n_out], "int8")
+        out_ty = tr.relax.TensorType([batch, rows, n_out], out_dt)
     else:
         rows = 1
         for d in lead:
             rows = rows * d
         x3 = tr.emit(tr.R.reshape(xv, [rows, k_in]))
         w3 = wv
-        out_ty = tr.relax.TensorType([rows, n_out], "int8")
+        out_ty = tr.relax.TensorType([rows, n_out], out_dt)
     vec = lambda t: np.broadcast_to(_np(tr.tensor_const(t)).astype(np.int64).reshape(-1), (n_out,)).astype(np.int32)
     args = [x3, w3, tr.const(bias, "int32"), tr.const(vec(mult), "int32"), tr.const(vec(shift), "int32"),
             tr.relax.prim_value(int(out_zp)), tr.relax.prim_value(int(qmin)), tr.relax.prim_value(int(qmax))]
-    y = tr.emit(tr.relax.call_dps_packed(GEMM_FUNC.format(tile=pick_tile(n_out, k_in)), args, out_ty))
+    y = tr.emit(tr.relax.call_dps_packed(gemm_func(pick_tile(n_out, k_in), out_dt), args, out_ty))
     tr.env[req] = tr.emit(tr.R.reshape(y, [*lead, n_out]))
     return None
 

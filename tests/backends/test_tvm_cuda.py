@@ -58,9 +58,17 @@ def test_int8_linear_and_matmul_with_requant_become_one_kernel_call():
     assert calls and sorted(_externs(calls)) == ["qc.cuda.gemm_s8_requant_128x128"] * 2
 
 
+def test_int16_out_requant_uses_the_int16_kernel():
+    ex = (torch.zeros(2, 16, 32, dtype=torch.int8), torch.zeros(2, 32, 48, dtype=torch.int8))
+    assert sorted(_externs(_translate(LinearRequant(out_int16=True), ex))) == \
+        ["qc.cuda.gemm_s8_requant_128x128", "qc.cuda.gemm_s8_requant_i16_128x128"]
+
+
 def test_kernel_call_declines_what_the_kernel_does_not_compute():
     ex = (torch.zeros(2, 16, 32, dtype=torch.int8), torch.zeros(2, 32, 40, dtype=torch.int8))  # N = 40: not % 16
-    assert _externs(_translate(LinearRequant(out_int16=True), ex)) == []  # int16 out; matmul N % 16 != 0
+    narrow = LinearRequant()
+    narrow.q = (-100, 100)  # a clamp narrower than the output dtype: not the kernel's saturation
+    assert _externs(_translate(narrow, ex)) == []  # and the matmul: N % 16 != 0
 
 
 @pytest.mark.slow
@@ -71,11 +79,12 @@ def test_kernel_library_builds_and_registers_its_functions():
 
     import tvm_ffi
 
-    from qcompiler.backends.tvm.cuda_kernels import GEMM_FUNC, GEMM_TILES, build_library
+    from qcompiler.backends.tvm.cuda_kernels import GEMM_OUTS, GEMM_TILES, build_library, gemm_func
     path = build_library("sm_90")
     ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)  # loads without a GPU: registration only
     for t in GEMM_TILES:
-        assert tvm_ffi.get_global_func(GEMM_FUNC.format(tile=t)) is not None
+        for out in GEMM_OUTS:
+            assert tvm_ffi.get_global_func(gemm_func(t, out)) is not None
 
 
 def test_kernel_library_refuses_other_architectures():
@@ -92,7 +101,7 @@ def test_gemm_kernel_bit_exact_on_gpu():
 
     import tvm_ffi
 
-    from qcompiler.backends.tvm.cuda_kernels import GEMM_FUNC, GEMM_TILES, build_library
+    from qcompiler.backends.tvm.cuda_kernels import GEMM_TILES, build_library, gemm_func
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     ctypes.CDLL(build_library("sm_90"), mode=ctypes.RTLD_GLOBAL)
@@ -103,10 +112,12 @@ def test_gemm_kernel_bit_exact_on_gpu():
         bias = torch.randint(-2**20, 2**20, (n,), dtype=torch.int32, device="cuda", generator=g)
         mult = torch.randint(2**30, 2**31 - 1, (n,), dtype=torch.int32, device="cuda", generator=g)
         shift = torch.randint(0, 41, (n,), dtype=torch.int32, device="cuda", generator=g)
-        ref = I.requant(torch._int_mm(x, w.t()) + bias, 0, mult.long(), shift.long(), -5, -128, 127, -1)
-        for t in GEMM_TILES:
-            y = torch.empty((m, n), dtype=torch.int8, device="cuda")
-            tvm_ffi.get_global_func(GEMM_FUNC.format(tile=t))(
-                *[tvm_ffi.from_dlpack(a) for a in (x, w, bias, mult, shift)], -5, -128, 127, tvm_ffi.from_dlpack(y))
-            torch.cuda.synchronize()
-            assert torch.equal(y, ref), (t, m, n, k, int((y != ref).sum()))
+        for out, (lo, hi), dt in (("int8", (-128, 127), torch.int8), ("int16", (-32768, 32767), torch.int16)):
+            ref = I.requant(torch._int_mm(x, w.t()) + bias, 0, mult.long(), shift.long(), -5, lo, hi, -1)
+            for t in GEMM_TILES:
+                y = torch.empty((m, n), dtype=dt, device="cuda")
+                tvm_ffi.get_global_func(gemm_func(t, out))(
+                    *[tvm_ffi.from_dlpack(a) for a in (x, w, bias, mult, shift)], -5, lo, hi, tvm_ffi.from_dlpack(y))
+                torch.cuda.synchronize()
+                assert torch.equal(y, ref), (out, t, m, n, k, int((y != ref).sum()))
+

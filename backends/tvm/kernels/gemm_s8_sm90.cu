@@ -1,7 +1,7 @@
 // qcompiler's int8 tensor-core GEMM for Hopper (sm_90a): y = requant(x @ w^T + bias), one kernel.
 //
 // x [M, K] int8 row-major, w [N, K] int8 row-major (K-major: the only int8 WGMMA layout),
-// bias / mult / shift [N] int32, y [M, N] int8; or batched: x [L, M, K], w [L, N, K], y [L, M, N]
+// bias / mult / shift [N] int32, y [M, N] int8 or int16; or batched: x [L, M, K], w [L, N, K], y [L, M, N]
 // (attention's activation x activation matmuls), with bias / mult / shift shared by the batch. The mainloop is CUTLASS 3's TMA +
 // warp-specialized WGMMA collective; the epilogue is an epilogue-visitor tree whose compute
 // node is qc::requant's reference arithmetic (qcompiler/int_ops.py), in int64:
@@ -10,7 +10,9 @@
 //
 // Exported through tvm_ffi as global functions, so a Relax VM calls them with
 // R.call_dps_packed on the VM's CUDA stream:
-//   qc.cuda.gemm_s8_requant_<tile>(x, w, bias, mult, shift, out_zp, qmin, qmax, y)
+//   qc.cuda.gemm_s8_requant_<tile>(x, w, bias, mult, shift, out_zp, qmin, qmax, y)      y int8
+//   qc.cuda.gemm_s8_requant_i16_<tile>(...)                                              y int16
+// (int16 out: the requants that feed a residual add, a LUT or a softmax keep 16 bits).
 #include <cstdint>
 #include <mutex>
 #include <string>
@@ -40,6 +42,7 @@ struct RequantArgs {
   int64_t out_zp = 0;
   int64_t qmin = -128;
   int64_t qmax = 127;
+  int64_t bits = -1;  // the result's low bits kept: 0xffff for int16 out, stored as uint16_t (TMA has no int16)
 };
 
 // The compute node: (acc, bias, mult, shift) -> requantized value, all int64.
@@ -51,7 +54,7 @@ struct Requant {
     int64_t half = shift > 0 ? (int64_t(1) << (shift - 1)) : 0;
     int64_t mag = ((p < 0 ? -p : p) + half) >> shift;
     int64_t y = (p < 0 ? -mag : mag) + a.out_zp;
-    return y < a.qmin ? a.qmin : (y > a.qmax ? a.qmax : y);
+    return (y < a.qmin ? a.qmin : (y > a.qmax ? a.qmax : y)) & a.bits;
   }
 };
 
@@ -69,17 +72,18 @@ struct Requant<cutlass::Array<T, N>> {
   }
 };
 
-template <class TileShape, class ClusterShape, class KernelSchedule, class EpilogueSchedule>
+template <class TileShape, class ClusterShape, class KernelSchedule, class EpilogueSchedule, class ElementOut>
 struct GemmS8Requant {
   using ElementA = int8_t;
   using ElementB = int8_t;
-  using ElementD = int8_t;
+  using ElementD = ElementOut;
   using ElementAcc = int32_t;
   using ElementCompute = int64_t;
   using LayoutA = cutlass::layout::RowMajor;
   using LayoutB = cutlass::layout::ColumnMajor;  // w [N, K] row-major is B [K, N] column-major
   using LayoutD = cutlass::layout::RowMajor;
-  static constexpr int kAlign = 16;
+  static constexpr int kAlign = 16;                         // A, B: 16 int8 (TMA's 16-byte rows)
+  static constexpr int kAlignD = 16 / int(sizeof(ElementD));  // D: 16 bytes
 
   using Vec = cutlass::epilogue::fusion::Sm90RowBroadcast<0, TileShape, int32_t, int32_t>;  // one value per column n
   using EVT = cutlass::epilogue::fusion::Sm90EVT<
@@ -89,7 +93,7 @@ struct GemmS8Requant {
   using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
       cutlass::epilogue::collective::EpilogueTileAuto, ElementAcc, ElementCompute,
-      void, LayoutD, kAlign, ElementD, LayoutD, kAlign, EpilogueSchedule, EVT>::CollectiveOp;
+      void, LayoutD, kAlignD, ElementD, LayoutD, kAlignD, EpilogueSchedule, EVT>::CollectiveOp;
 
   using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, ElementA, LayoutA, kAlign, ElementB, LayoutB, kAlign,
@@ -104,13 +108,14 @@ struct GemmS8Requant {
 
   // batch l: x [l, m, k], w [l, n, k] (w_batch_stride 0: one weight for all), y [l, m, n]
   static void run(const int8_t* x, const int8_t* w, const int32_t* bias, const int32_t* mult, const int32_t* shift,
-                  RequantArgs rq, int8_t* y, int m, int n, int k, int l, int64_t w_batch_stride, cudaStream_t stream) {
+                  RequantArgs rq, ElementD* y, int m, int n, int k, int l, int64_t w_batch_stride, cudaStream_t stream) {
     using StrideA = typename Gemm::GemmKernel::StrideA;
     using StrideB = typename Gemm::GemmKernel::StrideB;
     using StrideD = typename Gemm::GemmKernel::StrideD;
     StrideA sa = make_stride(int64_t(k), Int<1>{}, int64_t(m) * k);
     StrideB sb = make_stride(int64_t(k), Int<1>{}, w_batch_stride);
     StrideD sd = make_stride(int64_t(n), Int<1>{}, int64_t(m) * n);
+    rq.bits = sizeof(ElementD) == 2 ? 0xffff : -1;  // int16's bits, stored as uint16_t
     typename Gemm::Arguments args{
         cutlass::gemm::GemmUniversalMode::kGemm,
         {m, n, k, l},
@@ -159,12 +164,14 @@ struct GemmS8Requant {
   }
 };
 
+template <class Out>
 using Tile128 = GemmS8Requant<Shape<_128, _128, _128>, Shape<_1, _1, _1>,
                               cutlass::gemm::KernelTmaWarpSpecializedCooperative,
-                              cutlass::epilogue::TmaWarpSpecializedCooperative>;
+                              cutlass::epilogue::TmaWarpSpecializedCooperative, Out>;
+template <class Out>
 using Tile256 = GemmS8Requant<Shape<_128, _256, _128>, Shape<_2, _1, _1>,
                               cutlass::gemm::KernelTmaWarpSpecializedCooperative,
-                              cutlass::epilogue::TmaWarpSpecializedCooperative>;
+                              cutlass::epilogue::TmaWarpSpecializedCooperative, Out>;
 
 void check(const tvm::ffi::TensorView& t, int ndim, DLDataTypeCode code, int bits, const char* what) {
   TVM_FFI_ICHECK(t.ndim() == ndim && t.dtype().code == code && t.dtype().bits == bits && t.dtype().lanes == 1)
@@ -184,7 +191,7 @@ void gemm(tvm::ffi::TensorView x, tvm::ffi::TensorView w, tvm::ffi::TensorView b
   check(bias, 1, kDLInt, 32, "bias");
   check(mult, 1, kDLInt, 32, "mult");
   check(shift, 1, kDLInt, 32, "shift");
-  check(y, nd, kDLInt, 8, "y");
+  check(y, nd, kDLInt, 8 * int(sizeof(typename G::ElementD)), "y");
   int64_t l = nd == 3 ? x.size(0) : 1, m = x.size(-2), k = x.size(-1), n = w.size(-2);
   TVM_FFI_ICHECK(w.size(-1) == k && y.size(-2) == m && y.size(-1) == n && bias.size(0) == n && mult.size(0) == n &&
                  shift.size(0) == n && (nd == 2 || y.size(0) == l) && (w.ndim() == 2 || w.size(0) == l))
@@ -196,7 +203,7 @@ void gemm(tvm::ffi::TensorView x, tvm::ffi::TensorView w, tvm::ffi::TensorView b
   G::run(static_cast<const int8_t*>(x.data_ptr()), static_cast<const int8_t*>(w.data_ptr()),
          static_cast<const int32_t*>(bias.data_ptr()), static_cast<const int32_t*>(mult.data_ptr()),
          static_cast<const int32_t*>(shift.data_ptr()), RequantArgs{out_zp, qmin, qmax},
-         static_cast<int8_t*>(y.data_ptr()), int(m), int(n), int(k), int(l), w_batch_stride, stream);
+         static_cast<typename G::ElementD*>(y.data_ptr()), int(m), int(n), int(k), int(l), w_batch_stride, stream);
 }
 
 }  // namespace qc
@@ -205,6 +212,11 @@ void gemm(tvm::ffi::TensorView x, tvm::ffi::TensorView w, tvm::ffi::TensorView b
 // this library, and the names must not collide (the functions are the same code).
 TVM_FFI_STATIC_INIT_BLOCK() {
   using tvm::ffi::Function;
-  Function::SetGlobal("qc.cuda.gemm_s8_requant_128x128", Function::FromTyped(qc::gemm<qc::Tile128>), true);
-  Function::SetGlobal("qc.cuda.gemm_s8_requant_128x256", Function::FromTyped(qc::gemm<qc::Tile256>), true);
+  Function::SetGlobal("qc.cuda.gemm_s8_requant_128x128", Function::FromTyped(qc::gemm<qc::Tile128<int8_t>>), true);
+  Function::SetGlobal("qc.cuda.gemm_s8_requant_128x256", Function::FromTyped(qc::gemm<qc::Tile256<int8_t>>), true);
+  // int16 out: written as uint16_t (the same bits), TMA stores having no signed 16-bit format
+  Function::SetGlobal("qc.cuda.gemm_s8_requant_i16_128x128", Function::FromTyped(qc::gemm<qc::Tile128<uint16_t>>),
+                      true);
+  Function::SetGlobal("qc.cuda.gemm_s8_requant_i16_128x256", Function::FromTyped(qc::gemm<qc::Tile256<uint16_t>>),
+                      true);
 }
