@@ -50,6 +50,24 @@ def int8_dot(target) -> str | None:
     return None
 
 
+# nvcc flags for TVM's CUDA kernels: IEEE float32 division and sqrt, no flush-to-zero, no FMA
+# contraction, so the float ops at the graph's edges (quantize's x / s, dequantize) compute what
+# the reference kernels compute. TVM 0.27 compiles with --use_fast_math by default, whose
+# approximate division moved DeiT-S's input quantization by a level here and there.
+CUDA_EXACT_FLOAT = ["--fmad=false", "--prec-div=true", "--prec-sqrt=true", "--ftz=false"]
+
+
+def _exact_float_cuda_compile():
+    """Replace TVM's CUDA compile callback with nvcc without fast math (CUDA_EXACT_FLOAT)."""
+    import tvm_ffi
+    from tvm.support import nvcc
+    os.environ["TVM_CUDA_NVCC_NO_FAST_MATH"] = "1"
+
+    def _compile(code):
+        return nvcc.compile_cuda(code, target_format="fatbin", compiler="nvcc", options=list(CUDA_EXACT_FLOAT))
+    tvm_ffi.register_global_func("tvm_callback_cuda_compile", _compile, override=True)
+
+
 def compile_so(graph, kind: str, option: str | None, out_path: str) -> dict:
     """Translate, compile and export; returns build facts for the manifest."""
     tvm = _tvm()
@@ -62,6 +80,8 @@ def compile_so(graph, kind: str, option: str | None, out_path: str) -> dict:
     if kind == "cuda" and tvm.get_global_func("ffi.Module.create.cuda", allow_missing=True) is None:
         # without TVM's CUDA runtime module, tvm.compile would silently store CUDA source
         raise QCError("TVM's CUDA runtime module did not load (libcuda.so.1 missing): cannot emit machine code")
+    if kind == "cuda":
+        _exact_float_cuda_compile()
     with target:
         ex = tvm.compile(mod, target=target, relax_pipeline=pipeline(target))
         ex.export_library(out_path)

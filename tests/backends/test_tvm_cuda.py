@@ -121,3 +121,20 @@ def test_gemm_kernel_bit_exact_on_gpu():
                 torch.cuda.synchronize()
                 assert torch.equal(y, ref), (out, t, m, n, k, int((y != ref).sum()))
 
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+def test_cuda_kernels_compile_with_ieee_float_and_no_fma(monkeypatch):
+    """TVM's CUDA kernels are built with CUDA_EXACT_FLOAT: quantize's x / s is IEEE division
+    (div.rn), a * b + c stays two roundings (no fma), as in the reference kernels."""
+    from tvm.support import nvcc
+
+    from qcompiler.backends.tvm.build import CUDA_EXACT_FLOAT
+    monkeypatch.setenv("TVM_CUDA_NVCC_NO_FAST_MATH", "1")  # as build._exact_float_cuda_compile sets it
+    code = 'extern "C" __global__ void f(float* a, const float* b) { a[0] = rintf(a[1] / b[0]) + a[2] * b[1]; }'
+    with tvm.target.Target({"kind": "cuda", "arch": "sm_90"}):
+        exact = nvcc.compile_cuda(code, target_format="ptx", arch="sm_90", options=list(CUDA_EXACT_FLOAT),
+                                  compiler="nvcc").decode()
+        fast = nvcc.compile_cuda(code, target_format="ptx", arch="sm_90", options=["--use_fast_math"],
+                                 compiler="nvcc").decode()
+    assert "div.rn.f32" in exact and "fma" not in exact and "approx" not in exact
+    assert "approx" in fast or "fma" in fast  # what TVM's default flags give: the test can tell them apart
