@@ -2,8 +2,8 @@
 
 Two steps, because the GPU machine has no TVM (and no network):
 
-    .venv/bin/python bench/gpu.py prepare --out .gpu     (here: builds everything it will run)
-    python3 bench/gpu.py run --prebuilt .gpu             (on the GPU machine; writes bench/results/gpu.json)
+    .venv/bin/python bench/gpu.py prepare --out .gpu --pack   (here: builds everything it will run)
+    python3 bench/gpu.py run --prebuilt .gpu.tar.xz           (on the GPU machine; writes bench/results/gpu.json)
 
 `prepare` builds the kernel library (backends/tvm/kernels, CUTLASS + nvcc, sm_90a) and, per
 model, the tvm-cuda artifact plus the reference backend's outputs on fixed inputs.
@@ -84,22 +84,23 @@ def gemm_case(torch, m, n, k, seed):
     return x, w, bias, mult, shift
 
 
-def reference_gemm(torch, x, w, bias, mult, shift, out_zp):
+def reference_gemm(torch, x, w, bias, mult, shift, out_zp, qmin=-128, qmax=127):
     from qcompiler import int_ops
     if x.shape[0] == 0:
-        return torch.empty((0, w.shape[0]), dtype=torch.int8, device=x.device)
+        return torch.empty((0, w.shape[0]), dtype=int_ops.int_dtype(qmin, qmax), device=x.device)
     if x.shape[0] > 16:
         acc = torch._int_mm(x, w.t())
     else:  # _int_mm needs more than 16 rows
         acc = (x.double() @ w.double().t()).to(torch.int32)  # |acc| < 2^31 < 2^53: exact
-    return int_ops.requant(acc + bias, 0, mult.long(), shift.long(), out_zp, -128, 127, -1)
+    return int_ops.requant(acc + bias, 0, mult.long(), shift.long(), out_zp, qmin, qmax, -1)
 
 
 def kernel_table(prebuilt: Path, peak: float) -> list[dict]:
     import torch
     ffi = load_kernels(prebuilt)
-    from qcompiler.backends.tvm.cuda_kernels import GEMM_FUNC, GEMM_TILES
-    fns = {t: ffi.get_global_func(GEMM_FUNC.format(tile=t)) for t in GEMM_TILES}
+    from qcompiler.backends.tvm.cuda_kernels import GEMM_TILES, gemm_func
+    fns = {t: ffi.get_global_func(gemm_func(t)) for t in GEMM_TILES}
+    fns16 = {t: ffi.get_global_func(gemm_func(t, "int16")) for t in GEMM_TILES}
     rows = []
     for label, (m, n, k) in [*[(f"edge {s}", s) for s in EDGE_SHAPES], *GEMM_SHAPES.items()]:
         edge = label.startswith("edge")
@@ -124,6 +125,24 @@ def kernel_table(prebuilt: Path, peak: float) -> list[dict]:
                 ms = _time_cuda(lambda: fn(*args, out_zp, -128, 127, yt))
                 row[f"qc {tile} ms"] = ms
                 row[f"qc {tile} TOP/s"] = 2 * m * n * k / ms / 1e9
+        # int16 out (the requants before residual adds, LUTs, softmax): exactness at every shape,
+        # speed with the tile the models use
+        shift16 = (shift - 8).clamp(min=0)  # 8 more bits kept: across the int16 range
+        ref16 = reference_gemm(torch, x, w, bias, mult, shift16, out_zp, -32768, 32767)
+        args16 = [*args[:4], ffi.from_dlpack(shift16)]
+        for tile, fn in fns16.items():
+            y = torch.empty((m, n), dtype=torch.int16, device="cuda")
+            yt = ffi.from_dlpack(y)
+            try:
+                fn(*args16, out_zp, -32768, 32767, yt)
+                torch.cuda.synchronize()
+            except Exception as e:
+                row[f"qc {tile} i16 error"] = str(e).splitlines()[0][:200]
+                continue
+            row[f"qc {tile} i16 exact"] = bool(torch.equal(y, ref16))
+            if not edge and tile == "128x128":
+                ms = _time_cuda(lambda: fn(*args16, out_zp, -32768, 32767, yt))
+                row[f"qc {tile} i16 TOP/s"] = 2 * m * n * k / ms / 1e9
         if not edge:
             wt = w.t()
             row["torch._int_mm ms"] = _time_cuda(lambda: torch._int_mm(x, wt))
@@ -144,7 +163,7 @@ def print_kernel_table(rows, peak):
     print(f"\nint8 GEMM + fused requant (qcompiler, CUTLASS WGMMA) vs torch._int_mm (int32 out) and bf16; "
           f"int8 dense peak {peak:.0f} TOP/s")
     print(f"{'shape':<22}{'M x N x K':>20}{'exact':>7}{'qc TOP/s':>10}{'% peak':>8}{'_int_mm':>9}{'qc/_int_mm':>11}"
-          f"{'bf16 TF/s':>10}")
+          f"{'bf16 TF/s':>10}{'qc i16 out':>11}")
     for r in rows:
         exact = all(v for key, v in r.items() if key.endswith("exact")) and not any(key.endswith("error") for key in r)
         mnk = f"{r['M']}x{r['N']}x{r['K']}"
@@ -152,7 +171,8 @@ def print_kernel_table(rows, peak):
             print(f"{r['shape']:<22}{mnk:>20}{str(exact):>7}")
             continue
         print(f"{r['shape']:<22}{mnk:>20}{str(exact):>7}{r['qc best TOP/s']:>10.0f}{r['qc % of int8 peak']:>7.0f}%"
-              f"{r['torch._int_mm TOP/s']:>9.0f}{r['qc / _int_mm']:>10.2f}x{r['bf16 TFLOP/s']:>10.0f}")
+              f"{r['torch._int_mm TOP/s']:>9.0f}{r['qc / _int_mm']:>10.2f}x{r['bf16 TFLOP/s']:>10.0f}"
+              f"{r.get('qc 128x128 i16 TOP/s', 0):>11.0f}")
 
 
 # -- models ---------------------------------------------------------------------------------------
@@ -181,7 +201,25 @@ def build_module(name: str, real_weights: bool):
         m = FashionViT(patch=16, dim=384, depth=12, heads=6, mlp_ratio=4, classes=1000, size=224, channels=3)
     else:
         raise KeyError(name)
+    if name != "minilm" and real_weights:
+        _tile_rows(m)
     return m.eval()
+
+
+TILE_ROWS = 16
+
+
+def _tile_rows(m):
+    """Random weights repeated every TILE_ROWS output rows (and embedding rows), for the artifacts
+    `prepare` builds of the random-weight models: their int8 weights then compress ~TILE_ROWS-fold,
+    so the prepared directory fits the GPU machine's 64 MiB transfer. Integer GEMM speed does not
+    depend on the values (no sparsity); the torch rows use plain seeded random weights."""
+    import torch
+    with torch.no_grad():
+        for mod in m.modules():
+            w = getattr(mod, "weight", None)
+            if isinstance(w, torch.nn.Parameter) and w.dim() >= 2 and w.shape[0] > TILE_ROWS:
+                w.copy_(w[:TILE_ROWS].repeat(-(-w.shape[0] // TILE_ROWS), *[1] * (w.dim() - 1))[: w.shape[0]])
 
 
 def model_inputs(name: str, batch: int, seed: int) -> dict[str, np.ndarray]:
@@ -221,15 +259,33 @@ def prepare_model(name: str, out: Path) -> dict:
     build_s = time.perf_counter() - t0
     art.save(out / name)
     ref = qcompiler.compile(g.copy(), calib, config=qcompiler.Config(target="reference", integer=True, **cfg))
-    check = model_inputs(name, MODELS[name], seed=3)
+    check = model_inputs(name, MODELS[name], seed=CHECK_SEED)
     with tempfile.TemporaryDirectory() as d:
         got = qcompiler.load(ref.save(Path(d) / "ref"))(check)
-    np.savez(out / name / "check.npz", **{f"in.{k}": v for k, v in check.items()},
+    # the inputs are regenerated from their seed on the GPU machine (DeiT-S's images are 38 MB of
+    # incompressible floats); their sha256 here guards that numpy draws the same numbers there
+    np.savez(out / name / "check.npz", **{f"sha.{k}": np.array(_sha(v)) for k, v in check.items()},
              **{f"out.{k}": v for k, v in got.items()})
     sizes = {f: (out / name / f).stat().st_size for f in art.manifest["files"]}
     kernels = sum(1 for f in sizes if f.startswith("libqc"))
     print(f"{name}: built in {build_s:.0f} s, files {sizes}, kernel library {'yes' if kernels else 'no'}")
     return {"build_s": build_s, "files": sizes}
+
+
+CHECK_SEED = 3
+
+
+def _sha(a: np.ndarray) -> str:
+    import hashlib
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+
+def _check_inputs(name: str, chk) -> dict[str, np.ndarray]:
+    feeds = model_inputs(name, MODELS[name], seed=CHECK_SEED)
+    for k, v in feeds.items():
+        if _sha(v) != str(chk[f"sha.{k}"]):
+            raise RuntimeError(f"check input {k}: numpy here draws other numbers from seed {CHECK_SEED} than at prepare")
+    return feeds
 
 
 def _time_host(fn, sync, iters: int = 30, warmup: int = 5) -> float:
@@ -244,6 +300,26 @@ def _time_host(fn, sync, iters: int = 30, warmup: int = 5) -> float:
         sync()
         ts.append((time.perf_counter() - t) * 1e3)
     return float(np.median(ts))
+
+
+def _to_cuda(gm):
+    """A traced GraphModule on the GPU: parameters, buffers, plain tensor attributes, and the
+    `device=` of tensors it creates (torch.export records the tracing device, the CPU)."""
+    import torch
+    gm = gm.cuda()
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            obj = gm
+            *path, last = n.target.split(".")
+            for p in path:
+                obj = getattr(obj, p)
+            t = getattr(obj, last)
+            if isinstance(t, torch.Tensor) and not t.is_cuda and not isinstance(t, torch.nn.Parameter):
+                setattr(obj, last, t.cuda())
+        if isinstance(n.kwargs.get("device"), torch.device) and n.kwargs["device"].type == "cpu":
+            n.kwargs = {**n.kwargs, "device": torch.device("cuda")}
+    gm.recompile()
+    return gm
 
 
 def model_rows(prebuilt: Path, name: str) -> dict:
@@ -272,7 +348,7 @@ def model_rows(prebuilt: Path, name: str) -> dict:
             from qcompiler.calib import CalibData
             _, qg, _ = qcompiler.compiler.quantize(g, CalibData(model_inputs(name, batch, 1), batch_size=batch),
                                                    qcompiler.Config(calib_batch_size=batch))
-            gm = qg.gm.cuda()
+            gm = _to_cuda(qg.gm)
             row["qcompiler W8A8 fake-quant (torch eager) ms"] = _time_host(lambda: gm(*xs), sync)
         except Exception as e:
             row["fake-quant error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
@@ -284,7 +360,7 @@ def model_rows(prebuilt: Path, name: str) -> dict:
             cm = qcompiler.load(art_dir)
             r = cm.runner
             chk = np.load(art_dir / "check.npz")
-            got = r.run({k: chk[f"in.{k}"] for k in names})
+            got = r.run(_check_inputs(name, chk))
             row["tvm-cuda bit-exact vs reference"] = all(np.array_equal(got[k], chk[f"out.{k}"]) for k in got)
             if not row["tvm-cuda bit-exact vs reference"]:
                 row["tvm-cuda max abs diff"] = float(max(np.abs(got[k].astype(np.float64) - chk[f"out.{k}"]).max()
@@ -321,7 +397,7 @@ def print_model_rows(rows):
 
 def run(args) -> int:
     import torch
-    prebuilt = Path(args.prebuilt).resolve()
+    prebuilt = unpack(Path(args.prebuilt).resolve())
     name = torch.cuda.get_device_name(0)
     peak = next((v for k, v in INT8_PEAK_TOPS.items() if k in name), 1979.0)
     out = {"device": name, "torch": torch.__version__, "int8_peak_tops": peak, "when": time.strftime("%Y-%m-%d %H:%M")}
@@ -345,6 +421,27 @@ def run(args) -> int:
     return 0
 
 
+def pack(out: Path) -> Path:
+    """out/ as one xz tarball (what is carried to the GPU machine); `run --prebuilt X.tar.xz`
+    unpacks it."""
+    import tarfile
+    dest = out.with_name(out.name + ".tar.xz")
+    with tarfile.open(dest, "w:xz", preset=6) as tf:
+        tf.add(out, arcname=out.name)
+    print(f"packed {out} -> {dest} ({dest.stat().st_size / 2**20:.1f} MiB)")
+    return dest
+
+
+def unpack(prebuilt: Path) -> Path:
+    import tarfile
+    if prebuilt.is_dir():
+        return prebuilt
+    d = Path(tempfile.mkdtemp(prefix="qc-gpu-"))
+    with tarfile.open(prebuilt) as tf:
+        tf.extractall(d, filter="data")
+    return next(d.iterdir())
+
+
 def prepare(args) -> int:
     import shutil
     from qcompiler.backends.tvm.cuda_kernels import LIB_NAME, build_library
@@ -356,6 +453,8 @@ def prepare(args) -> int:
     for name in args.models.split(","):
         if name:
             prepare_model(name, out)
+    if args.pack:
+        pack(out)
     return 0
 
 
@@ -365,6 +464,7 @@ def main(argv=None) -> int:
     pp = sub.add_parser("prepare", help="build the kernel library and the artifacts (needs apache-tvm and nvcc)")
     pp.add_argument("--out", default=".gpu")
     pp.add_argument("--models", default=",".join(MODELS))
+    pp.add_argument("--pack", action="store_true", help="also write OUT.tar.xz (what `run --prebuilt` takes)")
     pr = sub.add_parser("run", help="measure on the GPU machine")
     pr.add_argument("--prebuilt", default=".gpu")
     pr.add_argument("--part", choices=("kernels", "models", "all"), default="all")
