@@ -78,7 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("model", help="model file (.onnx, .pt2) or zoo:NAME")
     f.add_argument("--calib", required=True, help="calibration .npz: its first --batch samples give the layer shapes")
     f.add_argument("-o", "--output", required=True, help="latency table JSON to write")
-    f.add_argument("--target", default="onnx-cpu", help="timer: onnx-cpu (default) or torch-cuda")
+    f.add_argument("--target", default="onnx-cpu",
+                   help="timer: onnx-cpu (default), tvm-llvm (qcompiler's integer artifacts; no float) or torch-cuda")
     f.add_argument("--bits", default="4,8", metavar="B1,B2", help="weight widths (default 4,8)")
     f.add_argument("--a-bits", default="8", metavar="A1,A2", help="activation widths (default 8)")
     f.add_argument("--no-float", action="store_true", help="do not time the float configuration")
@@ -175,7 +176,7 @@ def cmd_profile(a) -> int:
 
     from .calib import CalibData
     from .compiler import load_model
-    from .latency import profile_layers, save_table
+    from .latency import TIMERS, profile_layers, save_table
 
     if not a.model.startswith("zoo:") and not os.path.exists(a.model):
         raise QCError(f"{a.model}: no such model file")
@@ -185,7 +186,8 @@ def cmd_profile(a) -> int:
     if not os.path.isdir(os.path.dirname(out)):
         raise QCError(f"{out}: its folder does not exist")
     configs = [f"w{w}a{x}" for w in _widths(a.bits, "--bits") for x in _widths(a.a_bits, "--a-bits")]
-    configs += [] if a.no_float else ["float"]
+    integer_only = getattr(TIMERS.get(a.target), "integer_only", False)  # tvm-llvm: no float configuration
+    configs += [] if a.no_float or integer_only else ["float"]
     calib = CalibData.from_npz(a.calib, batch_size=a.batch)
     graph = load_model(a.model)
     calib.validate(graph.inputs)

@@ -10,6 +10,8 @@ model on the given inputs: batch dims come from them) and times it on the target
   optimizations on, so QDQ fuses into its integer kernels); "float" is the float ONNX export.
   4-bit weights are stored as int8 (values in [-7, 7]) so that ORT runs its int8 kernels:
   the table's W4 entries cost what an int8 kernel costs.
+- "tvm-llvm": qcompiler's own integer-only tvm-llvm artifact of the one-layer model, compiled
+  and loaded as a user's would be (no "float" configuration: the TVM backend is integer-only).
 - "torch-cuda": int8 GEMM on the GPU's tensor cores, torch._int_mm on the activation
   quantized per tensor and the int8 weight, int32 accumulator dequantized to bf16 (w8a8);
   W4 weights are stored packed two per byte and unpacked to int8 before the MMA in every call
@@ -245,6 +247,48 @@ def int4_weights_as_int8(model_bytes: bytes) -> bytes:
                 del n.attribute[:]
                 n.attribute.extend(keep)
     return m.SerializeToString()
+
+
+@register_timer("tvm-llvm")
+class TvmLlvmTimer(Timer):
+    """Each case compiled by qcompiler itself (`compile(..., target="tvm-llvm")`, no recipe) into
+    the integer-only artifact of its one-layer model, loaded as a deployment loads it, and run on
+    the layer's real input: quantize, the integer layer (the VNNI kernel for int8 linears on CPUs
+    that have it), requant / dequantize. The TVM backend compiles integer graphs only, so there
+    is no "float" configuration here."""
+
+    notes = ("qcompiler's integer-only tvm-llvm artifact of each one-layer model (input quantize, integer layer, "
+             "dequantize), loaded with qcompiler.load; W4 weights run the int8 kernels (W4 costs what W8 costs); no "
+             "'float' configuration (the TVM backend compiles integer graphs only)")
+    integer_only = True  # `qcompiler profile` leaves 'float' out of its configurations
+
+    def __init__(self, threads: int | None = None):
+        self.threads = threads  # informational: TVM's CPU runtime uses its own thread pool (all cores)
+        self._dirs = []  # the artifacts' directories, alive as long as the timer (the runners map model.so)
+
+    def describe(self) -> dict:
+        import tvm
+        return {**super().describe(), "tvm": tvm.__version__}
+
+    def prepare(self, case: LayerCase) -> Callable[[], Any]:
+        import tempfile
+
+        from .compiler import compile as qc_compile
+        from .compiler import load
+        from .frontends.torch import trace
+        w_bits, a_bits = parse_config(case.config)
+        if w_bits is None:
+            raise QCError(f"{case.key}: the tvm-llvm timer has no 'float' configuration (the TVM backend compiles "
+                          f"integer-only graphs); profile it with integer configurations only")
+        g = trace(OneLayer(case).eval(), (case.x,), input_names=["x"], dynamic=None)
+        feeds = {"x": case.x.numpy()}
+        cfg = Config(target="tvm-llvm", w_bits=w_bits, a_bits=a_bits or 8, recipe="none", pre_passes=(),
+                     calib_batch_size=len(case.x))
+        art = qc_compile(g, CalibData(feeds, batch_size=len(case.x)), config=cfg)
+        d = tempfile.TemporaryDirectory(prefix="qc-latency-")
+        self._dirs.append(d)
+        run = load(art.save(os.path.join(d.name, "a")))
+        return lambda: run(feeds)
 
 
 @register_timer("torch-cuda")

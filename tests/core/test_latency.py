@@ -94,6 +94,21 @@ def test_configs_timers_and_int4_packing():
     assert isinstance(LatencyTable({"a": 1.0}), dict)
 
 
+def test_tvm_llvm_timer_times_qcompilers_own_integer_artifacts():
+    """The tvm-llvm timer compiles each case to qcompiler's integer artifact and times it; a 'float'
+    configuration is refused with the layer named (the TVM backend is integer-only)."""
+    pytest.importorskip("tvm")
+    m, x = _mlp(), torch.randn(32, 16)
+    g = qcompiler.trace(m, (x[:2],))
+    calib = CalibData({"input": x.numpy()}, batch_size=16)
+    table = profile_layers(g, "tvm-llvm", ("w8a8", "w4a8"), calib=calib, repeats=2, warmup=1, progress=False)
+    assert sorted(table) == sorted(f"aten.linear:{w}:{c}" for w in ("32x16", "32x32", "8x32") for c in ("w8a8", "w4a8"))
+    assert all(v > 0 for v in table.values())
+    assert table.meta["target"] == "tvm-llvm" and "tvm" in table.meta
+    with pytest.raises(QCError, match=r"linear.*no 'float' configuration"):
+        profile_layers(g, "tvm-llvm", ("float",), calib=calib, repeats=1, progress=False)
+
+
 def test_cli_profile_then_compile_with_latency_ratio(cnn_files, tmp_path, capsys):
     """`qcompiler profile` writes a table with its command; `compile --bits 4,8 --latency-ratio R` keeps the
     latency within R x the all-w8a8 latency of that table and records the budget in the manifest."""
