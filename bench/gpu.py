@@ -302,6 +302,35 @@ def _time_host(fn, sync, iters: int = 30, warmup: int = 5) -> float:
     return float(np.median(ts))
 
 
+PROFILE = False  # run --profile: where the artifact's time goes, per CUDA kernel
+
+
+def _kernel_profile(fn, runs: int = 10, top: int = 12) -> list[dict]:
+    """The CUDA kernels fn() launches (CUPTI, through torch.profiler: TVM's and ours alike), by
+    total device time per run, largest first."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(runs):
+            fn()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", None)
+        if us is None:
+            us = getattr(e, "cuda_time_total", 0)
+        if us > 0:
+            rows.append({"kernel": e.key[:120], "ms per run": us / 1e3 / runs, "calls per run": e.count / runs})
+    rows.sort(key=lambda r: -r["ms per run"])
+    total = sum(r["ms per run"] for r in rows)
+    print(f"    kernels: {total:.2f} ms of device time per run; the largest:")
+    for r in rows[:top]:
+        print(f"    {r['ms per run']:8.3f} ms {r['calls per run']:5.0f}x  {r['kernel'][:90]}")
+    return [{"total device ms per run": total}] + rows[:40]
+
+
 def _to_cuda(gm):
     """A traced GraphModule on the GPU: parameters, buffers, plain tensor attributes, and the
     `device=` of tensors it creates (torch.export records the tracing device, the CPU)."""
@@ -367,6 +396,8 @@ def model_rows(prebuilt: Path, name: str) -> dict:
                                                          for k in got))
             dev = [r.to_device(feeds[k]) for k in names]
             row["qcompiler tvm-cuda integer ms"] = _time_host(lambda: r.fn(*dev), sync)
+            if PROFILE:
+                row["tvm-cuda kernels"] = _kernel_profile(lambda: r.fn(*dev))
         except Exception as e:
             row["tvm-cuda error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
     base = row.get("bf16 torch.compile ms")
@@ -470,7 +501,10 @@ def main(argv=None) -> int:
     pr.add_argument("--part", choices=("kernels", "models", "all"), default="all")
     pr.add_argument("--json", default=str(RESULTS / "gpu.json"))
     pr.add_argument("--models", default=",".join(MODELS))
+    pr.add_argument("--profile", action="store_true", help="also list each artifact's CUDA kernels by device time")
     args = p.parse_args(argv)
+    global PROFILE
+    PROFILE = getattr(args, "profile", False)
     return prepare(args) if args.cmd == "prepare" else run(args)
 
 
