@@ -38,7 +38,7 @@ VNNI_BLOCK = "qc_dot_u8s8"  # the name of backends/tvm/vnni.py's kernels in the 
 
 
 class _Lets:
-    """The per-element context of a elementwise kernel: L(expr) names an intermediate and
+    """The per-element context of an elementwise kernel: L(expr) names an intermediate and
     L.table(i) reads the kernel's constant table. Intermediates are not TIR Let bindings:
     TVM's simplifier substitutes let-bound values back anyway, and in apache-tvm 0.27 a Let
     over a per-channel value inside a vectorized CPU loop fails its type check (int64 vs
