@@ -50,10 +50,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--bias-correction", action="store_true",
                    help="correct each layer's bias for the mean output shift of weight quantization")
     c.add_argument("--reparam", metavar="PARTS", help="RepQ-ViT reparameterization: layernorm, softmax or both "
-                   "(comma-separated); softmax needs --target reference without --integer")
+                   "(comma-separated); not with --integer")
     c.add_argument("--integer", action="store_true",
                    help="lower to an integer-only graph (dyadic requantization, integer Softmax/GELU/LayerNorm); "
-                   "needs --target reference")
+                   "needs --target reference or a tvm target (those imply it)")
     c.add_argument("--allow-float", action="append", default=[], metavar="NAME",
                    help="with --integer: let this node (glob) run in float between a dequantize and a quantize; "
                    "the manifest lists it (repeatable)")
