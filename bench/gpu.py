@@ -185,7 +185,8 @@ def build_module(name: str, real_weights: bool):
     else the same architecture seeded (the GPU machine lacks the weights package; speed does not
     depend on the values). BERT-base-size: 12 x 768, 12 heads, FFN 3072, vocab 2048 (the vocab
     only sizes the embedding gather). DeiT-S-size: 224^2 x 3 images, 16^2 patches (197 tokens),
-    12 x 384, 6 heads, MLP x4, 1000 classes."""
+    12 x 384, 6 heads, MLP x4, 1000 classes. `real_weights` (prepare, here) also means, for the
+    two random-weight models, the row-repeated weights of _tile_rows that their artifacts carry."""
     import torch
     from qcompiler.models.fashion import FashionViT
     from qcompiler.models.minilm import MiniLMEncoder
