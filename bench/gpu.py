@@ -99,50 +99,38 @@ def kernel_table(prebuilt: Path, peak: float) -> list[dict]:
     import torch
     ffi = load_kernels(prebuilt)
     from qcompiler.backends.tvm.cuda_kernels import GEMM_TILES, gemm_func
-    fns = {t: ffi.get_global_func(gemm_func(t)) for t in GEMM_TILES}
-    fns16 = {t: ffi.get_global_func(gemm_func(t, "int16")) for t in GEMM_TILES}
+    # (output dtype, row-key suffix, torch dtype, clamp, extra shift bits, tiles timed): int16 out
+    # is the requants before residual adds, LUTs and softmax; timed with the tile the models use
+    outs = [("int8", "", torch.int8, (-128, 127), 0, tuple(GEMM_TILES)),
+            ("int16", " i16", torch.int16, (-32768, 32767), 8, ("128x128",))]
+    fns = {(o[0], t): ffi.get_global_func(gemm_func(t, o[0])) for o in outs for t in GEMM_TILES}
     rows = []
     for label, (m, n, k) in [*[(f"edge {s}", s) for s in EDGE_SHAPES], *GEMM_SHAPES.items()]:
         edge = label.startswith("edge")
         x, w, bias, mult, shift = gemm_case(torch, m, n, k, seed=m + n + k)
         out_zp = 3
-        ref = reference_gemm(torch, x, w, bias, mult, shift, out_zp)
         row = {"shape": label, "M": m, "N": n, "K": k}
-        args = [ffi.from_dlpack(t) for t in (x, w, bias, mult, shift)]
-        for tile, fn in fns.items():
-            y = torch.empty((m, n), dtype=torch.int8, device="cuda")
-            yt = ffi.from_dlpack(y)
-            try:
-                fn(*args, out_zp, -128, 127, yt)
-                torch.cuda.synchronize()
-            except Exception as e:  # report, keep measuring the rest
-                row[f"qc {tile} error"] = str(e).splitlines()[0][:200]
-                continue
-            row[f"qc {tile} exact"] = bool(torch.equal(y, ref))
-            if not row[f"qc {tile} exact"]:
-                row[f"qc {tile} mismatches"] = int((y != ref).sum())
-            if not edge:
-                ms = _time_cuda(lambda: fn(*args, out_zp, -128, 127, yt))
-                row[f"qc {tile} ms"] = ms
-                row[f"qc {tile} TOP/s"] = 2 * m * n * k / ms / 1e9
-        # int16 out (the requants before residual adds, LUTs, softmax): exactness at every shape,
-        # speed with the tile the models use
-        shift16 = (shift - 8).clamp(min=0)  # 8 more bits kept: across the int16 range
-        ref16 = reference_gemm(torch, x, w, bias, mult, shift16, out_zp, -32768, 32767)
-        args16 = [*args[:4], ffi.from_dlpack(shift16)]
-        for tile, fn in fns16.items():
-            y = torch.empty((m, n), dtype=torch.int16, device="cuda")
-            yt = ffi.from_dlpack(y)
-            try:
-                fn(*args16, out_zp, -32768, 32767, yt)
-                torch.cuda.synchronize()
-            except Exception as e:
-                row[f"qc {tile} i16 error"] = str(e).splitlines()[0][:200]
-                continue
-            row[f"qc {tile} i16 exact"] = bool(torch.equal(y, ref16))
-            if not edge and tile == "128x128":
-                ms = _time_cuda(lambda: fn(*args16, out_zp, -32768, 32767, yt))
-                row[f"qc {tile} i16 TOP/s"] = 2 * m * n * k / ms / 1e9
+        for out, sfx, dt, (lo, hi), keep, timed in outs:
+            sh = (shift - keep).clamp(min=0)  # `keep` more bits: outputs across the wider range
+            ref = reference_gemm(torch, x, w, bias, mult, sh, out_zp, lo, hi)
+            args = [ffi.from_dlpack(t) for t in (x, w, bias, mult, sh)]
+            for tile in GEMM_TILES:
+                fn, key = fns[(out, tile)], f"qc {tile}{sfx}"
+                y = torch.empty((m, n), dtype=dt, device="cuda")
+                yt = ffi.from_dlpack(y)
+                try:
+                    fn(*args, out_zp, lo, hi, yt)
+                    torch.cuda.synchronize()
+                except Exception as e:  # report, keep measuring the rest
+                    row[f"{key} error"] = str(e).splitlines()[0][:200]
+                    continue
+                row[f"{key} exact"] = bool(torch.equal(y, ref))
+                if not row[f"{key} exact"]:
+                    row[f"{key} mismatches"] = int((y != ref).sum())
+                if not edge and tile in timed:
+                    ms = _time_cuda(lambda: fn(*args, out_zp, lo, hi, yt))
+                    row[f"{key} ms"] = ms
+                    row[f"{key} TOP/s"] = 2 * m * n * k / ms / 1e9
         if not edge:
             wt = w.t()
             row["torch._int_mm ms"] = _time_cuda(lambda: torch._int_mm(x, wt))

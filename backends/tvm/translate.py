@@ -37,19 +37,16 @@ def _dt(t: torch.dtype) -> str:
 VNNI_BLOCK = "qc_dot_u8s8"  # the name of backends/tvm/vnni.py's kernels in the module
 
 
-class _Lets:
-    """The per-element context of an elementwise kernel: L(expr) names an intermediate and
-    L.table(i) reads the kernel's constant table. Intermediates are not TIR Let bindings:
-    TVM's simplifier substitutes let-bound values back anyway, and in apache-tvm 0.27 a Let
-    over a per-channel value inside a vectorized CPU loop fails its type check (int64 vs
-    int64x16). So each kernel's arithmetic is written to read a value at most a few times
+class _Element:
+    """What an elementwise kernel's fn sees besides its inputs' values: raw, the tensor inputs'
+    loads, and table(i), a read of the kernel's constant table. Intermediates are plain
+    expressions, not TIR Let bindings: TVM's simplifier substitutes let-bound values back anyway,
+    and in apache-tvm 0.27 a Let over a per-channel value inside a vectorized CPU loop fails its
+    type check (int64 vs int64x16). So each kernel's arithmetic reads a value at most a few times
     (no Select: see _rshift_round), which keeps its expression small once inlined."""
 
     def __init__(self, table=None):
         self._table, self.raw = table, []
-
-    def __call__(self, expr):
-        return expr
 
     def table(self, i):
         return self._table(i)
@@ -107,14 +104,14 @@ class Translator:
 
     def isqrt(self, v, scale_bits: int = 0):
         """floor(sqrt(v * 2^scale_bits)) for int64 v (one elementwise kernel)."""
-        return self.elementwise("isqrt", [v], lambda L, x: _isqrt(L, x * (1 << scale_bits) if scale_bits else x),
+        return self.elementwise("isqrt", [v], lambda el, x: _isqrt(x * (1 << scale_bits) if scale_bits else x),
                                 "int64", own_kernel=True)
 
     def elementwise(self, name: str, inputs: list, fn, dtype: str, table=None, own_kernel: bool = False):
         """One elementwise kernel over the broadcast shape of `inputs` (numpy broadcasting; a
-        Python int stands for a scalar constant and is passed to fn as is): fn(L, *scalars) ->
-        TIR expression, where L.table(i) reads the 1-D constant `table` at index i and L.raw
-        holds the tensor inputs' loads. Each integer op is one such kernel (not a chain of
+        Python int stands for a scalar constant and is passed to fn as is): fn(el, *scalars) ->
+        TIR expression, where el (an _Element) has table(i), a read of the 1-D constant
+        `table`, and raw, the tensor inputs' loads. Each integer op is one such kernel (not a chain of
         Relax ops), so TVM's GPU schedules, which inline elementwise producers into their
         consumers, inline one small expression per op instead of a tree that copies every
         value into each of its uses (exponential in a chain of requantizations).
@@ -136,14 +133,14 @@ class Translator:
             ts, tab = (ts[:-1], ts[-1]) if table is not None else (ts, None)
 
             def at(*i):
-                L = _Lets(tab)
+                el = _Element(tab)
                 for t in ts:
                     r = len(t.shape)
                     idx = [tirx.const(0, "int64") if one(d) and not one(o) else ix
                            for d, o, ix in zip(t.shape, out_shape[rank - r:], i[rank - r:])]
-                    L.raw.append(t(*idx))
-                loaded = iter([L(r) for r in L.raw])
-                return fn(L, *[v if isinstance(v, int) else next(loaded) for v in inputs])
+                    el.raw.append(t(*idx))
+                loaded = iter(el.raw)
+                return fn(el, *[v if isinstance(v, int) else next(loaded) for v in inputs])
             return te.compute(out_shape, at, name=name)
         args = tensors + ([table] if table is not None else [])
         attrs = {"primfunc_attrs": {"op_pattern": 8}} if own_kernel else {}  # 8: kOpaque
@@ -259,9 +256,9 @@ def _requant(tr, n):
     m = tr.per_channel(tr.tensor_const(mult), av, axis)
     c = tr.per_channel(tr.tensor_const(shift), av, axis)
 
-    def fn(L, a, m_, c_):
-        p = L((_i64(a) - in_zp) * m_)
-        return _saturate(L(_rshift_round(L, p, c_) + out_zp), qmin, qmax)
+    def fn(el, a, m_, c_):
+        p = (_i64(a) - in_zp) * m_
+        return _saturate(_rshift_round(p, c_) + out_zp, qmin, qmax)
     return tr.elementwise("requant", [av, m, c], fn, _dt(I.int_dtype(qmin, qmax)))
 
 
@@ -427,9 +424,9 @@ def _int_conv(tr, n):
 def _int_add(tr, n):
     a, a_zp, a_mult, b, b_zp, b_mult, shift, out_zp, qmin, qmax = n.args
 
-    def fn(L, x, y):
-        p = L((_i64(x) - a_zp) * a_mult + (_i64(y) - b_zp) * b_mult)
-        return _saturate(L(_rshift_round(L, p, shift) + out_zp), qmin, qmax)
+    def fn(el, x, y):
+        p = (_i64(x) - a_zp) * a_mult + (_i64(y) - b_zp) * b_mult
+        return _saturate(_rshift_round(p, shift) + out_zp, qmin, qmax)
     return tr.elementwise("int_add", [tr.arg(a), tr.arg(b)], fn, _dt(I.int_dtype(qmin, qmax)))
 
 
@@ -457,19 +454,19 @@ def _int_div(tr, n):
     from tvm import tirx
     a, a_zp, b, mult, shift, out_zp, qmin, qmax = n.args
 
-    def fn(L, x, den):
-        num, den = L((_i64(x) - a_zp) * mult), L(_i64(den))
-        d = L(tirx.max(den, _c(1)))
-        q = L(tirx.floordiv(tirx.abs(num) * 2 + d, d * 2))
-        t = L(q * (_c(1) - 2 * tirx.Cast("int64", num < _c(0))))
-        y = L(_rshift_round(L, t, shift) * tirx.Cast("int64", den > _c(0)) + out_zp)
+    def fn(el, x, den):
+        num, den = (_i64(x) - a_zp) * mult, _i64(den)
+        d = tirx.max(den, _c(1))
+        q = tirx.floordiv(tirx.abs(num) * 2 + d, d * 2)
+        t = q * (_c(1) - 2 * tirx.Cast("int64", num < _c(0)))
+        y = _rshift_round(t, shift) * tirx.Cast("int64", den > _c(0)) + out_zp
         return _saturate(y, qmin, qmax)
     return tr.elementwise("int_div", [tr.arg(a), tr.arg(b)], fn, _dt(I.int_dtype(qmin, qmax)))
 
 
 def _int_l2_norm(tr, n):
     x, x_zp, dims, keepdim, frac_bits = n.args
-    sq = tr.elementwise("l2_square", [tr.arg(x)], lambda L, v: (lambda t: t * t)(L(_i64(v) - x_zp)), "int64")
+    sq = tr.elementwise("l2_square", [tr.arg(x)], lambda el, v: (lambda t: t * t)(_i64(v) - x_zp), "int64")
     s = tr.emit(tr.R.sum(sq, axis=list(dims), keepdims=keepdim))
     return tr.isqrt(s, 2 * frac_bits)
 
@@ -488,23 +485,23 @@ def _int_softmax(tr, n):
     i64, c = _i64, _c
     if mask is not None:
         mv = tr.cast(tr.arg(mask), "bool")
-        xm = tr.elementwise("softmax_masked", [xv, mv], lambda L, a, k: tirx.Select(k, i64(a), c(I64_MIN_HALF)),
+        xm = tr.elementwise("softmax_masked", [xv, mv], lambda el, a, k: tirx.Select(k, i64(a), c(I64_MIN_HALF)),
                             "int64")
         mx = tr.emit(R.max(xm, axis=[dim], keepdims=True))
 
-        def exp_(L, a, k, m):
-            a, _k, m = L.raw
-            return tirx.Select(k, L.table(tirx.min(m - i64(a), c(top))), c(0))
+        def exp_(el, a, k, m):
+            a, _k, m = el.raw
+            return tirx.Select(k, el.table(tirx.min(m - i64(a), c(top))), c(0))
         e = tr.elementwise("softmax_exp", [xv, mv, mx], exp_, "int64", table=tv)
     else:
         mx = tr.emit(R.max(tr.i64(xv), axis=[dim], keepdims=True))
-        e = tr.elementwise("softmax_exp", [xv, mx], lambda L, a, m: L.table(tirx.min(L.raw[1] - i64(L.raw[0]), c(top))),
+        e = tr.elementwise("softmax_exp", [xv, mx], lambda el, a, m: el.table(tirx.min(el.raw[1] - i64(el.raw[0]), c(top))),
                            "int64", table=tv)
     s = tr.emit(R.sum(e, axis=[dim], keepdims=True))
 
-    def out_(L, ev, sv):
-        t = L(tirx.floordiv(ev * c(mult), tirx.max(sv, c(1))))
-        return _saturate(L(_rshift_round(L, t, shift) + c(out_zp)), qmin, qmax)
+    def out_(el, ev, sv):
+        t = tirx.floordiv(ev * c(mult), tirx.max(sv, c(1)))
+        return _saturate(_rshift_round(t, shift) + c(out_zp), qmin, qmax)
     return tr.elementwise("softmax_out", [e, s], out_, _dt(I.int_dtype(qmin, qmax)))
 
 
@@ -523,7 +520,7 @@ def _saturate(y, qmin: int, qmax: int):
     return tirx.Cast(_dt(I.int_dtype(qmin, qmax)), tirx.max(tirx.min(y, _c(qmax)), _c(qmin)))
 
 
-def _rshift_round(L, p, c):
+def _rshift_round(p, c):
     """p / 2^c rounded half away from zero (int_ops.rshift_round), for an int64 p and a shift
     c >= 0 that is a Python int or an int64 value (a per-channel shift), written without Select
     and reading p twice: (p + 2^(c-1) - [p < 0]) >> c (arithmetic shift) for c > 0, p for c = 0.
@@ -539,15 +536,14 @@ def _rshift_round(L, p, c):
     return tirx.shift_right(p + half - neg * pos, c)
 
 
-def _isqrt(L, x):
+def _isqrt(x):
     """floor(sqrt(x)) for int64 x in [0, 2^62), as int_ops.isqrt: the float64 estimate r0 is
     within 1 of the answer R (|sqrt(fl(x)) - sqrt(x)| < 2^-21 for x < 2^62), so one step down
     (r0 > R) then one step up (r0 < R) makes it exact; Select-free like _rshift_round."""
     from tvm import tirx
-    x = L(x)
-    r = L(tirx.Cast("int64", tirx.floor(tirx.sqrt(tirx.Cast("float64", x)))))
-    r = L(r - tirx.Cast("int64", r * r > x))
-    return L(r + tirx.Cast("int64", (r + _c(1)) * (r + _c(1)) <= x))
+    r = tirx.Cast("int64", tirx.floor(tirx.sqrt(tirx.Cast("float64", x))))
+    r = r - tirx.Cast("int64", r * r > x)
+    return r + tirx.Cast("int64", (r + _c(1)) * (r + _c(1)) <= x)
 
 
 def _int_layer_norm(tr, n):
@@ -559,20 +555,20 @@ def _int_layer_norm(tr, n):
     xv = tr.arg(x)
     ch = int(tr.shape_of(xv)[-1])
     s1 = tr.emit(R.sum(tr.sub_zp(xv, x_zp), axis=[-1], keepdims=True))
-    dev = lambda L, v, s: L((_i64(v) - x_zp) * ch - s)
-    sq = tr.elementwise("ln_square", [xv, s1], lambda L, v, s: (lambda d: d * d)(dev(L, v, s)), "int64")
+    dev = lambda v, s: (_i64(v) - x_zp) * ch - s
+    sq = tr.elementwise("ln_square", [xv, s1], lambda el, v, s: (lambda d: d * d)(dev(v, s)), "int64")
     s2 = tr.emit(R.sum(sq, axis=[-1], keepdims=True))
 
-    def recip(L, v):
-        r = _isqrt(L, (tirx.floordiv(v, _c(ch)) + eps) * (1 << sqrt_bits))
+    def recip(el, v):
+        r = _isqrt((tirx.floordiv(v, _c(ch)) + eps) * (1 << sqrt_bits))
         return tirx.floordiv(_c(1 << I.LN_RECIP_BITS), tirx.max(r, _c(1))) * tirx.Cast("int64", r > _c(0))
     inv = tr.elementwise("ln_recip", [s2], recip, "int64", own_kernel=True)
     g = tr.const(_np(tr.tensor_const(gamma)).astype(np.int64).reshape(-1), "int64")
     b = tr.const(_np(tr.tensor_const(beta)).astype(np.int64).reshape(-1), "int64")
 
-    def out(L, v, s, r, g_, b_):
-        nn_ = L(_rshift_round(L, L(dev(L, v, s) * r), I.LN_RECIP_BITS - sqrt_bits // 2 - I.LN_NORM_BITS))
-        y = L(_rshift_round(L, L(nn_ * g_ + b_), shift) + out_zp)
+    def out(el, v, s, r, g_, b_):
+        nn_ = _rshift_round(dev(v, s) * r, I.LN_RECIP_BITS - sqrt_bits // 2 - I.LN_NORM_BITS)
+        y = _rshift_round(nn_ * g_ + b_, shift) + out_zp
         return _saturate(y, qmin, qmax)
     return tr.elementwise("layer_norm", [xv, s1, inv, g, b], out, _dt(I.int_dtype(qmin, qmax)))
 
