@@ -33,6 +33,7 @@ test: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not gpu" tests
 
 bench: install data
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[bench]'
 	HF_HUB_OFFLINE=1 $(PY) bench/accuracy.py
 
 clean:
