@@ -520,6 +520,10 @@ class OnnxRunner:
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         elif not self.fused_int8:
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        # A weight-only int8 MatMul (a float input: a log-quantized activation, a float island) is fused
+        # into MatMulNBits, whose default accuracy level 4 rounds that float input to int8 on the fly;
+        # level 1 computes in float32, as the QDQ graph says.
+        opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
         try:
             self.session = ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
         except Exception as e:

@@ -51,6 +51,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="correct each layer's bias for the mean output shift of weight quantization")
     c.add_argument("--reparam", metavar="PARTS", help="RepQ-ViT reparameterization: layernorm, softmax or both "
                    "(comma-separated); not with --integer")
+    c.add_argument("--log-act", metavar="KINDS", help="log quantizers for power-law activations: softmax, gelu or "
+                   "both (comma-separated; post-GELU inputs are shifted non-negative, the shift folded into the "
+                   "next linear's bias); not with --integer")
+    c.add_argument("--log-base", default="sqrt2", choices=["2", "sqrt2"], help="base of the --log-act quantizers")
     c.add_argument("--integer", action="store_true",
                    help="lower to an integer-only graph (dyadic requantization, integer Softmax/GELU/LayerNorm); "
                    "needs --target reference or a tvm target (those imply it)")
@@ -113,7 +117,8 @@ def cmd_compile(a) -> int:
                  percentile=a.percentile, passes=tuple(a.passes), exclude=tuple(a.keep_float),
                  calib_batch_size=a.calib_batch_size, integer=a.integer, allow_float=tuple(a.allow_float),
                  gptq=a.gptq, bias_correction=a.bias_correction,
-                 reparam=tuple(p for p in (a.reparam or "").split(",") if p), recipe=a.recipe)
+                 reparam=tuple(p for p in (a.reparam or "").split(",") if p), recipe=a.recipe,
+                 log_act=tuple(p for p in (a.log_act or "").split(",") if p), log_act_base=a.log_base)
     if a.allow_float and not a.integer:
         raise QCError("--allow-float only applies with --integer")
     cfg.extra.update(_mixed_precision_options(a))

@@ -33,6 +33,8 @@ class Config:
     gptq: bool = False  # GPTQ weight rounding on calibration data (passes/gptq.py); else round to nearest
     bias_correction: bool = False  # subtract the expected output shift of weight quantization (passes/bias_correction.py)
     reparam: tuple[str, ...] = ()  # RepQ-ViT reparameterization parts: "layernorm", "softmax" (passes/reparam.py)
+    log_act: tuple[str, ...] = ()  # log quantizers for post-"softmax" / post-"gelu" activations (passes/log_act.py)
+    log_act_base: str = "sqrt2"  # their base: "2" (shift-only levels) or "sqrt2"
     integer: bool = False  # lower to an integer-only graph (qc:: integer ops; see passes/lower_integer.py)
     allow_float: tuple[str, ...] = ()  # node names (globs) allowed to stay float islands in an integer graph
     int_internal_bits: int = 16  # integer mode: bits of tensors that do not only feed matmuls (residuals, LN inputs)
@@ -50,6 +52,13 @@ class Config:
         bad = [p for p in self.reparam if p not in ("layernorm", "softmax")]
         if bad:
             raise QCError(f"unknown reparam part(s) {bad} (choose from layernorm, softmax)")
+        bad = [p for p in self.log_act if p not in ("softmax", "gelu")]
+        if bad:
+            raise QCError(f"unknown log_act kind(s) {bad} (choose from softmax, gelu)")
+        if self.log_act_base not in ("2", "sqrt2"):
+            raise QCError(f"unknown log_act_base '{self.log_act_base}' (choose from 2, sqrt2)")
+        if self.log_act and self.integer:
+            raise QCError("log_act and integer lowering do not combine: integer kernels have no log quantizer")
         if self.recipe not in ("auto", "none", *RECIPES):
             raise QCError(f"unknown recipe '{self.recipe}' (choose from auto, none, {', '.join(RECIPES)})")
         if self.a_unsigned_nonneg and self.integer:
@@ -64,7 +73,7 @@ class Config:
         mixed_precision], [reparam_prepare], calibrate, [reparam], [gptq], [bias_correction], fake_quant."""
         mixed = ["sensitivity", "mixed_precision"] if self.extra.get("mixed_precision") else []
         return ["annotate", *(["annotate_integer"] if self.integer else []), *mixed,
-                *(["reparam_prepare"] if self.reparam else []), "calibrate", *(["reparam"] if self.reparam else []),
+                *(["log_act"] if self.log_act else []), *(["reparam_prepare"] if self.reparam else []), "calibrate", *(["reparam"] if self.reparam else []),
                 *(["gptq"] if self.gptq else []), *(["bias_correction"] if self.bias_correction else []), "fake_quant"]
 
     def weight_spec(self) -> QuantSpec:
