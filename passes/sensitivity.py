@@ -103,7 +103,7 @@ def activation_qparams(graph: Graph, calib: CalibData, nodes, a_bits) -> dict[tu
 
 def hutchinson_traces(graph: Graph, calib: CalibData, *, loss: str = "auto", labels=None, max_iters: int = 50,
                       tol: float = 1e-2, seed: int = 0, progress: bool = True, max_batches: int | None = None,
-                      min_iters: int = 4, a_bits=None) -> dict[str, dict]:
+                      min_iters: int = 4, a_bits=None, blockwise: bool = False) -> dict[str, dict]:
     """Per annotated layer with a weight: {"trace", "n_params", "iters", "rel_std", "loss"}, and
     with `a_bits` (activation widths, e.g. [8, 16]) also "act": {arg index: {"trace", "numel",
     "rel_std", "omega": {bits: Omega_act(bits)}}} for each activation input.
@@ -118,6 +118,13 @@ def hutchinson_traces(graph: Graph, calib: CalibData, *, loss: str = "auto", lab
     An activation's "trace" is sum_b (n_b / N) Tr(H_a,b) (H w.r.t. the batch's activation
     tensor), "numel" its size per sample; weight and activation Hessian-vector products are
     separate backward passes, so neither estimate carries the other's cross terms.
+
+    By default one Rademacher vector spans all layers' weights and one HVP serves them all:
+    layer i's sample v_i^T (H v)_i = v_i^T H_ii v_i + sum_{j != i} v_i^T H_ij v_j is unbiased, but
+    the cross terms add variance that swamps layers whose own block is small (fashion_cnn's
+    fc1: per-sample sd 2.4 joint vs 0.19 per block, mean 0.41). blockwise=True takes one HVP
+    per layer with v on that layer's weight only (v_i^T H_ii v_i, no cross terms): as many
+    backward passes per iteration as weighted layers, for that much less noise.
     """
     nodes = [n for n in layers(graph) if weight_input(n) is not None]
     if not nodes:
@@ -176,7 +183,10 @@ def hutchinson_traces(graph: Graph, calib: CalibData, *, loss: str = "auto", lab
                 asamples: list[list[float]] = [[] for _ in akeys]
                 for k in range(max_iters):
                     vs = [torch.randint(0, 2, w.shape, generator=gen).to(w.dtype) * 2 - 1 for w in ws]
-                    hvs = torch.autograd.grad(gw, ws, grad_outputs=vs, retain_graph=True, allow_unused=True)
+                    if blockwise:
+                        hvs = [_hvp([g], [w], [v])[0] for g, w, v in zip(gw, ws, vs)]
+                    else:
+                        hvs = torch.autograd.grad(gw, ws, grad_outputs=vs, retain_graph=True, allow_unused=True)
                     for s, v, hv in zip(samples, vs, hvs):
                         s.append(0.0 if hv is None else float((v * hv).sum()))
                     if ds:
@@ -280,7 +290,7 @@ class EstimateSensitivity(Pass):
     """Store Hutchinson Hessian traces in each weighted layer's meta["qc"]["sensitivity"].
 
     Settings from ctx.config.extra["sensitivity"]: loss, labels, max_iters, tol, seed,
-    max_batches, a_bits; a_bits defaults to the activation widths of the mixed-precision menu
+    max_batches, a_bits, blockwise; a_bits defaults to the activation widths of the mixed-precision menu
     (extra["mixed_precision"]["a_bits"]), and without either only weights are estimated.
     The graph itself is not changed."""
 
