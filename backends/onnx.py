@@ -500,6 +500,18 @@ def fused_int8_is_exact() -> bool:
     return any(f in flags for f in (" avx512_vnni", " avx_vnni", " amx_int8"))
 
 
+def _has_4bit_activations(src: str | bytes) -> bool:
+    """True when a QuantizeLinear of a computed (non-initializer) tensor outputs int4 / uint4."""
+    try:
+        m = onnx.load_from_string(src) if isinstance(src, bytes) else onnx.load(src, load_external_data=False)
+    except Exception:  # let onnxruntime report what is wrong with the file
+        return False
+    inits = {t.name: t.data_type for t in m.graph.initializer}
+    four = (TensorProto.INT4, TensorProto.UINT4)
+    return any(n.op_type == "QuantizeLinear" and n.input[0] not in inits and len(n.input) > 2
+               and inits.get(n.input[2]) in four for n in m.graph.node)
+
+
 class OnnxRunner:
     """An onnxruntime session (CPU, default threads) with inputs and outputs keyed by name.
 
@@ -524,8 +536,15 @@ class OnnxRunner:
         # into MatMulNBits, whose default accuracy level 4 rounds that float input to int8 on the fly;
         # level 1 computes in float32, as the QDQ graph says.
         opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+        # ORT 1.32 copies a QuantizeLinear backwards across MaxPool (QDQPropagationTransformer) and then
+        # fuses DQ -> MaxPool -> Q into an integer MaxPool, which has no 4-bit kernel: a model with
+        # 4-bit activations before a MaxPool then fails to load (INVALID_GRAPH, "Type 'tensor(int4)' ...
+        # of operator (MaxPool)"). Without the propagation the QDQ pair stays after the MaxPool, which
+        # is exact (max commutes with a monotone quantizer).
+        disabled = ["QDQPropagationTransformer"] if _has_4bit_activations(src) else []
         try:
-            self.session = ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"],
+                                                disabled_optimizers=disabled)
         except Exception as e:
             raise QCError(f"onnxruntime cannot load the model: {str(e).strip().splitlines()[0]}") from None
         self.input_names = [i.name for i in self.session.get_inputs()]

@@ -493,3 +493,34 @@ def test_reparam_softmax_graph_matches():
         ref = q(x)[0].numpy()
         for runner in (OnnxRunner(b, optimize=False), OnnxRunner(b)):
             np.testing.assert_allclose(runner.run({"x": x.numpy()})["output"], ref, rtol=1e-5, atol=1e-5)
+
+
+class PoolNet(torch.nn.Module):
+    """conv -> relu -> maxpool -> conv: ORT fuses DQ -> MaxPool -> Q into an integer MaxPool."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.Conv2d(8, 4, 3)
+
+    def forward(self, x):
+        return self.c2(torch.nn.functional.max_pool2d(torch.relu(self.c1(x)), 2))
+
+
+def test_maxpool_after_4_bit_activation_loads_and_matches():
+    """4-bit activations before a MaxPool: ORT's QDQ propagation + integer MaxPool fusion made such a
+    model fail to load (no int4 MaxPool kernel); OnnxRunner keeps the QDQ pair after the MaxPool and
+    runs it with ORT's optimizations on, matching the fake-quant graph."""
+    from qcompiler.calib import CalibData
+    from qcompiler.compiler import quantize
+    torch.manual_seed(0)
+    x = torch.rand(16, 1, 12, 12)
+    g = qcompiler.trace(PoolNet().eval(), (x[:2],), input_names=["x"])
+    calib = CalibData({"x": x.numpy()}, batch_size=8)
+    cfg = dict(w_bits=4, a_bits=4, recipe="none")
+    art = qcompiler.compile(g.copy(), calib, config=qcompiler.Config(**cfg))
+    _, qgraph, _ = quantize(g.copy(), calib, qcompiler.Config(**cfg))
+    r = OnnxRunner(art.files["model.onnx"])
+    xt = torch.rand(4, 1, 12, 12)
+    got = r.run({"x": xt.numpy()})[r.output_names[0]]
+    ref = qgraph(xt)[0].numpy()
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
