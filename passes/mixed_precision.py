@@ -312,11 +312,13 @@ class AssignBitWidths(Pass):
     """Pick each weighted layer's weight (and activation) bits by the ILP, from
     ctx.config.extra["mixed_precision"]:
     {"bits": [4, 8], "a_bits": [8, 16], "size_mb", "bops", "latency_ms" | "latency_ratio",
-     "pins": {name: "float" | bits | config}, "ties": [[names]]}
+     "pins": {name: "float" | bits | config}, "ties": [[names]], "omega": "trace" | "quadratic"}
     and optionally ctx.config.extra["latency_table"]: {"<op>:<weight shape, 64x128>:<config>": ms}.
     Options are w{b}a{a} for every b in bits and a in a_bits (without a_bits: the layer's
     annotated activation width; w{b} for weight-only layers); the objective of an option is
-    Omega_w(b) + Omega_act(a), BOPs use both widths, size the weight width. "latency_ratio" R
+    Omega_w(b) + Omega_act(a), BOPs use both widths, size the weight width. Omega_w is HAWQ-V3's
+    Tr(H)/n ||Q_b(W) - W||^2 ("trace", default) or the quadratic form dW^T H dW along the
+    actual error ("quadratic": the sensitivity pass's "quad", see hutchinson_traces). "latency_ratio" R
     sets the budget to R x the all-w8a8 latency of the table. A "float" option exists only
     where pinned, and removes the layer's annotation."""
 
@@ -376,7 +378,14 @@ def build_choices(graph: Graph, mp: dict, table: dict | None = None) -> tuple[li
 
         opts = []
         for b in bits:
-            om_w = omega(sens["trace"], nparams, w, spec.with_(bits=b))
+            if mp.get("omega", "trace") == "quadratic":
+                quad = {int(k): v for k, v in sens.get("quad", {}).items()}
+                if b not in quad:
+                    raise QCError(f"layer has no quadratic Omega at {b} bits (run the sensitivity pass with "
+                                  f"w_bits {bits})", node=n.name)
+                om_w = float(quad[b])
+            else:
+                om_w = omega(sens["trace"], nparams, w, spec.with_(bits=b))
             for a in a_opts:
                 om_a = activation_omega(sens, a) if a is not None else 0.0
                 if om_a is None and a_menu:

@@ -197,3 +197,23 @@ def test_equal_omega_options_break_ties_to_least_size():
     a = solve_bits(lcs, size_budget_bytes=max(_totals(lcs, "size_bytes")))
     assert a.choices["l1"].config == "w2a8"
     assert all(a.choices[f"l{i}"].config == "w8a8" for i in (0, 2, 3))
+
+
+def test_quadratic_omega_menu_uses_the_quadratic_forms():
+    """"omega": "quadratic" makes the sensitivity pass estimate dW^T H dW per weight width and the ILP's
+    weight Omegas equal them; without those estimates the menu is an error naming the layer."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4)).eval()
+    x = torch.randn(16, 8)
+    cfg = Config(extra={"mixed_precision": {"bits": [2, 4, 8], "omega": "quadratic"},
+                        "sensitivity": {"progress": False, "max_iters": 4}})
+    g = PassManager(["annotate", "sensitivity", "mixed_precision"]).run(qcompiler.trace(m, (x[:2],)),
+                                                                        PassContext(cfg, CalibData({"input": x.numpy()})))
+    for n in layers(g):
+        quad, opts = n.meta[QMETA]["sensitivity"]["quad"], n.meta[QMETA]["mixed_precision"]["options"]
+        assert opts == {f"w{b}a8": pytest.approx(quad[b], rel=1e-12) for b in (2, 4, 8)}
+    cfg = Config(extra={"mixed_precision": {"bits": [4, 8], "omega": "quadratic"},
+                        "sensitivity": {"progress": False, "max_iters": 4, "w_bits": [8]}})
+    with pytest.raises(QCError, match="no quadratic Omega at 4 bits"):
+        PassManager(["annotate", "sensitivity", "mixed_precision"]).run(qcompiler.trace(m, (x[:2],)),
+                                                                        PassContext(cfg, CalibData({"input": x.numpy()})))

@@ -177,3 +177,18 @@ def test_blockwise_trace_has_no_cross_layer_noise():
     for name, want in exact.items():
         assert abs(block[name]["trace"] - want) < 0.05 * want, (name, block[name], want)
     assert block["linear"]["rel_std"] < 0.2 * joint["linear"]["rel_std"], (block["linear"], joint["linear"])
+
+
+def test_quadratic_omega_is_the_exact_quadratic_form():
+    """One linear layer under MSE: "quad"[b] = dW^T H dW = 2 / (N fout) sum_n ||dW x_n||^2, dW = Q_b(W) - W, to 1e-4."""
+    from qcompiler.passes.sensitivity import quantize_weight
+    lin, x, y = _linear_problem(3)
+    g = _annotated(lin, x)
+    res = hutchinson_traces(g, CalibData({"input": x.numpy()}, batch_size=8), loss="mse", labels=y.numpy(),
+                            max_iters=4, progress=False, w_bits=[2, 4])
+    spec = layers(g)[0].meta[QMETA]["inputs"][1]["spec"]
+    for b in (2, 4):
+        dw = quantize_weight(lin.weight, spec.with_(bits=b)) - lin.weight.detach()
+        want = 2.0 / (len(x) * 4) * float(((x @ dw.T) ** 2).sum())
+        assert abs(res["linear"]["quad"][b] - want) < 1e-4 * want, (b, res["linear"]["quad"], want)
+    assert res["linear"]["quad"][2] > res["linear"]["quad"][4] > 0
