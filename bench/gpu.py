@@ -147,6 +147,88 @@ def kernel_table(prebuilt: Path, peak: float) -> list[dict]:
     return rows
 
 
+def row_kernel_checks(prebuilt: Path) -> list[dict]:
+    """qcompiler's row and table kernels (backends/tvm/kernels/int_rows.cu) against the reference
+    kernels (qcompiler/int_ops.py) run by torch, bit for bit: softmax with masked and fully masked
+    rows, ties, padded input and output rows (DeiT's 197 tokens), LUT with and without the
+    per-channel requant after it, LayerNorm at zero and largest variance; each timed at a model's shape."""
+    import torch
+    ffi = load_kernels(prebuilt)
+    from qcompiler import int_ops as I
+    from qcompiler.backends.tvm import cuda_kernels as K
+    from qcompiler.backends.tvm.translate import softmax_table
+    f = ffi.get_global_func
+    d = ffi.from_dlpack
+    g = torch.Generator().manual_seed(0)
+    rows = []
+
+    def record(name, shape, ok, fn):
+        ms = _time_cuda(fn)
+        rows.append({"kernel": name, "shape": shape, "bit-exact": bool(ok), "ms": ms})
+        print(f"  {name:<34} {shape:<22} bit-exact {str(bool(ok)):<5}  {ms * 1e3:8.1f} us")
+
+    print("\nrow / table kernels (int_rows.cu) vs the reference kernels")
+    for (b, h, s, n, ld) in ((32, 12, 128, 128, 128), (64, 6, 197, 197, 208), (2, 2, 5, 1000, 1008)):
+        for masked in (True, False):
+            x = torch.randint(-4000, 4000, (b, h, s, ld), dtype=torch.int16, generator=g)
+            x[0, 0, 0] = 7  # ties
+            keep = torch.rand(b, n, generator=g) > 0.25
+            keep[min(1, b - 1)] = False  # fully masked rows
+            tab = I.exp_table(0.004 if n != 1000 else 0.05, 65536)
+            for mult, shift, out in ((2130706440, 24, (-128, 127)), (1428102791, 18, (-128, 127)),
+                                     (12345, 0, (0, 255))):
+                ref = I.int_softmax(x[..., :n], keep.view(b, 1, 1, n) if masked else None, tab, -1, mult, shift,
+                                    out[0], *out)
+                dt = I.int_dtype(*out)
+                y = torch.full((b * h * s, ld), 99, dtype=dt, device="cuda")
+                xg, tg = x.view(-1, ld).cuda(), torch.from_numpy(softmax_table(tab.numpy())).cuda()
+                if masked:
+                    mg = keep.cuda()
+                    call = lambda: f(K.SOFTMAX_MASKED_FUNC)(d(xg), d(mg), d(tg), n, h * s, b, mult, shift, out[0],  # noqa
+                                                            *out, d(y))
+                else:
+                    call = lambda: f(K.SOFTMAX_FUNC)(d(xg), d(tg), n, mult, shift, out[0], *out, d(y))  # noqa: E731
+                call()
+                torch.cuda.synchronize()
+                yc = y.cpu()
+                ok = torch.equal(yc[:, :n], ref.reshape(-1, n)) and not yc[:, n:].any()
+                if mult == 2130706440:
+                    record(f"int_softmax{' masked' if masked else ''}", f"{b * h * s}x{n} (ld {ld})", ok, call)
+                elif not ok:
+                    record(f"int_softmax mult {mult}", f"{b * h * s}x{n}", ok, call)
+    for (m, c) in ((4096, 1536), (12608, 1536), (77, 96)):
+        x = torch.randint(-32768, 32768, (m, c), dtype=torch.int16, generator=g)
+        table = torch.randint(-32768, 32768, (65536,), dtype=torch.int16, generator=g)
+        mu = torch.randint(2**30, 2**31 - 1, (c,), dtype=torch.int64, generator=g)
+        sh = torch.randint(10, 30, (c,), dtype=torch.int64, generator=g)
+        sh[:3] = torch.tensor([0, 1, 40])
+        ref = I.requant(I.int_lut(x, table, -32768), 3, mu, sh, -2, -128, 127, -1)
+        xg, tg, y = x.cuda(), table.to(torch.int32).cuda(), torch.empty(m, c, dtype=torch.int8, device="cuda")
+        mg, sg = mu.cuda(), sh.cuda()
+        call = lambda: f(K.LUT_REQUANT_FUNC)(d(xg), d(tg), -32768, 3, d(mg), d(sg), -2, -128, 127, d(y))  # noqa: E731
+        call()
+        torch.cuda.synchronize()
+        record("int_lut + requant", f"{m}x{c}", torch.equal(y.cpu(), ref), call)
+        y16 = torch.empty(m, c, dtype=torch.int16, device="cuda")
+        call = lambda: f(K.LUT_FUNC)(d(xg), d(tg), -32768, d(y16))  # noqa: E731
+        call()
+        torch.cuda.synchronize()
+        record("int_lut", f"{m}x{c}", torch.equal(y16.cpu(), I.int_lut(x, table, -32768)), call)
+    for (m, c, out) in ((4096, 384, (-32768, 32767)), (12608, 384, (-128, 127)), (4096, 768, (-32768, 32767))):
+        eps, k, gamma, beta, shift = I.layer_norm_consts(torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g),
+                                                         c, 1e-5, 0.01, 0.05, in_levels=65536)
+        x = torch.randint(-32768, 32768, (m, c), dtype=torch.int16, generator=g)
+        x[0], x[1] = 5, torch.where(torch.arange(c) % 2 == 1, 32767, -32768)
+        ref = I.int_layer_norm(x, 5, eps, k, gamma, beta, shift, 0, *out)
+        xg, gg, bg = x.cuda(), gamma.cuda(), beta.cuda()
+        y = torch.empty(m, c, dtype=I.int_dtype(*out), device="cuda")
+        call = lambda: f(K.LAYER_NORM_FUNC)(d(xg), 5, eps, k, d(gg), d(bg), shift, 0, *out, d(y))  # noqa: E731
+        call()
+        torch.cuda.synchronize()
+        record("int_layer_norm", f"{m}x{c} -> {y.dtype}".replace("torch.", ""), torch.equal(y.cpu(), ref), call)
+    return rows
+
+
 def print_kernel_table(rows, peak):
     print(f"\nint8 GEMM + fused requant (qcompiler, CUTLASS WGMMA) vs torch._int_mm (int32 out) and bf16; "
           f"int8 dense peak {peak:.0f} TOP/s")
@@ -425,6 +507,8 @@ def run(args) -> int:
     if args.part in ("kernels", "all"):
         out["kernels"] = kernel_table(prebuilt, peak)
         print_kernel_table(out["kernels"], peak)
+    if args.part in ("kernels", "rows", "all"):
+        out["row kernels"] = row_kernel_checks(prebuilt)
     if args.part in ("models", "all"):
         out["models"] = []
         for name in args.models.split(","):
@@ -487,7 +571,8 @@ def main(argv=None) -> int:
     pp.add_argument("--pack", action="store_true", help="also write OUT.tar.xz (what `run --prebuilt` takes)")
     pr = sub.add_parser("run", help="measure on the GPU machine")
     pr.add_argument("--prebuilt", default=".gpu")
-    pr.add_argument("--part", choices=("kernels", "models", "all"), default="all")
+    pr.add_argument("--part", choices=("kernels", "rows", "models", "all"), default="all",
+                    help="kernels: the GEMM table and the row kernels; rows: the row kernels alone")
     pr.add_argument("--json", default=str(RESULTS / "gpu.json"))
     pr.add_argument("--models", default=",".join(MODELS))
     pr.add_argument("--profile", action="store_true", help="also list each artifact's CUDA kernels by device time")

@@ -23,11 +23,18 @@ import tempfile
 from qcompiler.errors import QCError
 
 LIB_NAME = "libqc_kernels_cuda.so"
-SOURCES = ("gemm_s8_sm90.cu",)
+SOURCES = ("gemm_s8_sm90.cu", "int_rows.cu")
 # tile configurations compiled into the library: name -> (tile M, tile N)
 GEMM_TILES = {"128x128": (128, 128), "128x256": (128, 256)}
 GEMM_FUNC = "qc.cuda.gemm_s8_requant{out}_{tile}"
 GEMM_OUTS = {"int8": "", "int16": "_i16"}  # output dtype -> name suffix
+# kernels/int_rows.cu: qc::int_softmax, qc::int_lut (+ the requant after it), qc::int_layer_norm
+SOFTMAX_FUNC = "qc.cuda.int_softmax"
+SOFTMAX_MASKED_FUNC = "qc.cuda.int_softmax_masked"
+LUT_FUNC = "qc.cuda.int_lut"
+LUT_REQUANT_FUNC = "qc.cuda.int_lut_requant"
+LAYER_NORM_FUNC = "qc.cuda.int_layer_norm"
+ROW_FUNCS = (SOFTMAX_FUNC, SOFTMAX_MASKED_FUNC, LUT_FUNC, LUT_REQUANT_FUNC, LAYER_NORM_FUNC)
 
 
 def gemm_func(tile: str, out_dtype: str = "int8") -> str:

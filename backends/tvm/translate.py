@@ -66,6 +66,11 @@ class Translator:
         # qcompiler's CUTLASS kernel (cuda_kernels.py), on Hopper's tensor cores
         self.dot = dot
         self.kernels: dict = {}  # hand-written kernels added to the module, per shape
+        # tvm-cuda: values kept zero-padded along their last dim to a multiple of 16 (the int8
+        # GEMM's TMA rows) between our kernels: fx node -> its true last-dim size. padded_k: a
+        # softmax output padded with zeros (the next GEMM's K); padded_n: a GEMM's requantized
+        # output with junk-free padding columns that the softmax after it skips.
+        self.padded: dict = {}
 
     # -- helpers ------------------------------------------------------------------------------
     def emit(self, expr, name: str | None = None):
@@ -328,19 +333,59 @@ def _linear_vnni(tr, xv, x_zp: int, wt: torch.Tensor):
     return y
 
 
+def _ceil16(v: int) -> int:
+    return -(-v // 16) * 16
+
+
+def _unpad(tr, node, v):
+    """The value of `node` at its true size, if it is kept padded (Translator.padded)."""
+    true = tr.padded.get(node)
+    if true is None:
+        return v
+    return tr.emit(tr.R.strided_slice(v, axes=[tr.ndim(v) - 1], begin=[0], end=[true]))
+
+
+def _pad_last(tr, v, axis: int, to: int):
+    """v zero-padded at the end of `axis` to size `to`."""
+    nd = tr.ndim(v)
+    axis = _norm_dim(axis, nd)
+    width = [0] * (2 * nd)
+    width[2 * axis + 1] = to - int(tr.shape_of(v)[axis])
+    return tr.emit(tr.R.nn.pad(v, width)) if width[2 * axis + 1] else v
+
+
 def _int_matmul(tr, n):
+    """Attention's activation x activation matmuls. On tvm-cuda (zero points 0, int8): one call of
+    the batched GEMM kernel with the requant after it; K or N that are not multiples of 16 (DeiT's
+    197 tokens) are zero-padded to one (exact: zeros add nothing), the softmax before it writing its
+    output padded and the one after it reading the padded output (Translator.padded)."""
     a, a_zp, b, b_zp = n.args
     if tr.dot == "sm90" and a_zp == 0 and b_zp == 0:
         av, bv = tr.arg(a), tr.arg(b)
         shape_b = tr.shape_of(bv)
         if tr.ndim(av) == tr.ndim(bv) and tr.ndim(av) >= 3 and tr.dtype_of(av) == tr.dtype_of(bv) == "int8" and \
-                _static(shape_b[-1]) and _static(shape_b[-2]):
+                _static(shape_b[-1]) and _static(shape_b[-2]) and b not in tr.padded:
             k_in, n_out = int(shape_b[-2]), int(shape_b[-1])
-            req = _gemm_requant(tr, n, av, 0, n_out, k_in, torch.int8)
+            kp, np_ = _ceil16(k_in), _ceil16(n_out)
+            req = _gemm_requant(tr, n, av, 0, np_, kp, torch.int8)
+            if req is not None and np_ != n_out and tr.tensor_const(req.args[2]).numel() != 1:
+                req = None  # per-channel constants are not padded
             if req is not None:
+                if a not in tr.padded:
+                    av = _pad_last(tr, av, -1, kp)
+                bv = _pad_last(tr, _pad_last(tr, bv, -2, kp), -1, np_)
                 bt = tr.emit(tr.R.permute_dims(bv, [*range(tr.ndim(bv) - 2), tr.ndim(bv) - 1, tr.ndim(bv) - 2]))
-                return _gemm_sm90(tr, n, req, av, bt, np.zeros(n_out, np.int32), batched=True)
-    av, bv = _mm_operand(tr, tr.arg(a), a_zp), _mm_operand(tr, tr.arg(b), b_zp)
+                _gemm_sm90(tr, n, req, av, bt, np.zeros(np_, np.int32), batched=True)
+                if np_ != n_out:
+                    users = list(req.users)
+                    if users and all(u.target is I.int_softmax and u.args[0] is req and u.args[1] is not req
+                                     for u in users):
+                        tr.padded[req] = n_out  # the softmax reads the padded rows (or unpads)
+                    else:
+                        tr.env[req] = tr.emit(tr.R.strided_slice(tr.env[req], axes=[tr.ndim(av) - 1], begin=[0],
+                                                                 end=[n_out]))
+                return None
+    av, bv = _mm_operand(tr, _unpad(tr, a, tr.arg(a)), a_zp), _mm_operand(tr, _unpad(tr, b, tr.arg(b)), b_zp)
     av, bv = _same_dtype(tr, av, bv)
     return tr.emit(tr.R.matmul(av, bv, out_dtype="int32"))
 
@@ -433,6 +478,10 @@ def _int_add(tr, n):
 def _int_lut(tr, n):
     x, table, offset = n.args
     tab = tr.tensor_const(table)
+    if tr.dot == "sm90":
+        done, y = _lut_sm90(tr, n, tr.arg(x), tab, offset)
+        if done:
+            return y
     idx = tr.sub_zp(tr.arg(x), offset)
     idx = tr.emit(tr.R.clip(idx, 0, tab.numel() - 1))
     return tr.emit(tr.R.take(tr.const(_np(tab), _dt(tab.dtype)), idx, axis=0))
@@ -480,6 +529,11 @@ def _int_softmax(tr, n):
     R = tr.R
     xv = tr.arg(x)
     tab = tr.tensor_const(table)
+    if tr.dot == "sm90":
+        y = _softmax_sm90(tr, n, xv, mask, tab, dim, mult, shift, out_zp, qmin, qmax)
+        if y is not None:
+            return y
+        xv = _unpad(tr, x, xv)
     top = tab.numel() - 1
     tv = tr.const(_np(tab).astype(np.int64), "int64")
     i64, c = _i64, _c
@@ -553,6 +607,11 @@ def _int_layer_norm(tr, n):
     x, x_zp, eps, sqrt_bits, gamma, beta, shift, out_zp, qmin, qmax = n.args
     R = tr.R
     xv = tr.arg(x)
+    if tr.dot == "sm90":
+        y = _layer_norm_sm90(tr, xv, x_zp, eps, sqrt_bits, tr.tensor_const(gamma), tr.tensor_const(beta), shift,
+                             out_zp, qmin, qmax)
+        if y is not None:
+            return y
     ch = int(tr.shape_of(xv)[-1])
     s1 = tr.emit(R.sum(tr.sub_zp(xv, x_zp), axis=[-1], keepdims=True))
     dev = lambda v, s: (_i64(v) - x_zp) * ch - s
@@ -571,6 +630,146 @@ def _int_layer_norm(tr, n):
         y = _rshift_round(nn_ * g_ + b_, shift) + out_zp
         return _saturate(y, qmin, qmax)
     return tr.elementwise("layer_norm", [xv, s1, inv, g, b], out, _dt(I.int_dtype(qmin, qmax)))
+
+
+# -- tvm-cuda: qcompiler's row and table kernels (kernels/int_rows.cu) ---------------------------
+# Each returns None (or (False, None)) where the kernel's preconditions do not hold; the op then
+# takes the generic path above.
+
+_ROW_DTYPES = ("int8", "uint8", "int16", "int32")  # what the kernels read and write
+
+
+def _static_shape(tr, v) -> list[int] | None:
+    sh = tr.shape_of(v)
+    return [int(d) for d in sh] if all(_static(d) for d in sh) else None
+
+
+def _prod(xs) -> int:
+    out = 1
+    for d in xs:
+        out *= int(d)
+    return out
+
+
+def _row_call(tr, func: str, x2, args: list, shape: list[int], out_dt: str):
+    """call_dps_packed(func, [x2, *args] -> [rows, last] out_dt), reshaped back to `shape`."""
+    ints = [tr.relax.prim_value(int(a)) if isinstance(a, (int, np.integer)) else a for a in args]
+    y = tr.emit(tr.relax.call_dps_packed(func, [x2, *ints], tr.relax.TensorType([_prod(shape[:-1]), shape[-1]], out_dt)))
+    return tr.emit(tr.R.reshape(y, shape))
+
+
+def softmax_table(tab: np.ndarray) -> np.ndarray | None:
+    """int_softmax's exp table as the kernel takes it (int32, cut after its first zero when every
+    later entry is 0 too: min(d, T - 1) then reads the same values), or None if an entry is
+    negative or above int32."""
+    t = np.asarray(tab).astype(np.int64).reshape(-1)
+    if t.size == 0 or t.min() < 0 or t.max() >= 2**31:
+        return None
+    zeros = np.flatnonzero(t == 0)
+    if zeros.size and not t[zeros[0]:].any():
+        t = t[: zeros[0] + 1]
+    return t.astype(np.int32)
+
+
+def _softmax_sm90(tr, node, xv, mask, tab, dim, mult, shift, out_zp, qmin, qmax):
+    """int_softmax along the last dim as one qc.cuda.int_softmax[_masked] call: a warp per row;
+    e * mult and the row sum must stay below 2^53 (the kernel's exact division estimates in float64).
+    Reads its input padded where the GEMM before it left it so, and writes its output zero-padded
+    to a multiple of 16 where every user is a GEMM that takes it so (Translator.padded)."""
+    from .cuda_kernels import SOFTMAX_FUNC, SOFTMAX_MASKED_FUNC
+    shape = _static_shape(tr, xv)
+    out_dt = _dt(I.int_dtype(qmin, qmax))
+    if not shape or _norm_dim(dim, len(shape)) != len(shape) - 1 or tr.dtype_of(xv) not in _ROW_DTYPES or \
+            out_dt not in _ROW_DTYPES or not 0 <= shift <= 62:
+        return None
+    t = softmax_table(_np(tab))
+    if t is None:
+        return None
+    ldx = shape[-1]
+    n_ = tr.padded.get(node.args[0], ldx)
+    rows = _prod(shape[:-1])
+    tmax = int(t.max())
+    if abs(int(mult)) * tmax >= 2**53 or n_ * tmax >= 2**53:
+        return None
+    mv = tr.arg(mask) if mask is not None else None
+    msh = _static_shape(tr, mv) if mask is not None else []
+    if msh is None or len(msh) > len(shape):
+        return None
+    users = list(node.users)
+    ldy = n_
+    if n_ % 16 and out_dt == "int8" and users and all(u.target is I.int_matmul and u.args[0] is node and
+                                                      u.args[2] is not node and u.args[1] == 0 and u.args[3] == 0
+                                                      for u in users):
+        ldy = _ceil16(n_)
+        tr.padded[node] = n_  # every user is a GEMM that takes it padded (or unpads it)
+    x2 = tr.emit(tr.R.reshape(xv, [rows, ldx]))
+    out_shape = [*shape[:-1], ldy]
+    consts = [int(mult), int(shift), int(out_zp), int(qmin), int(qmax)]
+    if mask is None:
+        return _row_call(tr, SOFTMAX_FUNC, x2, [tr.const(t, "int32"), n_, *consts], out_shape, out_dt)
+    m8 = tr.cast(mv, "bool")  # one byte a value, as the kernel reads it
+    msh = [1] * (len(shape) - len(msh)) + msh
+    lead, xl = msh[:-1], shape[:-1]
+    shape = [*xl, n_]  # the true shape, which the mask broadcasts to
+    big = [i for i, d in enumerate(lead) if d != 1]
+    if msh[-1] == n_ and all(lead[i] == xl[i] for i in big) and big == list(range(big[0], big[-1] + 1) if big else []):
+        # the mask's non-1 leading dims are one contiguous block of x's: row r reads mask row (r / mdiv) % mmod
+        mdiv, mmod = (_prod(xl[big[-1] + 1:]), _prod(lead)) if big else (1, 1)
+        m2 = tr.emit(tr.R.reshape(m8, [mmod, n_]))
+    else:
+        m2 = tr.emit(tr.R.reshape(tr.emit(tr.R.broadcast_to(m8, shape)), [rows, n_]))
+        mdiv, mmod = 1, rows
+    return _row_call(tr, SOFTMAX_MASKED_FUNC, x2, [m2, tr.const(t, "int32"), n_, mdiv, mmod, *consts], out_shape,
+                     out_dt)
+
+
+def _lut_sm90(tr, n, xv, tab: torch.Tensor, offset: int):
+    """int_lut as one qc.cuda.int_lut call, with the requant after it (n's only user, per tensor or
+    per last-dim channel) in the same kernel. Returns (done, value of n)."""
+    from .cuda_kernels import LUT_FUNC, LUT_REQUANT_FUNC
+    shape = _static_shape(tr, xv)
+    tab_dt = _dt(tab.dtype)
+    if not shape or tr.dtype_of(xv) not in _ROW_DTYPES or tab_dt not in _ROW_DTYPES or tab.numel() == 0:
+        return False, None
+    t = tr.const(_np(tab).astype(np.int32).reshape(-1), "int32")
+    x2 = tr.emit(tr.R.reshape(xv, [_prod(shape[:-1]), shape[-1]]))
+    users = list(n.users)
+    req = users[0] if len(users) == 1 and users[0].target is I.requant and users[0].args[0] is n else None
+    if req is not None:
+        _acc, in_zp, mult, shift, out_zp, qmin, qmax, axis = req.args
+        m = _np(tr.tensor_const(mult)).astype(np.int64).reshape(-1)
+        c = _np(tr.tensor_const(shift)).astype(np.int64).reshape(-1)
+        out_dt = _dt(I.int_dtype(qmin, qmax))
+        per_tensor = m.size == 1 and c.size == 1
+        per_last = m.size == c.size == shape[-1] and _norm_dim(axis, len(shape)) == len(shape) - 1
+        if (per_tensor or per_last) and out_dt in _ROW_DTYPES and np.abs(m).max() < 2**31 and c.min() >= 0 and \
+                c.max() <= 62 and abs(int(in_zp)) < 2**31:
+            tr.env[req] = _row_call(tr, LUT_REQUANT_FUNC, x2, [t, int(offset), int(in_zp), tr.const(m, "int64"),
+                                                               tr.const(c, "int64"), int(out_zp), int(qmin), int(qmax)],
+                                    shape, out_dt)
+            return True, None
+    return True, _row_call(tr, LUT_FUNC, x2, [t, int(offset)], shape, tab_dt)
+
+
+def _layer_norm_sm90(tr, xv, x_zp, eps, sqrt_bits, gamma: torch.Tensor, beta: torch.Tensor, shift, out_zp, qmin,
+                     qmax):
+    """int_layer_norm as one qc.cuda.int_layer_norm call (a warp per row)."""
+    from .cuda_kernels import LAYER_NORM_FUNC
+    shape = _static_shape(tr, xv)
+    out_dt = _dt(I.int_dtype(qmin, qmax))
+    if not shape or tr.dtype_of(xv) not in _ROW_DTYPES or out_dt not in _ROW_DTYPES or \
+            not (0 <= sqrt_bits <= 40 and 0 <= shift <= 62):
+        return None
+    ch = shape[-1]
+    g = _np(gamma).astype(np.int64).reshape(-1)
+    b = _np(beta).astype(np.int64).reshape(-1)
+    if g.size not in (1, ch) or b.size not in (1, ch):
+        return None
+    g, b = np.broadcast_to(g, (ch,)).copy(), np.broadcast_to(b, (ch,)).copy()
+    x2 = tr.emit(tr.R.reshape(xv, [_prod(shape[:-1]), ch]))
+    return _row_call(tr, LAYER_NORM_FUNC, x2, [int(x_zp), int(eps), int(sqrt_bits), tr.const(g, "int64"),
+                                               tr.const(b, "int64"), int(shift), int(out_zp), int(qmin), int(qmax)],
+                     shape, out_dt)
 
 
 QC = {I.quantize: _quantize, I.dequantize: _dequantize, I.requant: _requant, I.int_linear: _int_linear,

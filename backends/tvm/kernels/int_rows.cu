@@ -1,0 +1,351 @@
+// qcompiler's row and table kernels for tvm-cuda: qc::int_softmax, qc::int_lut (with the requant
+// after it) and qc::int_layer_norm, each ONE kernel, in the integer arithmetic of their reference
+// kernels (qcompiler/int_ops.py), bit for bit. TVM's dlight schedules write each of these ops as
+// three to five int64 kernels with int64 intermediates in device memory; here a warp owns a row
+// (softmax, LayerNorm) and keeps everything in registers and L1.
+//
+// Exported through tvm_ffi (called from the Relax graph with R.call_dps_packed):
+//   qc.cuda.int_softmax(x [R, LX], table [T] int32, n, mult, shift, out_zp, qmin, qmax, y [R, LY])
+//   qc.cuda.int_softmax_masked(x [R, LX], mask [Rm, n] bool, table, n, mdiv, mmod, mult, shift, out_zp,
+//                              qmin, qmax, y)                   (mask row of row r: (r / mdiv) % mmod)
+//     softmax over the first n entries of each row (LX, LY >= n: rows padded for the int8 GEMMs'
+//     16-byte TMA rows); y's entries n .. LY-1 are written 0 (zero padding along the next GEMM's K)
+//   qc.cuda.int_lut(x [E], table [T] int32, offset, y [E])
+//   qc.cuda.int_lut_requant(x [E], table [T] int32, offset, in_zp, mult [C] int64, shift [C] int64,
+//                           out_zp, qmin, qmax, y [E])          (channel of element i: i % C)
+//   qc.cuda.int_layer_norm(x [R, C], x_zp, eps, sqrt_bits, gamma [C] int64, beta [C] int64, shift,
+//                          out_zp, qmin, qmax, y [R, C])
+// x: int8 / uint8 / int16 / int32; y: int8 / uint8 / int16 / int32.
+//
+// What the translation (backends/tvm/translate.py) guarantees before calling them:
+// softmax: table entries in [0, 2^31), non-increasing past their first zero (so the table may be
+// cut after it), |mult| * max(table) < 2^53 and N * max(table) < 2^53 (so e * mult and the row
+// sum are exact in float64, which the division's estimate uses), 0 <= shift <= 62.
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+#include <tvm/ffi/container/tensor.h>
+#include <tvm/ffi/error.h>
+#include <tvm/ffi/extra/c_env_api.h>
+#include <tvm/ffi/function.h>
+
+namespace qc_rows {
+
+using tvm::ffi::TensorView;
+
+constexpr int kWarps = 8;  // rows per block (a warp per row)
+constexpr int64_t kI64MinHalf = -(int64_t(1) << 62);  // torch.iinfo(int64).min // 2: a masked entry
+
+// int_ops.rshift_round: sign(p) * ((|p| + 2^(c-1)) >> c), 0 <= c <= 62
+__device__ __forceinline__ int64_t rshift_round(int64_t p, int64_t c) {
+  int64_t half = c > 0 ? (int64_t(1) << (c - 1)) : 0;
+  int64_t mag = ((p < 0 ? -p : p) + half) >> c;
+  return p < 0 ? -mag : mag;
+}
+
+__device__ __forceinline__ int64_t clamp64(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
+
+// floor(num / den) for den >= 1 and |num|, den < 2^53: a float64 estimate (within 1 of the
+// answer: the quotient is below 2^53 and correctly rounded), then one integer fix-up each way.
+__device__ __forceinline__ int64_t floordiv_exact(int64_t num, int64_t den) {
+  int64_t q = static_cast<int64_t>(floor(static_cast<double>(num) / static_cast<double>(den)));
+  if (q * den > num) q -= 1;
+  if ((q + 1) * den <= num) q += 1;
+  return q;
+}
+
+// floor(a / b) for b >= 1 (torch's floor division), any int64 a
+__device__ __forceinline__ int64_t floordiv64(int64_t a, int64_t b) {
+  int64_t q = a / b;
+  return (a % b != 0 && a < 0) ? q - 1 : q;
+}
+
+__device__ __forceinline__ int64_t warp_max(int64_t v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    int64_t w = __shfl_xor_sync(0xffffffffu, v, o);
+    v = w > v ? w : v;
+  }
+  return v;
+}
+
+__device__ __forceinline__ int64_t warp_sum(int64_t v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// ---- int_softmax ------------------------------------------------------------------------------
+// d = max(x) - x over the kept entries; e = table[min(d, T - 1)] (0 where masked); S = max(sum e, 1);
+// y = clamp(rshift_round(floor(e * mult / S), shift) + out_zp, qmin, qmax). A fully masked row: out_zp.
+template <class In, class Out, bool Masked>
+__global__ void __launch_bounds__(kWarps * 32) softmax_rows(const In* __restrict__ x, const int8_t* __restrict__ mask,
+                                                            const int32_t* __restrict__ tab, int64_t tlen, int64_t rows,
+                                                            int64_t n, int64_t ldx, int64_t ldy, int64_t mdiv,
+                                                            int64_t mmod, int64_t mult,
+                                                            int64_t shift, int64_t out_zp, int64_t qmin, int64_t qmax,
+                                                            Out* __restrict__ y) {
+  int64_t row = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
+  int lane = threadIdx.x & 31;
+  if (row >= rows) return;
+  const In* xr = x + row * ldx;
+  const int8_t* mr = Masked ? mask + ((row / mdiv) % mmod) * n : nullptr;
+  Out* yr = y + row * ldy;
+  int64_t mx = kI64MinHalf;
+  for (int64_t j = lane; j < n; j += 32) {
+    if (!Masked || mr[j]) {
+      int64_t v = xr[j];
+      mx = v > mx ? v : mx;
+    }
+  }
+  mx = warp_max(mx);
+  const int64_t top = tlen - 1;
+  int64_t s = 0;
+  for (int64_t j = lane; j < n; j += 32) {
+    if (!Masked || mr[j]) {
+      int64_t d = mx - int64_t(xr[j]);
+      s += __ldg(tab + (d < top ? d : top));
+    }
+  }
+  s = warp_sum(s);
+  s = s < 1 ? 1 : s;
+  for (int64_t j = lane; j < n; j += 32) {
+    int64_t e = 0;
+    if (!Masked || mr[j]) {
+      int64_t d = mx - int64_t(xr[j]);
+      e = __ldg(tab + (d < top ? d : top));
+    }
+    int64_t t = floordiv_exact(e * mult, s);
+    yr[j] = static_cast<Out>(clamp64(rshift_round(t, shift) + out_zp, qmin, qmax));
+  }
+  for (int64_t j = n + lane; j < ldy; j += 32) yr[j] = Out(0);
+}
+
+// ---- int_lut (+ requant) ----------------------------------------------------------------------
+// y = table[clamp(x - offset, 0, T - 1)]; with Rq: y = clamp(rshift_round((y - in_zp) * mult[c], shift[c])
+// + out_zp, qmin, qmax), c = i % C.
+template <class In, class Out, bool Rq>
+__global__ void lut_kernel(const In* __restrict__ x, const int32_t* __restrict__ tab, int64_t tlen, int64_t offset,
+                           int64_t count, int64_t in_zp, const int64_t* __restrict__ mult,
+                           const int64_t* __restrict__ shift, int64_t channels, int64_t out_zp, int64_t qmin,
+                           int64_t qmax, Out* __restrict__ y) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += int64_t(gridDim.x) * blockDim.x) {
+    int64_t k = clamp64(int64_t(x[i]) - offset, 0, tlen - 1);
+    int64_t v = __ldg(tab + k);
+    if (Rq) {
+      int64_t c = channels == 1 ? 0 : i % channels;
+      v = clamp64(rshift_round((v - in_zp) * __ldg(mult + c), __ldg(shift + c)) + out_zp, qmin, qmax);
+    }
+    y[i] = static_cast<Out>(v);
+  }
+}
+
+// ---- int_layer_norm ---------------------------------------------------------------------------
+// int_ops.int_layer_norm, a warp per row of C:
+//   x' = x - x_zp; d = C x' - sum(x'); V = (floor(sum(d^2) / C) + eps) * 2^k; r = isqrt(V);
+//   inv = r > 0 ? floor(2^56 / r) : 0; n = rshift_round(d * inv, 40 - k/2);
+//   y = clamp(rshift_round(n * gamma_c + beta_c, shift) + out_zp, qmin, qmax)
+template <class In, class Out>
+__global__ void __launch_bounds__(kWarps * 32) layer_norm_rows(const In* __restrict__ x, int64_t rows, int64_t ch,
+                                                               int64_t x_zp, int64_t eps, int64_t sqrt_bits,
+                                                               const int64_t* __restrict__ gamma,
+                                                               const int64_t* __restrict__ beta, int64_t shift,
+                                                               int64_t out_zp, int64_t qmin, int64_t qmax,
+                                                               Out* __restrict__ y) {
+  int64_t row = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
+  int lane = threadIdx.x & 31;
+  if (row >= rows) return;
+  const In* xr = x + row * ch;
+  Out* yr = y + row * ch;
+  int64_t s1 = 0;
+  for (int64_t j = lane; j < ch; j += 32) s1 += int64_t(xr[j]) - x_zp;
+  s1 = warp_sum(s1);
+  int64_t s2 = 0;
+  for (int64_t j = lane; j < ch; j += 32) {
+    int64_t d = ch * (int64_t(xr[j]) - x_zp) - s1;
+    s2 += d * d;
+  }
+  s2 = warp_sum(s2);
+  int64_t v = (floordiv64(s2, ch) + eps) * (int64_t(1) << sqrt_bits);
+  // int_ops.isqrt: a float64 estimate, then two rounds of +1 / -1 fix-ups
+  int64_t r = static_cast<int64_t>(floor(sqrt(static_cast<double>(v))));
+#pragma unroll
+  for (int it = 0; it < 2; ++it) {
+    if ((r + 1) * (r + 1) <= v) r += 1;
+    if (r * r > v) r -= 1;
+  }
+  int64_t inv = r > 0 ? (int64_t(1) << 56) / r : 0;  // r > 0: floor division of positives
+  int64_t nshift = 56 - sqrt_bits / 2 - 16;
+  for (int64_t j = lane; j < ch; j += 32) {
+    int64_t d = ch * (int64_t(xr[j]) - x_zp) - s1;
+    int64_t nv = rshift_round(d * inv, nshift);
+    int64_t o = rshift_round(nv * __ldg(gamma + j) + __ldg(beta + j), shift) + out_zp;
+    yr[j] = static_cast<Out>(clamp64(o, qmin, qmax));
+  }
+}
+
+// ---- host side --------------------------------------------------------------------------------
+
+cudaStream_t stream_of(const TensorView& t) {
+  return static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, t.device().device_id));
+}
+
+int64_t numel(const TensorView& t) {
+  int64_t n = 1;
+  for (int i = 0; i < t.ndim(); ++i) n *= t.size(i);
+  return n;
+}
+
+void check(const TensorView& t, DLDataTypeCode code, int bits, const char* what) {
+  TVM_FFI_ICHECK(t.dtype().code == code && t.dtype().bits == bits && t.dtype().lanes == 1)
+      << "qc row kernel: " << what << " has the wrong dtype";
+  TVM_FFI_ICHECK(t.device().device_type == kDLCUDA) << "qc row kernel: " << what << " is not on a CUDA device";
+}
+
+// f.template operator()<T>() for the integer dtype of t (int8, uint8, int16, int32)
+template <class F>
+void by_dtype(const TensorView& t, const char* what, F&& f) {
+  DLDataType d = t.dtype();
+  TVM_FFI_ICHECK(d.lanes == 1) << "qc row kernel: " << what << " must be scalar-typed";
+  if (d.code == kDLInt && d.bits == 8) return f(int8_t());
+  if (d.code == kDLUInt && d.bits == 8) return f(uint8_t());
+  if (d.code == kDLInt && d.bits == 16) return f(int16_t());
+  if (d.code == kDLInt && d.bits == 32) return f(int32_t());
+  TVM_FFI_THROW(TypeError) << "qc row kernel: " << what << " must be int8, uint8, int16 or int32";
+}
+
+void softmax_impl(TensorView x, const TensorView* mask, TensorView tab, int64_t n, int64_t mdiv, int64_t mmod,
+                  int64_t mult, int64_t shift, int64_t out_zp, int64_t qmin, int64_t qmax, TensorView y) {
+  TVM_FFI_ICHECK(x.ndim() == 2 && y.ndim() == 2 && x.size(0) == y.size(0) && x.size(1) >= n && y.size(1) >= n &&
+                 n >= 0)
+      << "qc int_softmax: x and y must be [rows, >= n]";
+  check(tab, kDLInt, 32, "table");
+  TVM_FFI_ICHECK(tab.ndim() == 1 && tab.size(0) >= 1) << "qc int_softmax: empty table";
+  TVM_FFI_ICHECK(shift >= 0 && shift <= 62) << "qc int_softmax: shift out of range";
+  int64_t rows = x.size(0), ldx = x.size(1), ldy = y.size(1);
+  if (mask) {
+    DLDataType md = mask->dtype();  // bool or int8: one byte a value, 0 or 1
+    TVM_FFI_ICHECK(md.lanes == 1 && ((md.bits == 8 && (md.code == kDLInt || md.code == kDLUInt || md.code == kDLBool)) ||
+                                     (md.bits == 1 && (md.code == kDLUInt || md.code == kDLBool))) &&
+                   mask->device().device_type == kDLCUDA)
+        << "qc int_softmax: the mask must be a bool or int8 tensor on the GPU";
+    TVM_FFI_ICHECK(mask->ndim() == 2 && mask->size(1) == n && mask->size(0) == mmod && mdiv >= 1)
+        << "qc int_softmax: mask must be [mmod, N]";
+  }
+  if (rows == 0 || ldy == 0) return;
+  dim3 grid(static_cast<unsigned>((rows + kWarps - 1) / kWarps)), block(kWarps * 32);
+  cudaStream_t st = stream_of(x);
+  const int8_t* m = mask ? static_cast<const int8_t*>(mask->data_ptr()) : nullptr;
+  by_dtype(x, "x", [&](auto in) {
+    using In = decltype(in);
+    by_dtype(y, "y", [&](auto out) {
+      using Out = decltype(out);
+      auto xp = static_cast<const In*>(x.data_ptr());
+      auto tp = static_cast<const int32_t*>(tab.data_ptr());
+      auto yp = static_cast<Out*>(y.data_ptr());
+      if (m)
+        softmax_rows<In, Out, true><<<grid, block, 0, st>>>(xp, m, tp, tab.size(0), rows, n, ldx, ldy, mdiv, mmod,
+                                                            mult, shift, out_zp, qmin, qmax, yp);
+      else
+        softmax_rows<In, Out, false><<<grid, block, 0, st>>>(xp, nullptr, tp, tab.size(0), rows, n, ldx, ldy, 1, 1,
+                                                             mult, shift, out_zp, qmin, qmax, yp);
+    });
+  });
+  TVM_FFI_ICHECK(cudaGetLastError() == cudaSuccess) << "qc int_softmax: launch failed";
+}
+
+void softmax(TensorView x, TensorView tab, int64_t n, int64_t mult, int64_t shift, int64_t out_zp, int64_t qmin,
+             int64_t qmax, TensorView y) {
+  softmax_impl(x, nullptr, tab, n, 1, 1, mult, shift, out_zp, qmin, qmax, y);
+}
+
+void softmax_masked(TensorView x, TensorView mask, TensorView tab, int64_t n, int64_t mdiv, int64_t mmod,
+                    int64_t mult, int64_t shift, int64_t out_zp, int64_t qmin, int64_t qmax, TensorView y) {
+  softmax_impl(x, &mask, tab, n, mdiv, mmod, mult, shift, out_zp, qmin, qmax, y);
+}
+
+void lut_impl(TensorView x, TensorView tab, int64_t offset, bool rq, int64_t in_zp, const TensorView* mult,
+              const TensorView* shift, int64_t out_zp, int64_t qmin, int64_t qmax, TensorView y) {
+  check(tab, kDLInt, 32, "table");
+  TVM_FFI_ICHECK(tab.ndim() == 1 && tab.size(0) >= 1) << "qc int_lut: empty table";
+  int64_t count = numel(x);
+  TVM_FFI_ICHECK(numel(y) == count) << "qc int_lut: x and y differ in size";
+  int64_t channels = 1;
+  if (rq) {
+    check(*mult, kDLInt, 64, "mult");
+    check(*shift, kDLInt, 64, "shift");
+    channels = numel(*mult);
+    TVM_FFI_ICHECK(channels >= 1 && numel(*shift) == channels && x.ndim() >= 1 &&
+                   (channels == 1 || x.size(x.ndim() - 1) == channels))
+        << "qc int_lut: per-channel requant constants must match the last dim";
+  }
+  if (count == 0) return;
+  int threads = 256;
+  int64_t blocks = (count + threads - 1) / threads;
+  if (blocks > 132 * 32) blocks = 132 * 32;  // grid-stride beyond this
+  cudaStream_t st = stream_of(x);
+  const int64_t* mp = rq ? static_cast<const int64_t*>(mult->data_ptr()) : nullptr;
+  const int64_t* sp = rq ? static_cast<const int64_t*>(shift->data_ptr()) : nullptr;
+  by_dtype(x, "x", [&](auto in) {
+    using In = decltype(in);
+    by_dtype(y, "y", [&](auto out) {
+      using Out = decltype(out);
+      auto xp = static_cast<const In*>(x.data_ptr());
+      auto tp = static_cast<const int32_t*>(tab.data_ptr());
+      auto yp = static_cast<Out*>(y.data_ptr());
+      if (rq)
+        lut_kernel<In, Out, true><<<unsigned(blocks), threads, 0, st>>>(xp, tp, tab.size(0), offset, count, in_zp, mp,
+                                                                         sp, channels, out_zp, qmin, qmax, yp);
+      else
+        lut_kernel<In, Out, false><<<unsigned(blocks), threads, 0, st>>>(xp, tp, tab.size(0), offset, count, 0, nullptr,
+                                                                          nullptr, 1, 0, 0, 0, yp);
+    });
+  });
+  TVM_FFI_ICHECK(cudaGetLastError() == cudaSuccess) << "qc int_lut: launch failed";
+}
+
+void lut(TensorView x, TensorView tab, int64_t offset, TensorView y) {
+  lut_impl(x, tab, offset, false, 0, nullptr, nullptr, 0, 0, 0, y);
+}
+
+void lut_requant(TensorView x, TensorView tab, int64_t offset, int64_t in_zp, TensorView mult, TensorView shift,
+                 int64_t out_zp, int64_t qmin, int64_t qmax, TensorView y) {
+  lut_impl(x, tab, offset, true, in_zp, &mult, &shift, out_zp, qmin, qmax, y);
+}
+
+void layer_norm(TensorView x, int64_t x_zp, int64_t eps, int64_t sqrt_bits, TensorView gamma, TensorView beta,
+                int64_t shift, int64_t out_zp, int64_t qmin, int64_t qmax, TensorView y) {
+  TVM_FFI_ICHECK(x.ndim() == 2 && y.ndim() == 2 && x.size(0) == y.size(0) && x.size(1) == y.size(1))
+      << "qc int_layer_norm: x and y must be [rows, C] alike";
+  int64_t rows = x.size(0), ch = x.size(1);
+  check(gamma, kDLInt, 64, "gamma");
+  check(beta, kDLInt, 64, "beta");
+  TVM_FFI_ICHECK(numel(gamma) == ch && numel(beta) == ch) << "qc int_layer_norm: gamma / beta must have C entries";
+  TVM_FFI_ICHECK(sqrt_bits >= 0 && sqrt_bits <= 40 && shift >= 0 && shift <= 62) << "qc int_layer_norm: shifts";
+  if (rows == 0 || ch == 0) return;
+  dim3 grid(static_cast<unsigned>((rows + kWarps - 1) / kWarps)), block(kWarps * 32);
+  cudaStream_t st = stream_of(x);
+  by_dtype(x, "x", [&](auto in) {
+    using In = decltype(in);
+    by_dtype(y, "y", [&](auto out) {
+      using Out = decltype(out);
+      layer_norm_rows<In, Out><<<grid, block, 0, st>>>(
+          static_cast<const In*>(x.data_ptr()), rows, ch, x_zp, eps, sqrt_bits,
+          static_cast<const int64_t*>(gamma.data_ptr()), static_cast<const int64_t*>(beta.data_ptr()), shift, out_zp,
+          qmin, qmax, static_cast<Out*>(y.data_ptr()));
+    });
+  });
+  TVM_FFI_ICHECK(cudaGetLastError() == cudaSuccess) << "qc int_layer_norm: launch failed";
+}
+
+}  // namespace qc_rows
+
+TVM_FFI_STATIC_INIT_BLOCK() {
+  using tvm::ffi::Function;
+  Function::SetGlobal("qc.cuda.int_softmax", Function::FromTyped(qc_rows::softmax), true);
+  Function::SetGlobal("qc.cuda.int_softmax_masked", Function::FromTyped(qc_rows::softmax_masked), true);
+  Function::SetGlobal("qc.cuda.int_lut", Function::FromTyped(qc_rows::lut), true);
+  Function::SetGlobal("qc.cuda.int_lut_requant", Function::FromTyped(qc_rows::lut_requant), true);
+  Function::SetGlobal("qc.cuda.int_layer_norm", Function::FromTyped(qc_rows::layer_norm), true);
+}
