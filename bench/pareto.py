@@ -365,14 +365,21 @@ def main() -> int:
         return ilp_timing()
     if a.merge:
         parts = [json.loads(Path(f).read_text()) for f in a.merge]
-        return report([r for d in parts for r in d["rows"]], {k: v for d in parts for k, v in d["sensitivity"].items()},
-                      {k: v for d in parts for k, v in d["models"].items()}, parts[0]["settings"],
+        sens, info = {}, {}  # per model and layer, later parts add to (and override) earlier ones
+        for d in parts:
+            for k, v in d["sensitivity"].items():
+                for layer, x in v.items():
+                    sens.setdefault(k, {}).setdefault(layer, {}).update(x)
+            for k, v in d["models"].items():
+                info.setdefault(k, {}).update(v)
+        return report([r for d in parts for r in d["rows"]], sens, info, [d["settings"] for d in parts],
                       " && ".join(d["command"] for d in parts) + " && " + shlex.join(["python", "bench/pareto.py", *sys.argv[1:]]),
                       sum(d["seconds"] for d in parts))
     torch.set_num_threads(2)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from qcompiler.latency import load_table, profile_layers, save_table
     from qcompiler.passes.mixed_precision import build_choices
+    from qcompiler.passes.sensitivity import weight_input
 
     t_start = time.perf_counter()
     rows, sens, fp32, info = [], {}, {}, {}
@@ -411,7 +418,7 @@ def main() -> int:
             rows += sweep(m, lat_choices, "latency", [lmin + f * (lmax - lmin) for f in fr], a, configs)
             info[name].update(latency_table=os.path.relpath(path, ROOT), latency_min_ms=lmin, latency_max_ms=lmax,
                               latency_seconds=round(time.perf_counter() - t0, 1))
-        shapes = {n.name: "x".join(map(str, m.ann.attr(n.args[1]).shape)) for n in _weighted(m.ann)}
+        shapes = {n.name: "x".join(map(str, m.ann.attr(n.args[weight_input(n)]).shape)) for n in _weighted(m.ann)}
         rank = sorted(m.sens, key=lambda n: -sum(x["omega"][8] for x in m.sens[n].get("act", {}).values()))
         info[name]["act_ranking_omega8"] = [
             {"layer": n, "weight_shape": shapes.get(n), "omega8": sum(x["omega"][8] for x in m.sens[n].get("act", {}).values()),
