@@ -8,12 +8,14 @@ NNCF, PyTorch PT2E) side by side on the same models, calibration data and evalua
 MiniLM: embedding cosine vs FP32 (mean / min over 256 held-aside real sentences) and top-1
 retrieval (nearest other sentence) agreement with FP32. Fashion-MNIST CNN / ViT: top-1 on the
 10 k test set. Weights per-channel, activations static per-tensor, unless a row says otherwise.
-Every ONNX model (qcompiler's artifacts, ORT's and NNCF's outputs) is run by ONNX Runtime on CPU;
-reference-target artifacts and PT2E models run in torch. Each row counts the ops it quantizes
+Every ONNX model (qcompiler's fake-quant artifacts of the onnx and reference targets, which both
+write model.onnx, and ORT's and NNCF's outputs) is run by ONNX Runtime on CPU; integer-only
+artifacts run in torch (the reference backend, loaded from the saved artifact), and so do PT2E
+models and rows whose ONNX artifact ORT rejects (the row says so). Each row counts the ops it quantizes
 and lists the compute ops it leaves in float. A peer that cannot do a setting gets an "n/a" row
 with the reason. Results merge into bench/results/accuracy.json (accuracy_integer.json with
---only integer): rows of the models and settings run replace their earlier rows, so parts can
-be re-run.
+--only integer): each row run replaces its earlier copy (same model, setting and variant) and
+the other rows stay, so parts can be re-run.
 """
 from __future__ import annotations
 
@@ -47,6 +49,8 @@ QC_ROWS = {
     "+ reparam layernorm": ({"pre_passes": BASE, "recipe": "none", "reparam": ("layernorm",)}, ("minilm", "fashion_vit")),
     "+ reparam layernorm,softmax (reference target)": (
         {"pre_passes": BASE, "reparam": ("layernorm", "softmax"), "recipe": "none", "target": "reference"}, ("minilm", "fashion_vit")),
+    "+ log-sqrt2 quantizer for post-Softmax / post-GELU inputs": (
+        {"pre_passes": BASE, "recipe": "none", "log_act": ("softmax", "gelu")}, ("minilm", "fashion_vit")),
     "+ bias correction": ({"pre_passes": BASE, "recipe": "none", "bias_correction": True}, None),
     "+ gptq": ({"pre_passes": BASE, "recipe": "none", "gptq": True}, None),
     "+ unsigned grid for non-negative activations": ({"pre_passes": BASE, "recipe": "none", "a_unsigned_nonneg": True}, None),
@@ -235,6 +239,7 @@ class Bench:
         self.out_name = self.g.outputs[0].name
         self.fp32_onnx = export_onnx(self.g)
         self.rows: list[dict] = []
+        self.sink = None  # called with each new row: main() merges it into the results file at once
 
     def _run_torch(self, module) -> np.ndarray:
         def f(b):
@@ -248,6 +253,8 @@ class Bench:
             row.update(score(self.z.metric, self.ref, got, self.labels))
         row.update(extra)
         self.rows.append(row)
+        if self.sink is not None:
+            self.sink(row)
         print(f"  {self.name} {setting}: {variant}: {json.dumps({k: v for k, v in row.items() if k != 'ops'})[:400]}",
               file=sys.stderr, flush=True)
 
@@ -320,7 +327,7 @@ class Bench:
         w, a = SETTINGS[setting]
         transformer = self.name in ("minilm", "fashion_vit")
         # ONNX Runtime quantize_static: the best of its calibration methods on the evaluation metric
-        name = f"ORT quantize_static QDQ per-channel S{'8' if a == 8 else '4'}S{'8' if w == 8 else '4'} (best of {'/'.join(ort_methods)})"
+        name = f"ORT quantize_static QDQ per-channel S{a}S{w} (best of {'/'.join(ort_methods)})"
         if w not in ORT_TYPES or a not in ORT_TYPES:
             self.add(setting, name, na=f"ONNX has no {w if w not in ORT_TYPES else a}-bit integer type for QDQ "
                                        "(int4, int8, int16 only)")
@@ -435,17 +442,21 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def merge_results(path: Path, rows: list[dict], done: set[tuple[str, str]], meta: dict) -> list[dict]:
-    """Replace the rows of the (model, setting) pairs just run; keep the others. Locked, so
-    parts run as parallel processes can write the same file."""
+    """Replace the stored rows that were just run again (same model, setting and variant) and
+    keep every other row, so a run of some rows or peers (--rows, --no-peers) adds to the
+    results instead of dropping the rest. Locked, so parts run as parallel processes can write
+    the same file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         old = json.loads(path.read_text()) if path.exists() else {}
-        kept = [r for r in old.get("rows", []) if (r.get("model"), r.get("setting", "W8A8")) not in done
-                and "setting" in r]
+        fresh = {(r["model"], r["setting"], r["variant"]) for r in rows}
+        kept = [r for r in old.get("rows", []) if "setting" in r and (r["model"], r["setting"], r["variant"]) not in fresh]
         order = {m: i for i, m in enumerate(["minilm", "fashion_cnn", "fashion_vit"])}
         sorder = {s: i for i, s in enumerate(["FP32", *SETTINGS])}
-        merged = sorted(kept + rows, key=lambda r: (order.get(r["model"], 9), sorder.get(r["setting"], 9)))
+        vorder = {v: i for i, v in enumerate(["FP32 (PyTorch)", *QC_ROWS, *INTEGER_ROWS])}
+        merged = sorted(kept + rows, key=lambda r: (order.get(r["model"], 9), sorder.get(r["setting"], 9),
+                                                    vorder.get(r["variant"], len(vorder))))
         runs = {**old.get("runs", {}), **{f"{m}:{s}": meta for m, s in sorted(done)}}
         path.write_text(json.dumps({"about": __doc__.split("\n\n")[0], "runs": runs, "rows": merged}, indent=1) + "\n")
     return merged
@@ -485,6 +496,7 @@ def main() -> int:
     for name in a.models.split(","):
         t0 = time.perf_counter()
         b = Bench(name, a.calib)
+        b.sink = lambda row: merge_results(out, [row], {(row["model"], row["setting"])}, meta)
         b.fp32()
         for s in settings:
             qc = INTEGER_ROWS if a.only == "integer" else QC_ROWS
@@ -493,8 +505,8 @@ def main() -> int:
             b.qcompiler_rows(s, qc)
             if a.only == "all" and not a.no_peers:
                 b.peers(s, [m for m in a.ort_methods.split(",") if m])
-            done = {(name, "FP32"), (name, s)}  # written after each setting: a stopped run keeps what it measured
-            merged = merge_results(out, [r for r in b.rows if (r["model"], r["setting"]) in done], done, meta)
+            # every row is merged into the results as it is measured (Bench.sink): a stopped run keeps it
+            merged = merge_results(out, [], {(name, "FP32"), (name, s)}, meta)
         print(f"  {name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     print_table(merged)
     print(f"\nwrote {os.path.relpath(out, ROOT)}")
