@@ -61,7 +61,10 @@ INTEGER_ROWS = {
     "qcompiler integer-only (dyadic requant, int softmax/GELU/LN)": ({"integer": True, "target": "reference"}, None),
 }
 ORT_METHODS = ("MinMax", "Percentile", "Entropy")
-ORT_TYPES = {8: "QInt8", 4: "QInt4"}  # QDQ integer types quantize_static takes; no 6-bit type
+# QDQ integer types quantize_static takes (no 6-bit type): weights signed; activations signed or
+# unsigned (ORT's CPU kernels prefer U8S8), the better of the two is reported
+ORT_TYPES = {8: "QInt8", 4: "QInt4"}
+ORT_ACT_TYPES = {8: ("QUInt8", "QInt8"), 4: ("QUInt4", "QInt4")}
 # ops that only move or reshape data: not counted as quantized or float compute
 _LAYOUT = {"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Shape", "Concat", "Slice", "Constant", "Cast", "Flatten",
            "Expand", "Identity", "Split", "ConstantOfShape", "Range", "Equal", "Not", "Less", "Greater", "Where",
@@ -165,7 +168,8 @@ class _Reader:
         self.it = iter(self.items)
 
 
-def ort_static(fp32_onnx: bytes, calib, w_bits: int, a_bits: int, method: str, workdir: str) -> bytes:
+def ort_static(fp32_onnx: bytes, calib, w_bits: int, a_bits: int, method: str, workdir: str,
+               act_type: str | None = None) -> bytes:
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -180,7 +184,7 @@ def ort_static(fp32_onnx: bytes, calib, w_bits: int, a_bits: int, method: str, w
         pass
 
     quantize_static(pre, dst, Reader(calib), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=getattr(QuantType, ORT_TYPES[a_bits]),
+                    activation_type=getattr(QuantType, act_type or ORT_TYPES[a_bits]),
                     weight_type=getattr(QuantType, ORT_TYPES[w_bits]),
                     calibrate_method=getattr(CalibrationMethod, method),
                     extra_options={"CalibMaxIntermediateOutputs": 16})
@@ -326,33 +330,36 @@ class Bench:
         from qcompiler.backends.onnx import OnnxRunner
         w, a = SETTINGS[setting]
         transformer = self.name in ("minilm", "fashion_vit")
-        # ONNX Runtime quantize_static: the best of its calibration methods on the evaluation metric
-        name = f"ORT quantize_static QDQ per-channel S{a}S{w} (best of {'/'.join(ort_methods)})"
+        # ONNX Runtime quantize_static: the best of its activation types and calibration methods on the
+        # evaluation metric
+        name = f"ORT quantize_static QDQ per-channel (best of U{a}/S{a} activations x {'/'.join(ort_methods)})"
         if w not in ORT_TYPES or a not in ORT_TYPES:
             self.add(setting, name, na=f"ONNX has no {w if w not in ORT_TYPES else a}-bit integer type for QDQ "
                                        "(int4, int8, int16 only)")
         else:
             best, tried = None, {}
-            for method in ort_methods:
-                t0 = time.perf_counter()
-                with tempfile.TemporaryDirectory() as d:
-                    try:
-                        qb = ort_static(self.fp32_onnx, self.calib, w, a, method, d)
-                        runner = OnnxRunner(qb)
-                        got = run_batched(lambda f: runner.run(f)[runner.output_names[0]], self.ev, self.batch)
-                    except Exception as e:  # a peer failing on a model is a result, not a crash
-                        tried[method] = f"{type(e).__name__}: {e}"[:200]
-                        continue
-                s = score(self.z.metric, self.ref, got, self.labels)
-                key = s.get("top1", s.get("cosine_mean"))
-                tried[method] = round(key, 4)
-                print(f"  {self.name} {setting}: ORT {method}: {s}", file=sys.stderr, flush=True)
-                if best is None or key > best[0]:
-                    best = (key, method, s, qb, round(time.perf_counter() - t0, 1))
+            for act in ORT_ACT_TYPES[a]:
+                for method in ort_methods:
+                    label = f"{act[1]}{a}S{w} {method}"  # e.g. U8S8 MinMax: activations, weights
+                    t0 = time.perf_counter()
+                    with tempfile.TemporaryDirectory() as d:
+                        try:
+                            qb = ort_static(self.fp32_onnx, self.calib, w, a, method, d, act_type=act)
+                            runner = OnnxRunner(qb)
+                            got = run_batched(lambda f: runner.run(f)[runner.output_names[0]], self.ev, self.batch)
+                        except Exception as e:  # a peer failing on a model is a result, not a crash
+                            tried[label] = f"{type(e).__name__}: {e}"[:200]
+                            continue
+                    s = score(self.z.metric, self.ref, got, self.labels)
+                    key = s.get("top1", s.get("cosine_mean"))
+                    tried[label] = round(key, 4)
+                    print(f"  {self.name} {setting}: ORT {label}: {s}", file=sys.stderr, flush=True)
+                    if best is None or key > best[0]:
+                        best = (key, label, s, qb, round(time.perf_counter() - t0, 1))
             if best is None:
-                self.add(setting, name, na=f"all calibration methods failed: {tried}")
+                self.add(setting, name, na=f"all activation types and calibration methods failed: {tried}")
             else:
-                self.add(setting, name + f": {best[1]}", None, **best[2], **_ops_summary(onnx_ops(best[3])),
+                self.add(setting, name, None, **best[2], **_ops_summary(onnx_ops(best[3])), note=f"best: {best[1]}",
                          calibration_methods=tried, seconds=best[4])
         name = "ORT quantize_dynamic per-channel (W8, activations quantized at run time)"
         if w != 8:
@@ -471,13 +478,13 @@ def main() -> int:
                    help="calibration methods of ORT quantize_static to try (the best is reported)")
     p.add_argument("--no-peers", action="store_true", help="qcompiler rows only")
     p.add_argument("--rows", help="only the qcompiler rows whose name contains one of these comma-separated words")
-    p.add_argument("--only", choices=["all", "integer"], default="all",
-                   help="integer: only the integer-only rows (and FP32), for a quick check")
+    p.add_argument("--only", choices=["all", "integer", "peers"], default="all",
+                   help="integer: only the integer-only rows (and FP32), for a quick check; peers: only the peers")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--table", action="store_true", help="print the stored results as a markdown table; run nothing")
     a = p.parse_args()
     if a.table:
-        out = RESULTS / ("accuracy.json" if a.only == "all" else f"accuracy_{a.only}.json")
+        out = RESULTS / ("accuracy_integer.json" if a.only == "integer" else "accuracy.json")
         print(markdown_table(json.loads(out.read_text())["rows"]))
         return 0
     torch.set_num_threads(a.threads)
@@ -491,7 +498,7 @@ def main() -> int:
                                                            "fashion_vit": "10000 test images"},
             "date": time.strftime("%Y-%m-%d"), "ort_methods": a.ort_methods, "peers": not a.no_peers,
             "qcompiler_rows": a.rows or "all", "torch": torch.__version__}
-    out = RESULTS / ("accuracy.json" if a.only == "all" else f"accuracy_{a.only}.json")
+    out = RESULTS / ("accuracy_integer.json" if a.only == "integer" else "accuracy.json")
     merged = []
     for name in a.models.split(","):
         t0 = time.perf_counter()
@@ -499,11 +506,11 @@ def main() -> int:
         b.sink = lambda row: merge_results(out, [row], {(row["model"], row["setting"])}, meta)
         b.fp32()
         for s in settings:
-            qc = INTEGER_ROWS if a.only == "integer" else QC_ROWS
+            qc = INTEGER_ROWS if a.only == "integer" else {} if a.only == "peers" else QC_ROWS
             if a.rows:
                 qc = {k: v for k, v in qc.items() if any(w in k for w in a.rows.split(","))}
             b.qcompiler_rows(s, qc)
-            if a.only == "all" and not a.no_peers:
+            if a.only in ("all", "peers") and not a.no_peers:
                 b.peers(s, [m for m in a.ort_methods.split(",") if m])
             # every row is merged into the results as it is measured (Bench.sink): a stopped run keeps it
             merged = merge_results(out, [], {(name, "FP32"), (name, s)}, meta)
