@@ -76,7 +76,8 @@ def recipe_summary(recipe: dict, record: list[dict]) -> dict:
     from .config import BASE_PRE_PASSES
     st = recipe.get("settings", {})
     mine = {p for p in st.get("pre_passes", []) if p not in BASE_PRE_PASSES}
-    mine |= {p for p in ("gptq", "bias_correction") if st.get(p)} | ({"reparam_prepare", "reparam"} if st.get("reparam") else set())
+    mine |= {p for p in ("gptq", "bias_correction", "log_act") if st.get(p)} | \
+        ({"reparam_prepare", "reparam"} if st.get("reparam") else set())
     ran = [r["pass"] for r in record if r["pass"] in mine and r["changed"]]
     declined = {r["pass"]: r["declined"] or ["no candidates in this graph"]
                 for r in record if r["pass"] in mine and (r["declined"] or not r["changed"])}

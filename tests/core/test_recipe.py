@@ -39,7 +39,9 @@ def test_transformer_and_vit_recipes():
     assert rec["settings"]["exclude"] == ["pooler*", "hadamard_*"]
     for target in ("onnx", "reference"):  # the ONNX backend exports the log-sqrt2 softmax split
         cfg, _ = qcompiler.Config(target=target).with_recipe(VIT_OPS)
-        assert cfg.reparam == ("layernorm", "softmax")
+        assert cfg.reparam == ("layernorm", "softmax") and cfg.log_act == ()
+    cfg, _ = qcompiler.Config(w_bits=4, a_bits=4).with_recipe(VIT_OPS)  # below 8-bit activations: post-GELU log
+    assert cfg.log_act == ("gelu",) and cfg.quantize_passes().index("log_act") < cfg.quantize_passes().index("calibrate")
 
 
 def test_integer_mode_gets_only_what_lowering_supports():
@@ -47,6 +49,8 @@ def test_integer_mode_gets_only_what_lowering_supports():
     for ops in (MINILM_OPS, VIT_OPS):
         cfg, rec = qcompiler.Config(integer=True, target="reference").with_recipe(ops)
         assert cfg.pre_passes == qcompiler.Config().pre_passes and not cfg.reparam and rec["notes"]
+    cfg, _ = qcompiler.Config(integer=True, target="reference", a_bits=6).with_recipe(VIT_OPS)
+    assert cfg.log_act == ()  # Config(log_act=..., integer=True) is an error
     cfg, rec = qcompiler.Config(integer=True, target="reference", a_bits=6).with_recipe(CNN_OPS)
     assert not cfg.a_unsigned_nonneg and "cle" in cfg.pre_passes and rec["notes"]
 
