@@ -340,7 +340,7 @@ class Bench:
             best, tried = None, {}
             for act in ORT_ACT_TYPES[a]:
                 for method in ort_methods:
-                    label = f"{act[1]}{a}S{w} {method}"  # e.g. U8S8 MinMax: activations, weights
+                    label = f"{'U' if 'UInt' in act else 'S'}{a}S{w} {method}"  # e.g. U8S8 MinMax: activations, weights
                     t0 = time.perf_counter()
                     with tempfile.TemporaryDirectory() as d:
                         try:
