@@ -110,11 +110,19 @@ def onnx_ops(model_bytes: bytes) -> dict:
                    (n.input[0] in inits or getattr(producer.get(n.input[0]), "op_type", "") == "Constant")
                    for o in n.output}
     dq = {o for n in m.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+
+    def through_layout(name: str) -> str:
+        """The tensor a chain of layout ops (a Transpose of a dequantized weight, ...) starts from."""
+        seen = 0
+        while name in producer and producer[name].op_type in _LAYOUT and producer[name].op_type not in (
+                "DequantizeLinear", "QuantizeLinear") and producer[name].input and seen < 16:
+            name, seen = producer[name].input[0], seen + 1
+        return name
     out = {"quantized": Counter(), "weight_only": Counter(), "float": Counter()}
     for n in m.graph.node:
         if n.op_type in _LAYOUT:
             continue
-        ins = [i for i in n.input if i]
+        ins = [through_layout(i) for i in n.input if i]
         if n.op_type == "Gather" and not (ins[0] in dq or ins[0] in inits):
             continue  # indexing a shape, not an embedding table
         act_q = any(i in dq and i not in dq_of_const for i in ins)
