@@ -143,15 +143,7 @@ def test_cuda_kernels_compile_with_ieee_float_and_no_fma(monkeypatch):
 
 # -- the row and table kernels (kernels/int_rows.cu): softmax, LUT (+ requant), LayerNorm ------------
 
-class Ops(nn.Module):
-    def __init__(self, fn, **buffers):
-        super().__init__()
-        self.fn = fn
-        for k, v in buffers.items():
-            self.register_buffer(k, v)
-
-    def forward(self, x, mask, y):
-        return self.fn(self, x, mask, y)
+from test_tvm import Ops  # noqa: E402  (forward(*xs) = fn(self, *xs): qc:: ops on keyword buffers)
 
 
 def _row_ops(softmax_dim=-1):
