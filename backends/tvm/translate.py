@@ -636,7 +636,9 @@ def _int_layer_norm(tr, n):
 # Each returns None (or (False, None)) where the kernel's preconditions do not hold; the op then
 # takes the generic path above.
 
-_ROW_DTYPES = ("int8", "uint8", "int16", "int32")  # what the kernels read and write
+# what the kernels read and write (each pair is one instantiation of a kernel template)
+_ROW_IN = ("int8", "int16")
+_ROW_OUT = ("int8", "uint8", "int16")
 
 
 def _static_shape(tr, v) -> list[int] | None:
@@ -679,8 +681,8 @@ def _softmax_sm90(tr, node, xv, mask, tab, dim, mult, shift, out_zp, qmin, qmax)
     from .cuda_kernels import SOFTMAX_FUNC, SOFTMAX_MASKED_FUNC
     shape = _static_shape(tr, xv)
     out_dt = _dt(I.int_dtype(qmin, qmax))
-    if not shape or _norm_dim(dim, len(shape)) != len(shape) - 1 or tr.dtype_of(xv) not in _ROW_DTYPES or \
-            out_dt not in _ROW_DTYPES or not 0 <= shift <= 62:
+    if not shape or _norm_dim(dim, len(shape)) != len(shape) - 1 or tr.dtype_of(xv) not in _ROW_IN or \
+            out_dt not in _ROW_OUT or not 0 <= shift <= 62:
         return None
     t = softmax_table(_np(tab))
     if t is None:
@@ -729,7 +731,7 @@ def _lut_sm90(tr, n, xv, tab: torch.Tensor, offset: int):
     from .cuda_kernels import LUT_FUNC, LUT_REQUANT_FUNC
     shape = _static_shape(tr, xv)
     tab_dt = _dt(tab.dtype)
-    if not shape or tr.dtype_of(xv) not in _ROW_DTYPES or tab_dt not in _ROW_DTYPES or tab.numel() == 0:
+    if not shape or tr.dtype_of(xv) not in _ROW_IN or tab_dt not in _ROW_OUT or tab.numel() == 0:
         return False, None
     t = tr.const(_np(tab).astype(np.int32).reshape(-1), "int32")
     x2 = tr.emit(tr.R.reshape(xv, [_prod(shape[:-1]), shape[-1]]))
@@ -742,7 +744,7 @@ def _lut_sm90(tr, n, xv, tab: torch.Tensor, offset: int):
         out_dt = _dt(I.int_dtype(qmin, qmax))
         per_tensor = m.size == 1 and c.size == 1
         per_last = m.size == c.size == shape[-1] and _norm_dim(axis, len(shape)) == len(shape) - 1
-        if (per_tensor or per_last) and out_dt in _ROW_DTYPES and np.abs(m).max() < 2**31 and c.min() >= 0 and \
+        if (per_tensor or per_last) and out_dt in _ROW_OUT and np.abs(m).max() < 2**31 and c.min() >= 0 and \
                 c.max() <= 62 and abs(int(in_zp)) < 2**31:
             tr.env[req] = _row_call(tr, LUT_REQUANT_FUNC, x2, [t, int(offset), int(in_zp), tr.const(m, "int64"),
                                                                tr.const(c, "int64"), int(out_zp), int(qmin), int(qmax)],
@@ -757,7 +759,7 @@ def _layer_norm_sm90(tr, xv, x_zp, eps, sqrt_bits, gamma: torch.Tensor, beta: to
     from .cuda_kernels import LAYER_NORM_FUNC
     shape = _static_shape(tr, xv)
     out_dt = _dt(I.int_dtype(qmin, qmax))
-    if not shape or tr.dtype_of(xv) not in _ROW_DTYPES or out_dt not in _ROW_DTYPES or \
+    if not shape or tr.dtype_of(xv) not in _ROW_IN or out_dt not in _ROW_OUT or \
             not (0 <= sqrt_bits <= 40 and 0 <= shift <= 62):
         return None
     ch = shape[-1]
