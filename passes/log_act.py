@@ -99,7 +99,7 @@ class LogActivationQuantizers(Pass):
         base = cfg.log_act_base if cfg is not None else "sqrt2"
         stats: Counter = Counter()
         declined: list[str] = []
-        gelu_groups: dict[fx.Node, list[fx.Node]] = {}
+        gelu_groups: dict[fx.Node, tuple[torch.Tensor, list[fx.Node]]] = {}  # GELU value -> (m, consumers)
         for n in layers(graph):
             for i, q in sorted(n.meta[QMETA]["inputs"].items()):
                 x = n.args[i]
@@ -126,9 +126,8 @@ class LogActivationQuantizers(Pass):
                 elif not _private_const(w) or not (b is None or _private_const(b)):
                     declined.append(f"{n.name}: weight or bias shared with other ops or not a constant")
                 else:
-                    gelu_groups.setdefault(x, []).append(n)
-        for x, consumers in gelu_groups.items():
-            _, m, _ = _source(x, graph)
+                    gelu_groups.setdefault(x, (m, []))[1].append(n)
+        for x, (m, consumers) in gelu_groups.items():
             self._shift(graph, x, consumers, m)
             for n in consumers:
                 q = n.meta[QMETA]["inputs"][0]
