@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qcompiler.passes.sensitivity import DEFAULT_OMEGA, OMEGAS
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 A_BITS = (8, 16)
@@ -242,7 +244,7 @@ def verdicts(rows: list[dict], z: float = 2.0) -> dict:
                      (r["random_best"] is None or r["hawq"] > r["random_best"]) for r in rs)
         worse = lambda r, k: r.get(f"hawq_minus_{k}") is not None and r[f"hawq_minus_{k}"] < -z * r[f"se_vs_{k}"]  # noqa: E731
         better = lambda r, k: r.get(f"hawq_minus_{k}") is None or r[f"hawq_minus_{k}"] > z * r[f"se_vs_{k}"]  # noqa: E731
-        out["/".join(k for k in key if k != "trace")] = {
+        out["/".join(k for k in key if k != DEFAULT_OMEGA)] = {
             "hawq_ge_uniform_everywhere": ge_u, "hawq_ge_best_random_everywhere": ge_r,
             "strictly_better_than_both_somewhere": strict,
             "never_worse_beyond_noise": not any(worse(r, "uniform") or worse(r, "random") for r in rs),
@@ -265,7 +267,7 @@ def print_table(rows: list[dict]) -> None:
     for r in rows:
         b = f"{r['budget'] / 1e6:.4f} MB" if r["sweep"] == "size" else f"{r['budget']:.2f} ms"
         cfgs = " ".join(f"{k}:{v}" for k, v in sorted(r["hawq_configs"].items()))
-        sw = r["sweep"] + ("/quad" if r.get("omega") == "quadratic" else "")
+        sw = r["sweep"] + ("" if r.get("omega", "trace") == DEFAULT_OMEGA else "/" + r.get("omega", "trace"))
         print(f"| {r['model']:<11} | {sw:<7} | {b:>10} | {f(r['hawq'])} | {f(r['uniform_best'])} | "
               f"{r['uniform_config'] or '-':<7} | {f(r['random_best']):>9} | {r['random_n']:>2} | {f(r['greedy'])} | "
               f"{d(r, 'uniform'):>16} | {d(r, 'random'):>16} | {cfgs} |")
@@ -279,8 +281,8 @@ def plot(rows: list[dict], sens: dict, fp32: dict) -> list[str]:
     except ImportError:
         log("matplotlib is not installed (pip install 'qcompiler[report]'): no plots, the table and JSON are written")
         return []
-    quad = [r for r in rows if r.get("omega") == "quadratic"]
-    rows = [r for r in rows if r.get("omega", "trace") == "trace"]
+    other = [r for r in rows if r.get("omega", "trace") != DEFAULT_OMEGA]  # drawn as a line beside the default's
+    rows = [r for r in rows if r.get("omega", "trace") == DEFAULT_OMEGA]
     keys = sorted({(r["model"], r["sweep"]) for r in rows})
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False)
     for ax, (model, res) in zip(axes[0], keys):
@@ -293,11 +295,11 @@ def plot(rows: list[dict], sens: dict, fp32: dict) -> list[str]:
             if r.get("random_screen"):  # the screened-out ones, at their screening score
                 pts = [(sx(c), v) for c, v, f in zip(r["random_costs"], r["random_screen"], r["random_all"]) if f is None]
                 ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=5, color="0.85", marker="x", zorder=1)
-        ax.plot([x(r) for r in rs], [r["hawq"] for r in rs], "o-", color="C0", label="HAWQ ILP (trace Ω)", zorder=3)
-        qs = sorted((r for r in quad if (r["model"], r["sweep"]) == (model, res)), key=lambda r: r["budget"])
+        ax.plot([x(r) for r in rs], [r["hawq"] for r in rs], "o-", color="C0", label=f"ILP, {DEFAULT_OMEGA} Ω", zorder=3)
+        qs = sorted((r for r in other if (r["model"], r["sweep"]) == (model, res)), key=lambda r: r["budget"])
         if qs:
             ax.plot([x(r) for r in qs], [r["hawq"] for r in qs], "D-", color="C4", ms=4,
-                    label="ILP, quadratic Ω", zorder=3)
+                    label="ILP, HAWQ-V3's trace Ω" if qs[0].get("omega", "trace") == "trace" else "ILP, other Ω", zorder=3)
         ax.plot([x(r) for r in rs], [r["random_best"] for r in rs], "s--", color="C2", label="best of random", zorder=2)
         ax.plot([x(r) for r in rs], [r["greedy"] for r in rs], "^:", color="C1", label="greedy", zorder=2)
         ax.plot([x(r) for r in rs], [r["uniform_best"] for r in rs], "x-.", color="C3", label="best uniform", zorder=2)
@@ -351,11 +353,13 @@ def main() -> int:
     p.add_argument("--calib-text", type=int, default=32)
     p.add_argument("--sensitivity-batches", type=int, default=2)
     p.add_argument("--hutchinson-iters", type=int, default=30)
-    p.add_argument("--omega", choices=("trace", "quadratic"), default="trace",
-                   help="HAWQ-V3's Tr(H)/n ||dW||^2 or the quadratic form dW^T H dW along the quantization error")
+    p.add_argument("--omega", choices=OMEGAS, default=DEFAULT_OMEGA,
+                   help="the quadratic form dW^T H dW along the quantization error (the library's default) or "
+                        "HAWQ-V3's Tr(H)/n ||dW||^2")
     p.add_argument("--blockwise-models", default="fashion_cnn,fashion_vit",
                    help="models whose weight traces take one HVP per layer (no cross-layer noise; layers x the cost)")
     p.add_argument("--latency-repeats", type=int, default=15)
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--ilp-timing", action="store_true", help="only time the ILP on synthetic 120..960-layer problems")
     p.add_argument("--part", help="write only this JSON (one model's rows, for running models in parallel processes)")
     p.add_argument("--merge", nargs="+", metavar="PART", help="combine --part files into the table, JSON and plots")
@@ -375,7 +379,7 @@ def main() -> int:
         return report([r for d in parts for r in d["rows"]], sens, info, [d["settings"] for d in parts],
                       " && ".join(d["command"] for d in parts) + " && " + shlex.join(["python", "bench/pareto.py", *sys.argv[1:]]),
                       sum(d["seconds"] for d in parts))
-    torch.set_num_threads(2)
+    torch.set_num_threads(a.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from qcompiler.latency import load_table, profile_layers, save_table
     from qcompiler.passes.mixed_precision import build_choices

@@ -31,7 +31,7 @@ from qcompiler.ir import QMETA, Graph
 from qcompiler.pipeline import NUMERICS, Pass, PassContext, PassResult, register
 
 from .quantize import layers
-from .sensitivity import act_inputs, activation_omega, omega, weight_input
+from .sensitivity import DEFAULT_OMEGA, OMEGAS, act_inputs, activation_omega, omega, weight_input
 
 MB = 1e6  # budgets in MB are 10^6 bytes
 FLOAT_BITS = 32
@@ -312,13 +312,14 @@ class AssignBitWidths(Pass):
     """Pick each weighted layer's weight (and activation) bits by the ILP, from
     ctx.config.extra["mixed_precision"]:
     {"bits": [4, 8], "a_bits": [8, 16], "size_mb", "bops", "latency_ms" | "latency_ratio",
-     "pins": {name: "float" | bits | config}, "ties": [[names]], "omega": "trace" | "quadratic"}
+     "pins": {name: "float" | bits | config}, "ties": [[names]], "omega": "quadratic" | "trace"}
     and optionally ctx.config.extra["latency_table"]: {"<op>:<weight shape, 64x128>:<config>": ms}.
     Options are w{b}a{a} for every b in bits and a in a_bits (without a_bits: the layer's
     annotated activation width; w{b} for weight-only layers); the objective of an option is
-    Omega_w(b) + Omega_act(a), BOPs use both widths, size the weight width. Omega_w is HAWQ-V3's
-    Tr(H)/n ||Q_b(W) - W||^2 ("trace", default) or the quadratic form dW^T H dW along the
-    actual error ("quadratic": the sensitivity pass's "quad", see hutchinson_traces). "latency_ratio" R
+    Omega_w(b) + Omega_act(a), BOPs use both widths, size the weight width. Omega_w is the
+    quadratic form dW^T H dW along the actual error dW = Q_b(W) - W ("quadratic", the default:
+    the sensitivity pass's "quad", see hutchinson_traces) or HAWQ-V3's Tr(H)/n ||dW||^2
+    ("trace"; sensitivity.DEFAULT_OMEGA says why it is not the default). "latency_ratio" R
     sets the budget to R x the all-w8a8 latency of the table. A "float" option exists only
     where pinned, and removes the layer's annotation."""
 
@@ -336,7 +337,8 @@ class AssignBitWidths(Pass):
         a = solve_bits(choices, size_budget_bytes=None if size is None else size * MB, bops_budget=mp.get("bops"),
                        latency_budget=lat_budget, ties=mp.get("ties", ()), pins=mp.get("pins", {}))
         changed, stats = apply_choices(nodes, choices, a, count_act=bool(mp.get("a_bits")))
-        graph.meta["mixed_precision"] = {"objective": a.objective, "totals": a.totals, "slack": a.slack,
+        graph.meta["mixed_precision"] = {"omega": mp.get("omega", DEFAULT_OMEGA), "objective": a.objective,
+                                         "totals": a.totals, "slack": a.slack,
                                          "solve_seconds": a.solve_seconds,
                                          **({"latency_budget_ms": lat_budget, "all_w8a8_latency_ms": ref_latency}
                                             if ratio is not None else {})}
@@ -355,6 +357,9 @@ def build_choices(graph: Graph, mp: dict, table: dict | None = None) -> tuple[li
     need_latency = ratio is not None or mp.get("latency_ms") is not None
     if need_latency and table is None:
         raise QCError("a latency budget needs a latency table (latency is measured, never assumed)")
+    kind = mp.get("omega", DEFAULT_OMEGA)
+    if kind not in OMEGAS:
+        raise QCError(f"mixed precision omega must be one of {', '.join(OMEGAS)}, got {kind!r}")
     nodes = [n for n in layers(graph) if weight_input(n) is not None]
     choices, ref_latency = [], 0.0
     for n in nodes:
@@ -378,7 +383,7 @@ def build_choices(graph: Graph, mp: dict, table: dict | None = None) -> tuple[li
 
         opts = []
         for b in bits:
-            if mp.get("omega", "trace") == "quadratic":
+            if kind == "quadratic":
                 quad = {int(k): v for k, v in sens.get("quad", {}).items()}
                 if b not in quad:
                     raise QCError(f"layer has no quadratic Omega at {b} bits (run the sensitivity pass with "

@@ -30,6 +30,13 @@ from qcompiler.qspec import Observer, QParams, QuantSpec, fake_quantize, weight_
 from .quantize import layers
 
 LOSSES = ("auto", "ce", "kl", "mse")
+# Omega_w(b), a layer's weight perturbation at b bits: "quadratic" is dW^T H dW along the actual
+# rounding error dW = Q_b(W) - W (one HVP per layer and width); "trace" is HAWQ-V3's
+# Tr(H)/n ||dW||^2, which assumes dW isotropic in H's eigenbasis. The default is "quadratic":
+# 2-bit RTN rounds most of a row to 0 (dW ~ -W, far from isotropic) and the trace form then
+# under-rates the damage ~20x (fashion_cnn's fc1; bench/pareto.py, README "Mixed precision").
+OMEGAS = ("quadratic", "trace")
+DEFAULT_OMEGA = "quadratic"
 
 
 def weight_input(node) -> int | None:
@@ -309,7 +316,8 @@ class EstimateSensitivity(Pass):
     Settings from ctx.config.extra["sensitivity"]: loss, labels, max_iters, tol, seed,
     max_batches, a_bits, blockwise, w_bits; a_bits defaults to the activation widths of the
     mixed-precision menu (extra["mixed_precision"]["a_bits"]), and without either only weights
-    are estimated; w_bits to the menu's weight widths where it asks for omega "quadratic".
+    are estimated; w_bits to the menu's weight widths where its omega is "quadratic" (the
+    default, DEFAULT_OMEGA).
     The graph itself is not changed."""
 
     name = "sensitivity"
@@ -324,7 +332,7 @@ class EstimateSensitivity(Pass):
         opts = dict(extra.get("sensitivity", {}))
         mp = extra.get("mixed_precision", {})
         opts.setdefault("a_bits", mp.get("a_bits"))
-        if mp.get("omega") == "quadratic":
+        if mp.get("omega", DEFAULT_OMEGA) == "quadratic":
             opts.setdefault("w_bits", mp.get("bits", [4, 8]))
         res = hutchinson_traces(graph, ctx.calib, **opts)
         for n in layers(graph):

@@ -44,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--latency-ratio", type=float, metavar="R",
                    help="mixed precision: latency budget of R x the all-w8a8 latency in --latency-table")
     c.add_argument("--latency-table", help="JSON {\"<op>:<weight shape>:<config>\": ms} measured on the target")
+    c.add_argument("--omega", choices=["quadratic", "trace"], help="mixed precision: a layer's sensitivity at a width, "
+                   "dW^T H dW along the rounding error dW (quadratic, default) or HAWQ-V3's Tr(H)/n ||dW||^2 (trace)")
     c.add_argument("--pin", action="append", default=[], metavar="NAME=BITS",
                    help="mixed precision: fix a layer's weight width (repeatable)")
     c.add_argument("--gptq", action="store_true", help="round weights with GPTQ on the calibration data")
@@ -141,8 +143,8 @@ def cmd_compile(a) -> int:
 def _mixed_precision_options(a) -> dict:
     budgets = {"size_mb": a.size_mb, "bops": a.bops, "latency_ms": a.latency_ms, "latency_ratio": a.latency_ratio}
     if not a.bits:
-        if any(v is not None for v in budgets.values()) or a.pin or a.latency_table:
-            raise QCError("budgets and --pin need --bits (the candidate weight widths, e.g. --bits 4,8)")
+        if any(v is not None for v in budgets.values()) or a.pin or a.latency_table or a.omega:
+            raise QCError("budgets, --pin and --omega need --bits (the candidate weight widths, e.g. --bits 4,8)")
         return {}
     try:
         bits = sorted({int(b) for b in a.bits.split(",")})
@@ -151,7 +153,8 @@ def _mixed_precision_options(a) -> dict:
         raise QCError(f"--bits takes widths like 4,8 and --pin NAME=BITS (got --bits {a.bits}, --pin {a.pin})") from None
     if any(not 2 <= b <= 16 for b in bits):
         raise QCError(f"--bits widths must be between 2 and 16, got {bits}")
-    mp = {"bits": bits, "pins": pins, **{k: v for k, v in budgets.items() if v is not None}}
+    mp = {"bits": bits, "pins": pins, **{k: v for k, v in budgets.items() if v is not None},
+          **({"omega": a.omega} if a.omega else {})}
     out = {"mixed_precision": mp}
     if a.latency_ms is not None and a.latency_ratio is not None:
         raise QCError("give either --latency-ms or --latency-ratio, not both")

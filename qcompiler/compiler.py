@@ -175,6 +175,8 @@ def layer_table(graph: Graph) -> list[dict]:
         row = {"name": n.name, "op": info["op"], "w_bits": None, "a_bits": None, "inputs": []}
         if "sensitivity" in info:
             row["hessian_trace"] = info["sensitivity"]["trace"]
+            if "quad" in info["sensitivity"]:  # dW^T H dW per weight width, the default Omega_w
+                row["hessian_quadratic_by_bits"] = {str(b): v for b, v in info["sensitivity"]["quad"].items()}
         if "mixed_precision" in info:
             row["omega"] = info["mixed_precision"]["omega"]
             row["omega_by_config"] = info["mixed_precision"]["options"]

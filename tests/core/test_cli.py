@@ -218,6 +218,20 @@ def test_mixed_precision_under_a_size_budget(cnn_files, tmp_path, capsys):
     mp = m["mixed_precision"]
     assert mp["totals"]["size_bytes"] <= 1150 and mp["slack"]["size"] >= 0
     assert [p["pass"] for p in m["passes"]][-4:] == ["sensitivity", "mixed_precision", "calibrate", "fake_quant"]
+    # the default Omega_w is the quadratic form dW^T H dW at each width, recorded per layer
+    assert mp["omega"] == "quadratic"
+    for l in m["layers"]:
+        quad = l["hessian_quadratic_by_bits"]
+        assert set(quad) == {"4", "8"} and l["omega"] == pytest.approx(quad[str(l["w_bits"])], rel=1e-9)
+    trace_out = tmp_path / "mixed_trace"
+    assert main(["compile", str(cnn_files["onnx"]), "--calib", str(cnn_files["calib"]), "-o", str(trace_out),
+                 "--bits", "4,8", "--size-mb", "0.00115", "--omega", "trace"]) == 0
+    mt = json.loads((trace_out / "manifest.json").read_text())
+    assert mt["mixed_precision"]["omega"] == "trace" and mt["mixed_precision"]["slack"]["size"] >= 0
+    assert all("hessian_quadratic_by_bits" not in l for l in mt["layers"])
+    code, err = _run_main(capsys, "compile", cnn_files["onnx"], "--calib", cnn_files["calib"], "-o", tmp_path / "z",
+                          "--omega", "trace")
+    assert code == 2 and "need --bits" in err
     code, err = _run_main(capsys, "compile", cnn_files["onnx"], "--calib", cnn_files["calib"], "-o", tmp_path / "x",
                           "--bits", "4,8", "--size-mb", "0.0001")
     assert code == 2 and "no assignment meets the budgets" in err

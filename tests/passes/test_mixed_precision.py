@@ -137,10 +137,12 @@ def test_pass_keep_float_pin_removes_annotation():
     assert [n.name for n in layers(g)] == ["linear_1"]
 
 
-def test_activation_menu_gives_four_configs_and_sets_act_bits():
-    """{"bits": [4, 8], "a_bits": [8, 16]}: options w4a8, w4a16, w8a8, w8a16 with Omega = Omega_w + Omega_act;
-    under a BOPs budget of the all-w8a8 BOPs the ILP stays within it, and the fake-quant graph quantizes each
-    layer's input at the chosen width."""
+@pytest.mark.parametrize("kind", ["default", "trace"])
+def test_activation_menu_gives_four_configs_and_sets_act_bits(kind):
+    """{"bits": [4, 8], "a_bits": [8, 16]}: options w4a8, w4a16, w8a8, w8a16 with Omega = Omega_w + Omega_act
+    (Omega_w the quadratic form by default, HAWQ-V3's trace form with "omega": "trace"); under a BOPs
+    budget of the all-w8a8 BOPs the ILP stays within it, and the fake-quant graph quantizes each layer's
+    input at the chosen width."""
     from qcompiler.ops import fake_quant
     from qcompiler.passes.sensitivity import activation_omega, omega
     torch.manual_seed(0)
@@ -150,8 +152,8 @@ def test_activation_menu_gives_four_configs_and_sets_act_bits():
     g = qcompiler.trace(m, (x[:2],))
     macs = [16 * 32, 32 * 32, 32 * 8]
     w8a8_bops = sum(macs) * 8 * 8  # layer_macs counts the symbolic batch dim as 1
-    cfg = Config(extra={"mixed_precision": {"bits": [4, 8], "a_bits": [8, 16], "bops": w8a8_bops},
-                        "sensitivity": {"max_iters": 20, "progress": False}})
+    mp = {"bits": [4, 8], "a_bits": [8, 16], "bops": w8a8_bops, **({"omega": kind} if kind != "default" else {})}
+    cfg = Config(extra={"mixed_precision": mp, "sensitivity": {"max_iters": 20, "progress": False}})
     ctx = PassContext(config=cfg, calib=CalibData({"input": x.numpy()}, batch_size=16))
     pm = PassManager(["annotate", "sensitivity", "mixed_precision", "calibrate", "fake_quant"], verify_each=True)
     g = pm.run(g, ctx)
@@ -166,7 +168,8 @@ def test_activation_menu_gives_four_configs_and_sets_act_bits():
         wspec = info["inputs"][1]["spec"]
         for c, v in opts.items():
             wb, ab = (int(t) for t in c[1:].split("a"))
-            want = omega(sens["trace"], w.numel(), w, wspec.with_(bits=wb)) + activation_omega(sens, ab)
+            om_w = omega(sens["trace"], w.numel(), w, wspec.with_(bits=wb)) if kind == "trace" else sens["quad"][wb]
+            want = om_w + activation_omega(sens, ab)
             assert v == pytest.approx(want, rel=1e-9)
         a_bits = info["inputs"][0]["spec"].bits
         assert info["mixed_precision"]["config"] == f"w{wspec.bits}a{a_bits}"
@@ -200,13 +203,13 @@ def test_equal_omega_options_break_ties_to_least_size():
 
 
 def test_quadratic_omega_menu_uses_the_quadratic_forms():
-    """"omega": "quadratic" makes the sensitivity pass estimate dW^T H dW per weight width and the ILP's
-    weight Omegas equal them; without those estimates the menu is an error naming the layer."""
+    """The default omega ("quadratic") makes the sensitivity pass estimate dW^T H dW per weight width and
+    the ILP's weight Omegas equal them; without those estimates the menu is an error naming the layer,
+    and an unknown omega is an error."""
     torch.manual_seed(0)
     m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4)).eval()
     x = torch.randn(16, 8)
-    cfg = Config(extra={"mixed_precision": {"bits": [2, 4, 8], "omega": "quadratic"},
-                        "sensitivity": {"progress": False, "max_iters": 4}})
+    cfg = Config(extra={"mixed_precision": {"bits": [2, 4, 8]}, "sensitivity": {"progress": False, "max_iters": 4}})
     g = PassManager(["annotate", "sensitivity", "mixed_precision"]).run(qcompiler.trace(m, (x[:2],)),
                                                                         PassContext(cfg, CalibData({"input": x.numpy()})))
     for n in layers(g):
@@ -215,5 +218,9 @@ def test_quadratic_omega_menu_uses_the_quadratic_forms():
     cfg = Config(extra={"mixed_precision": {"bits": [4, 8], "omega": "quadratic"},
                         "sensitivity": {"progress": False, "max_iters": 4, "w_bits": [8]}})
     with pytest.raises(QCError, match="no quadratic Omega at 4 bits"):
+        PassManager(["annotate", "sensitivity", "mixed_precision"]).run(qcompiler.trace(m, (x[:2],)),
+                                                                        PassContext(cfg, CalibData({"input": x.numpy()})))
+    cfg = Config(extra={"mixed_precision": {"bits": [4, 8], "omega": "hessian"}, "sensitivity": {"progress": False}})
+    with pytest.raises(QCError, match="omega must be one of quadratic, trace, got 'hessian'"):
         PassManager(["annotate", "sensitivity", "mixed_precision"]).run(qcompiler.trace(m, (x[:2],)),
                                                                         PassContext(cfg, CalibData({"input": x.numpy()})))
