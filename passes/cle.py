@@ -19,16 +19,12 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from qcompiler.ir import Graph, eliminate_dead_code, is_op, op_name
+from qcompiler.ir import Graph, eliminate_dead_code, is_op, is_private_const, op_name
 from qcompiler.pipeline import EXACT, Pass, PassContext, PassResult, register
 
 aten = torch.ops.aten
 _CONVS = (aten.conv1d, aten.conv2d, aten.conv3d)
 _LAYERS = (aten.linear, *_CONVS)
-
-
-def _private_const(node) -> bool:
-    return isinstance(node, fx.Node) and node.op == "get_attr" and len(node.users) == 1
 
 
 def _groups(op: fx.Node) -> int:
@@ -82,10 +78,10 @@ class EqualizeCrossLayer(Pass):
             if len(n.users) > 1:
                 return None, f"{n.name} output has other users"
         for op in (l1, l2):
-            if not _private_const(op.args[1]):
+            if not is_private_const(op.args[1]):
                 return None, f"{op.name} weight is not a constant used only there"
         b1 = l1.args[2] if len(l1.args) > 2 else None
-        if b1 is not None and not _private_const(b1):
+        if b1 is not None and not is_private_const(b1):
             return None, f"{l1.name} bias is not a constant used only there"
         out1, w2 = graph.attr(l1.args[1]), graph.attr(l2.args[1])
         in2 = w2.shape[-1] if is_op(l2, aten.linear) else w2.shape[1] * _groups(l2)

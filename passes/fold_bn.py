@@ -6,7 +6,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from qcompiler.ir import Graph, is_op
+from qcompiler.ir import Graph, is_const, is_op, is_private_const
 from qcompiler.pipeline import EXACT, Rule, RuleSet, register
 
 aten = torch.ops.aten
@@ -45,18 +45,18 @@ class _BatchNormInto(Rule):
         if len(op.users) > 1:
             return f"{op.name} output has other users"
         w = op.args[1]
-        if not (isinstance(w, fx.Node) and w.op == "get_attr"):
+        if not is_const(w):
             return "weight is not a constant"
         if len(w.users) > 1:
             return "weight is shared with other ops"
         bias = op.args[2] if len(op.args) > 2 else None
-        if bias is not None and not (isinstance(bias, fx.Node) and bias.op == "get_attr" and len(bias.users) == 1):
+        if bias is not None and not is_private_const(bias):
             return "bias is not a private constant"
         for t in (mean, var):
-            if not (isinstance(t, fx.Node) and t.op == "get_attr"):
+            if not is_const(t):
                 return "running statistics are not constants"
         for t in (g, b):
-            if t is not None and not (isinstance(t, fx.Node) and t.op == "get_attr"):
+            if t is not None and not is_const(t):
                 return "affine parameters are not constants"
         return self.extra_check(graph, m)
 

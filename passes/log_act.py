@@ -39,7 +39,7 @@ import torch
 import torch.fx as fx
 
 from qcompiler.errors import QCError
-from qcompiler.ir import QMETA, Graph, eliminate_dead_code, is_op, op_name
+from qcompiler.ir import QMETA, Graph, eliminate_dead_code, is_op, is_private_const, op_name
 from qcompiler.pipeline import NUMERICS, Pass, PassContext, PassResult, register
 from qcompiler.qspec import QuantSpec
 
@@ -54,10 +54,6 @@ G_SHIFT = 0.17  # > -min_x gelu(x) = 0.169971...
 def _act(node: fx.Node, i: int) -> dict | None:
     q = node.meta.get(QMETA, {}).get("inputs", {}).get(i)
     return q if q is not None and q["role"] == "act" else None
-
-
-def _private_const(n) -> bool:
-    return isinstance(n, fx.Node) and n.op == "get_attr" and len(n.users) == 1
 
 
 def _source(x: fx.Node, graph: Graph) -> tuple[str | None, torch.Tensor | None, str | None]:
@@ -123,7 +119,7 @@ class LogActivationQuantizers(Pass):
                 if not is_op(n, aten.linear) or i != 0:
                     declined.append(f"{n.name}: reads GELU output {x.name} but is {op_name(n)}, not a linear's "
                                     "input: no bias to take the shift")
-                elif not _private_const(w) or not (b is None or _private_const(b)):
+                elif not is_private_const(w) or not (b is None or is_private_const(b)):
                     declined.append(f"{n.name}: weight or bias shared with other ops or not a constant")
                 else:
                     gelu_groups.setdefault(x, (m, []))[1].append(n)

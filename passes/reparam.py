@@ -54,7 +54,7 @@ import torch
 import torch.fx as fx
 
 from qcompiler.errors import QCError
-from qcompiler.ir import QMETA, Graph, eliminate_dead_code, is_op, op_name
+from qcompiler.ir import QMETA, Graph, eliminate_dead_code, is_op, is_private_const, op_name
 from qcompiler.ops import SQRT2_F32, log_sqrt2_split
 from qcompiler.pipeline import NUMERICS, Pass, PassContext, PassResult, register
 from qcompiler.qspec import QParams, QuantSpec
@@ -66,14 +66,6 @@ _SOFTMAX = (aten.softmax, aten._softmax)
 _MATMUL = (aten.matmul, aten.bmm)
 LN, SOFTMAX = "layernorm", "softmax"
 PARTS = (LN, SOFTMAX)
-
-
-def _const(n) -> bool:
-    return isinstance(n, fx.Node) and n.op == "get_attr"
-
-
-def _private(n) -> bool:
-    return _const(n) and len(n.users) == 1
 
 
 def _act_entry(node: fx.Node, i: int) -> dict | None:
@@ -96,11 +88,11 @@ def _ln_group(ln: fx.Node) -> tuple[list[fx.Node], str | None]:
     beta = ln.args[3] if len(ln.args) > 3 else None
     if gamma is None:
         return [], "LayerNorm has no affine weight to fold the scales into"
-    if not _private(gamma) or not (beta is None or _private(beta)):
+    if not is_private_const(gamma) or not (beta is None or is_private_const(beta)):
         return [], "LayerNorm affine parameters are not constants of this LayerNorm alone"
     for u in users:
         b = u.args[2] if len(u.args) > 2 else None
-        if not _private(u.args[1]) or not (b is None or _private(b)):
+        if not is_private_const(u.args[1]) or not (b is None or is_private_const(b)):
             return [], f"weight or bias of {u.name} is shared with other ops or not a constant"
     specs = {_original(_act_entry(u, 0)) for u in users}
     if len(specs) > 1:

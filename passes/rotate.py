@@ -89,7 +89,7 @@ import torch
 import torch.fx as fx
 
 from qcompiler.errors import QCError
-from qcompiler.ir import Graph, eliminate_dead_code, is_op, op_name
+from qcompiler.ir import Graph, eliminate_dead_code, is_const, is_op, is_private_const, op_name
 from qcompiler.pipeline import TOLERANT, Pass, PassContext, PassResult, register
 
 aten = torch.ops.aten
@@ -137,14 +137,6 @@ def rotation(width: int, gen: torch.Generator) -> torch.Tensor:
     """The dense orthogonal [width, width] rotation made of rotation_factors(width, gen)."""
     nb, a, b = rotation_factors(width, gen)
     return torch.block_diag(*[torch.kron(a, b)] * nb)
-
-
-def _const(node) -> bool:
-    return isinstance(node, fx.Node) and node.op == "get_attr"
-
-
-def _private(node) -> bool:
-    return _const(node) and len(node.users) == 1
 
 
 def _shape(node: fx.Node) -> tuple:
@@ -273,7 +265,7 @@ class RotateHadamard(Pass):
     def _match(self, graph: Graph, lin: fx.Node):
         """(placement, plan, reason declined); placement None when `lin` is no candidate."""
         x = lin.args[0]
-        src = x.args[0] if is_op(x, aten.mul) and _const(x.args[1]) else x
+        src = x.args[0] if is_op(x, aten.mul) and is_const(x.args[1]) else x
         if isinstance(src, fx.Node) and is_op(src, *_ACTS):
             return "ffn_down", None, self._check_weight(graph, lin, "ffn_down")
         plan, why = self._value_chain(graph, lin)
@@ -288,11 +280,11 @@ class RotateHadamard(Pass):
     @staticmethod
     def _check_weight(graph: Graph, lin: fx.Node, kind: str) -> str | None:
         w, b = lin.args[1], _bias(lin)
-        if not _const(w) or graph.attr(w).dim() != 2:
+        if not is_const(w) or graph.attr(w).dim() != 2:
             return f"{lin.name} weight is not a constant matrix"
         if len(w.users) > 1:
             return f"{lin.name} weight is shared with other ops"
-        if b is not None and not _private(b):
+        if b is not None and not is_private_const(b):
             return f"{lin.name} bias is not a constant used only there"
         width = graph.attr(w).shape[1]
         if kind == "ffn_down" and hadamard_block(width) == 1:
@@ -305,11 +297,11 @@ class RotateHadamard(Pass):
         input does not come from an activation @ V matmul at all."""
         z = o.args[0]
         scale = None
-        if is_op(z, aten.mul) and _const(z.args[1]):
+        if is_op(z, aten.mul) and is_const(z.args[1]):
             scale, z = z, z.args[0]
         chain, cur, seen_matmul = [], z, False
         while isinstance(cur, fx.Node) and not is_op(cur, aten.linear):
-            if is_op(cur, aten.matmul) and not _const(cur.args[1]) and isinstance(cur.args[1], fx.Node):
+            if is_op(cur, aten.matmul) and not is_const(cur.args[1]) and isinstance(cur.args[1], fx.Node):
                 nxt, seen_matmul = cur.args[1], True
             elif is_op(cur, *_VIEWS, aten.transpose, aten.permute, aten.select, aten.unbind, *_SAME):
                 nxt = cur.args[0]
@@ -330,7 +322,7 @@ class RotateHadamard(Pass):
         chain.reverse()
         if scale is not None:
             c, width = graph.attr(scale.args[1]), graph.attr(o.args[1]).shape[-1]
-            if len(scale.users) != 1 or not _private(scale.args[1]) or \
+            if len(scale.users) != 1 or not is_private_const(scale.args[1]) or \
                     c.numel() not in (1, width) or (c.numel() > 1 and c.shape[-1] != width):
                 return None, f"{scale.name}: the scale in front of the out-projection is not a private per-channel constant"
         if len(z.users) != 1:
@@ -439,7 +431,7 @@ class RotateHadamard(Pass):
                 absorb.append((ln, lin, scale))
         for ln in readers:
             for i in (2, 3):
-                if ln.args[i] is not None and not _private(ln.args[i]):
+                if ln.args[i] is not None and not is_private_const(ln.args[i]):
                     return 0, 0, f"{ln.name}: LayerNorm affine is not a constant used only there"
         r = self._mean_preserving(width, gen)
         for node, axis in writers:  # stream values x -> x R: each writer's output channels rotate
@@ -491,7 +483,7 @@ class RotateHadamard(Pass):
         rank = len(_shape(a))
         if is_op(a, aten.linear) and axis == rank - 1 or is_op(a, aten.conv1d, aten.conv2d, aten.conv3d) and axis == 1:
             why = self._check_weight(graph, a, "residual") if is_op(a, aten.linear) else \
-                None if _private(a.args[1]) and (_bias(a) is None or _private(_bias(a))) else f"{a.name} weight is shared"
+                None if is_private_const(a.args[1]) and (_bias(a) is None or is_private_const(_bias(a))) else f"{a.name} weight is shared"
             if why:
                 return why
             out.append((a, axis))
@@ -527,7 +519,7 @@ class RotateHadamard(Pass):
     @staticmethod
     def _channel_scale(graph: Graph, n: fx.Node, width: int) -> bool:
         """True for mul(x, c) with c a private constant of `width` channels on the last axis."""
-        if not (is_op(n, aten.mul) and _private(n.args[1])):
+        if not (is_op(n, aten.mul) and is_private_const(n.args[1])):
             return False
         c = graph.attr(n.args[1])
         return c.numel() == width and c.shape[-1] == width

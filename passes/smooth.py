@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 
 from qcompiler.errors import QCError
-from qcompiler.ir import Graph, eliminate_dead_code, is_op
+from qcompiler.ir import Graph, eliminate_dead_code, is_const, is_op, is_private_const
 from qcompiler.pipeline import EXACT, Pass, PassContext, PassResult, register
 from qcompiler.qspec import QParams, QuantSpec, default_weight_spec, fake_quantize, qparams_from_range, weight_qparams
 
@@ -34,14 +34,6 @@ aten = torch.ops.aten
 ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 _ACT = QuantSpec(bits=8, signed=True, symmetric=True)
 _W = default_weight_spec()
-
-
-def _const(node) -> bool:
-    return isinstance(node, fx.Node) and node.op == "get_attr"
-
-
-def _private(node) -> bool:
-    return _const(node) and len(node.users) == 1
 
 
 def _w_lin(graph: Graph, op: fx.Node) -> torch.Tensor:
@@ -72,12 +64,12 @@ class FoldSmoothingScales(Pass):
     def _consumer(self, graph: Graph, op: fx.Node) -> tuple[bool, str | None]:
         """(eligible, reason declined) for a linear/matmul node."""
         if is_op(op, aten.matmul):
-            if not _const(op.args[1]) or graph.attr(op.args[1]).dim() != 2:
+            if not is_const(op.args[1]) or graph.attr(op.args[1]).dim() != 2:
                 return False, None  # activation @ activation (attention), batched W: not a target
         elif not is_op(op, aten.linear):
             return False, None
         x, w = op.args[0], op.args[1]
-        if not _const(w):
+        if not is_const(w):
             return False, "weight is not a constant"
         if len(w.users) > 1:
             return False, "weight is shared with other ops"
@@ -151,14 +143,14 @@ class FoldSmoothingScales(Pass):
     def _fold(self, graph: Graph, x: fx.Node, ops: list[fx.Node], s: torch.Tensor) -> str:
         """Fold X / s into X's producer; returns which kind of fold was made."""
         only_group = set(x.users) == set(ops)
-        if only_group and is_op(x, aten.layer_norm) and len(x.args[1]) == 1 and _private(x.args[2]) \
-                and (x.args[3] is None or _private(x.args[3])):
+        if only_group and is_op(x, aten.layer_norm) and len(x.args[1]) == 1 and is_private_const(x.args[2]) \
+                and (x.args[3] is None or is_private_const(x.args[3])):
             for i in (2, 3):
                 if x.args[i] is not None:
                     self._set(graph, x, i, graph.attr(x.args[i]).double() / s)
             return "layernorm"
         bias = x.args[2] if is_op(x, aten.linear) and len(x.args) > 2 else None
-        if only_group and is_op(x, aten.linear) and _private(x.args[1]) and (bias is None or _private(bias)):
+        if only_group and is_op(x, aten.linear) and is_private_const(x.args[1]) and (bias is None or is_private_const(bias)):
             self._set(graph, x, 1, graph.attr(x.args[1]).double() / s[:, None])
             if bias is not None:
                 self._set(graph, x, 2, graph.attr(bias).double() / s)

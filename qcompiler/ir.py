@@ -172,6 +172,17 @@ _ALLOWED_FUNCS = {operator.getitem, operator.add, operator.sub, operator.mul, op
                   operator.le, operator.gt, operator.ge, operator.mod, operator.pow}
 
 
+def is_const(node) -> bool:
+    """A constant of the graph (a get_attr node: a weight, bias or folded tensor)."""
+    return isinstance(node, fx.Node) and node.op == "get_attr"
+
+
+def is_private_const(node) -> bool:
+    """A constant used by one node only: a pass may rewrite it in place without changing any
+    other consumer (shared weights are not private)."""
+    return is_const(node) and len(node.users) == 1
+
+
 def verify(g: Graph) -> None:
     """Check the graph is well formed; raise QCError naming the first bad node.
 
