@@ -134,13 +134,18 @@ def quality_report(float_graph: Graph, quant_graph: Graph, calib: CalibData, max
         a[0] += float((ref ** 2).sum())
         a[1] += float(((got - ref) ** 2).sum())
 
+    # held per batch: the float layers' outputs until their quantized twins run (each compared once,
+    # then dropped) and the quantized tensors an activation quantizer reads; a batch of a large
+    # model (DeiT-S at 64 images) made holding every watched value take ~10 GB
     float_vals: dict[str, torch.Tensor] = {}
     quant_vals: dict[str, torch.Tensor] = {}
+    quantized_inputs = set(act_fq.values()) | set(splits.values())
 
     def on_quant(n, v):
-        quant_vals[n.name] = v
+        if n.name in quantized_inputs:
+            quant_vals[n.name] = v
         if n.name in out_at:
-            add(("out", out_at[n.name]), float_vals[out_at[n.name]], v)
+            add(("out", out_at[n.name]), float_vals.pop(out_at[n.name]), v)
         if n.name in act_fq:
             add(("fq", n.name), quant_vals[act_fq[n.name]], v)
         if n.name in splits:

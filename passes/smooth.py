@@ -96,11 +96,12 @@ class FoldSmoothingScales(Pass):
 
         def record(n, v):
             x = by_name[n.name]
-            v = v.detach().double().reshape(-1, v.shape[-1])
-            m = v.abs().amax(0)
+            v = v.detach().reshape(-1, v.shape[-1])
+            m = v.abs().amax(0).double()
             amax[x] = m if amax[x] is None else torch.maximum(amax[x], m)
-            if sum(len(r) for r in rows[x]) < self.max_rows:
-                rows[x].append(v[: self.max_rows])
+            have = sum(len(r) for r in rows[x])
+            if have < self.max_rows:  # a copy of the rows kept, not a view that holds the whole batch
+                rows[x].append(v[: self.max_rows - have].to(torch.float64, copy=True))
 
         rec = _Recorder(graph.gm, set(by_name), record)
         with torch.no_grad():
