@@ -169,3 +169,32 @@ def test_dead_channel_keeps_unit_scale():
     w = torch.randn(4, 6, generator=g, dtype=torch.float64)
     _, s = FoldSmoothingScales()._search(xs, xs.abs().amax(0), w.abs().amax(0), [w])
     assert float(s[2]) == 1.0 and bool((s[[0, 1, 3, 4, 5]] != 1.0).any())
+
+
+def test_alpha_search_uses_the_configured_widths():
+    """The alpha search prices the error at the widths the model is quantized with: with 4-bit weights
+    (8-bit activations) it migrates less into the weights than at W8A8."""
+    g = torch.Generator().manual_seed(0)
+    xs = torch.randn(256, 32, generator=g, dtype=torch.float64)
+    xs[:, [1, 5]] *= 10.0
+    w = torch.randn(16, 32, generator=g, dtype=torch.float64)
+    search = FoldSmoothingScales()._search
+    a8, _ = search(xs, xs.abs().amax(0), w.abs().amax(0), [w], 8, 8)
+    a4, _ = search(xs, xs.abs().amax(0), w.abs().amax(0), [w], 4, 8)
+    assert a8 is not None and a4 is not None and a4 < a8
+
+
+def test_group_without_gain_is_left_unsmoothed():
+    """Where no alpha lowers the quantized error below leaving X and W alone (here every channel's
+    max|X| and max|W| are 1, so every s is 1), the group is declined with a reason and the graph is
+    unchanged; the pass reads the widths from the config."""
+    from qcompiler.config import Config
+    m = nn.Linear(16, 8, bias=False).eval()
+    with torch.no_grad():
+        m.weight.copy_(torch.randn(8, 16, generator=torch.Generator().manual_seed(0)).sign())
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(1)).sign()
+    g = qcompiler.trace(m, (x[:2],))
+    ctx = PassContext(config=Config(w_bits=4, a_bits=8), calib=CalibData({g.inputs[0].name: x.numpy()}, batch_size=16))
+    res = FoldSmoothingScales()(g, ctx)
+    assert not res.changed and res.stats == {"unsmoothed": 1}
+    assert any("W4A8" in d and "left unsmoothed" in d for d in res.declined)
