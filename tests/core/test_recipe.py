@@ -33,10 +33,14 @@ def test_cnn_recipe_depends_on_the_widths():
 
 
 def test_transformer_and_vit_recipes():
-    """Transformer: rotate then smooth with hadamard_* listed in float; ViT: reparam, both parts."""
+    """Transformer: smooth then rotate at W8A8, rotate then smooth below, hadamard_* listed in float;
+    ViT: reparam, both parts."""
     cfg, rec = qcompiler.Config(exclude=("pooler*",)).with_recipe(MINILM_OPS)
-    assert cfg.pre_passes[-2:] == ("rotate", "smooth") and cfg.exclude == ("pooler*", "hadamard_*")
+    assert cfg.pre_passes[-2:] == ("smooth", "rotate") and cfg.exclude == ("pooler*", "hadamard_*")
     assert rec["settings"]["exclude"] == ["pooler*", "hadamard_*"]
+    for w, a in ((6, 6), (4, 8), (4, 4)):
+        low, _ = qcompiler.Config(w_bits=w, a_bits=a).with_recipe(MINILM_OPS)
+        assert low.pre_passes[-2:] == ("rotate", "smooth"), (w, a)
     for target in ("onnx", "reference"):  # the ONNX backend exports the log-sqrt2 softmax split
         cfg, _ = qcompiler.Config(target=target).with_recipe(VIT_OPS)
         assert cfg.reparam == ("layernorm", "softmax") and cfg.log_act == ()
