@@ -13,7 +13,10 @@ write model.onnx, and ORT's and NNCF's outputs) is run by ONNX Runtime on CPU; i
 artifacts run in torch (the reference backend, loaded from the saved artifact), and so do PT2E
 models and rows whose ONNX artifact ORT rejects (the row says so). Each row counts the ops it quantizes
 and lists the compute ops it leaves in float. A peer that cannot do a setting gets an "n/a" row
-with the reason. Results merge into bench/results/accuracy.json (accuracy_integer.json with
+with the reason. ONNX Runtime quantize_static is reported at its best of 12 configurations
+(MinMax / Percentile / Entropy x unsigned / signed activations x every op it can quantize, its
+default, or MatMul / Gemm / Conv only), the winner named in the row's note. Results merge into
+bench/results/accuracy.json (accuracy_integer.json with
 --only integer): each row run replaces its earlier copy (same model, setting and variant) and
 the other rows stay, so parts can be re-run.
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import itertools
 import json
 import os
 import sys
@@ -61,6 +65,10 @@ INTEGER_ROWS = {
     "qcompiler integer-only (dyadic requant, int softmax/GELU/LN)": ({"integer": True, "target": "reference"}, None),
 }
 ORT_METHODS = ("MinMax", "Percentile", "Entropy")
+# which ops quantize_static quantizes: its default (every op it has a QDQ rule for: LayerNorm,
+# Softmax, GELU and the adds included) or the compute layers only, as users do for transformers
+ORT_OP_SCOPES = {"all": None, "MatMul/Gemm/Conv": ["MatMul", "Gemm", "Conv"]}
+ORT_STATIC = "ORT quantize_static QDQ per-channel"  # every ORT static row's name starts so
 # QDQ integer types quantize_static takes (no 6-bit type): weights signed; activations signed or
 # unsigned (ORT's CPU kernels prefer U8S8), the better of the two is reported
 ORT_TYPES = {8: "QInt8", 4: "QInt4"}
@@ -177,7 +185,7 @@ class _Reader:
 
 
 def ort_static(fp32_onnx: bytes, calib, w_bits: int, a_bits: int, method: str, workdir: str,
-               act_type: str | None = None) -> bytes:
+               act_type: str | None = None, op_types: list[str] | None = None) -> bytes:
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -194,7 +202,7 @@ def ort_static(fp32_onnx: bytes, calib, w_bits: int, a_bits: int, method: str, w
     quantize_static(pre, dst, Reader(calib), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=getattr(QuantType, act_type or ORT_TYPES[a_bits]),
                     weight_type=getattr(QuantType, ORT_TYPES[w_bits]),
-                    calibrate_method=getattr(CalibrationMethod, method),
+                    calibrate_method=getattr(CalibrationMethod, method), op_types_to_quantize=op_types,
                     extra_options={"CalibMaxIntermediateOutputs": 16})
     return Path(dst).read_bytes()
 
@@ -290,10 +298,11 @@ class Bench:
             extra["recipe_settings"] = m["recipe"]["settings"]
             extra["recipe_declined"] = {k: v[:3] for k, v in m["recipe"]["declined"].items()}
         added = [p for p in overrides.get("pre_passes", ()) if p not in BASE] + \
-            [p for p in ("gptq", "bias_correction") if overrides.get(p)]
+            [p for p in ("gptq", "bias_correction", "log_act") if overrides.get(p)] + \
+            (["reparam_prepare", "reparam"] if overrides.get("reparam") else [])
         unchanged = [p for p in added if p in passes and not passes[p]["changed"]]
         if baseline is not None and added and unchanged == added:
-            why = "; ".join(passes[added[0]]["declined"][:2]) or "no candidates in this graph"
+            why = "; ".join([d for p in added for d in passes[p]["declined"]][:2]) or "no candidates in this graph"
             self.add(setting, variant, **{k: baseline[k] for k in baseline if k in (
                 "top1", "agree_fp32", "cosine_mean", "cosine_min", "nn_agree", "ops", "quantized_ops")},
                 note=f"= baseline: {added[0]} changed nothing ({why})"[:300], seconds=round(time.perf_counter() - t0, 1))
@@ -340,35 +349,36 @@ class Bench:
         transformer = self.name in ("minilm", "fashion_vit")
         # ONNX Runtime quantize_static: the best of its activation types and calibration methods on the
         # evaluation metric
-        name = f"ORT quantize_static QDQ per-channel (best of U{a}/S{a} activations x {'/'.join(ort_methods)})"
+        name = (f"{ORT_STATIC} (best of U{a}/S{a} activations x {'/'.join(ort_methods)} x ops quantized: "
+                f"{' or '.join(ORT_OP_SCOPES)})")
         if w not in ORT_TYPES or a not in ORT_TYPES:
             self.add(setting, name, na=f"ONNX has no {w if w not in ORT_TYPES else a}-bit integer type for QDQ "
                                        "(int4, int8, int16 only)")
         else:
             best, tried = None, {}
-            for act in ORT_ACT_TYPES[a]:
-                for method in ort_methods:
-                    label = f"{'U' if 'UInt' in act else 'S'}{a}S{w} {method}"  # e.g. U8S8 MinMax: activations, weights
-                    t0 = time.perf_counter()
-                    with tempfile.TemporaryDirectory() as d:
-                        try:
-                            qb = ort_static(self.fp32_onnx, self.calib, w, a, method, d, act_type=act)
-                            runner = OnnxRunner(qb)
-                            got = run_batched(lambda f: runner.run(f)[runner.output_names[0]], self.ev, self.batch)
-                        except Exception as e:  # a peer failing on a model is a result, not a crash
-                            tried[label] = f"{type(e).__name__}: {e}"[:200]
-                            continue
-                    s = score(self.z.metric, self.ref, got, self.labels)
-                    key = s.get("top1", s.get("cosine_mean"))
-                    tried[label] = round(key, 4)
-                    print(f"  {self.name} {setting}: ORT {label}: {s}", file=sys.stderr, flush=True)
-                    if best is None or key > best[0]:
-                        best = (key, label, s, qb, round(time.perf_counter() - t0, 1))
+            for (scope, op_types), act, method in itertools.product(ORT_OP_SCOPES.items(), ORT_ACT_TYPES[a], ort_methods):
+                # e.g. "U8S8 MinMax, ops: all": activation and weight types, calibration method, op scope
+                label = f"{'U' if 'UInt' in act else 'S'}{a}S{w} {method}, ops: {scope}"
+                t0 = time.perf_counter()
+                with tempfile.TemporaryDirectory() as d:
+                    try:
+                        qb = ort_static(self.fp32_onnx, self.calib, w, a, method, d, act_type=act, op_types=op_types)
+                        runner = OnnxRunner(qb)
+                        got = run_batched(lambda f: runner.run(f)[runner.output_names[0]], self.ev, self.batch)
+                    except Exception as e:  # a peer failing on a model is a result, not a crash
+                        tried[label] = f"{type(e).__name__}: {e}"[:200]
+                        continue
+                s = score(self.z.metric, self.ref, got, self.labels)
+                key = s.get("top1", s.get("cosine_mean"))
+                tried[label] = round(key, 4)
+                print(f"  {self.name} {setting}: ORT {label}: {s}", file=sys.stderr, flush=True)
+                if best is None or key > best[0]:
+                    best = (key, label, s, qb, round(time.perf_counter() - t0, 1))
             if best is None:
-                self.add(setting, name, na=f"all activation types and calibration methods failed: {tried}")
+                self.add(setting, name, na=f"all op scopes, activation types and calibration methods failed: {tried}")
             else:
                 self.add(setting, name, None, **best[2], **_ops_summary(onnx_ops(best[3])), note=f"best: {best[1]}",
-                         calibration_methods=tried, seconds=best[4])
+                         configurations_tried=tried, seconds=best[4])
         name = "ORT quantize_dynamic per-channel (W8, activations quantized at run time)"
         if w != 8:
             self.add(setting, name, na="int8 weights only")
@@ -466,6 +476,9 @@ def merge_results(path: Path, rows: list[dict], done: set[tuple[str, str]], meta
         fcntl.flock(lock, fcntl.LOCK_EX)
         old = json.loads(path.read_text()) if path.exists() else {}
         fresh = {(r["model"], r["setting"], r["variant"]) for r in rows}
+        # an ORT static row replaces the one of its model and setting under any earlier name
+        fresh |= {(r["model"], r["setting"], v["variant"]) for r in rows if r["variant"].startswith(ORT_STATIC)
+                  for v in old.get("rows", []) if v.get("variant", "").startswith(ORT_STATIC)}
         kept = [r for r in old.get("rows", []) if "setting" in r and (r["model"], r["setting"], r["variant"]) not in fresh]
         order = {m: i for i, m in enumerate(["minilm", "fashion_cnn", "fashion_vit"])}
         sorder = {s: i for i, s in enumerate(["FP32", *SETTINGS])}
