@@ -504,8 +504,8 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--table", action="store_true", help="print the stored results as a markdown table; run nothing")
     a = p.parse_args()
+    out = RESULTS / ("accuracy_integer.json" if a.only == "integer" else "accuracy.json")
     if a.table:
-        out = RESULTS / ("accuracy_integer.json" if a.only == "integer" else "accuracy.json")
         print(markdown_table(json.loads(out.read_text())["rows"]))
         return 0
     torch.set_num_threads(a.threads)
@@ -519,7 +519,6 @@ def main() -> int:
                                                            "fashion_vit": "10000 test images"},
             "date": time.strftime("%Y-%m-%d"), "ort_methods": a.ort_methods, "peers": not a.no_peers,
             "qcompiler_rows": a.rows or "all", "torch": torch.__version__}
-    out = RESULTS / ("accuracy_integer.json" if a.only == "integer" else "accuracy.json")
     merged = []
     for name in a.models.split(","):
         t0 = time.perf_counter()

@@ -382,9 +382,9 @@ def build_choices(graph: Graph, mp: dict, table: dict | None = None) -> tuple[li
             return lat
 
         opts = []
+        quad = {int(k): v for k, v in sens.get("quad", {}).items()}
         for b in bits:
             if kind == "quadratic":
-                quad = {int(k): v for k, v in sens.get("quad", {}).items()}
                 if b not in quad:
                     raise QCError(f"layer has no quadratic Omega at {b} bits (run the sensitivity pass with "
                                   f"w_bits {bits})", node=n.name)

@@ -12,6 +12,7 @@ Rounding right shift, half away from zero, in one add and one arithmetic shift:
 """
 from __future__ import annotations
 
+import math
 import operator
 
 import numpy as np
@@ -337,12 +338,15 @@ def _ceil16(v: int) -> int:
     return -(-v // 16) * 16
 
 
+def _slice_last(tr, v, size: int):
+    """v's first `size` entries along its last dim."""
+    return tr.emit(tr.R.strided_slice(v, axes=[tr.ndim(v) - 1], begin=[0], end=[size]))
+
+
 def _unpad(tr, node, v):
     """The value of `node` at its true size, if it is kept padded (Translator.padded)."""
     true = tr.padded.get(node)
-    if true is None:
-        return v
-    return tr.emit(tr.R.strided_slice(v, axes=[tr.ndim(v) - 1], begin=[0], end=[true]))
+    return v if true is None else _slice_last(tr, v, true)
 
 
 def _pad_last(tr, v, axis: int, to: int):
@@ -382,8 +386,7 @@ def _int_matmul(tr, n):
                                      for u in users):
                         tr.padded[req] = n_out  # the softmax reads the padded rows (or unpads)
                     else:
-                        tr.env[req] = tr.emit(tr.R.strided_slice(tr.env[req], axes=[tr.ndim(av) - 1], begin=[0],
-                                                                 end=[n_out]))
+                        tr.env[req] = _slice_last(tr, tr.env[req], n_out)
                 return None
     av, bv = _mm_operand(tr, _unpad(tr, a, tr.arg(a)), a_zp), _mm_operand(tr, _unpad(tr, b, tr.arg(b)), b_zp)
     av, bv = _same_dtype(tr, av, bv)
@@ -646,17 +649,11 @@ def _static_shape(tr, v) -> list[int] | None:
     return [int(d) for d in sh] if all(_static(d) for d in sh) else None
 
 
-def _prod(xs) -> int:
-    out = 1
-    for d in xs:
-        out *= int(d)
-    return out
-
-
 def _row_call(tr, func: str, x2, args: list, shape: list[int], out_dt: str):
     """call_dps_packed(func, [x2, *args] -> [rows, last] out_dt), reshaped back to `shape`."""
     ints = [tr.relax.prim_value(int(a)) if isinstance(a, (int, np.integer)) else a for a in args]
-    y = tr.emit(tr.relax.call_dps_packed(func, [x2, *ints], tr.relax.TensorType([_prod(shape[:-1]), shape[-1]], out_dt)))
+    out_ty = tr.relax.TensorType([math.prod(shape[:-1]), shape[-1]], out_dt)
+    y = tr.emit(tr.relax.call_dps_packed(func, [x2, *ints], out_ty))
     return tr.emit(tr.R.reshape(y, shape))
 
 
@@ -689,7 +686,7 @@ def _softmax_sm90(tr, node, xv, mask, tab, dim, mult, shift, out_zp, qmin, qmax)
         return None
     ldx = shape[-1]
     n_ = tr.padded.get(node.args[0], ldx)
-    rows = _prod(shape[:-1])
+    rows = math.prod(shape[:-1])
     tmax = int(t.max())
     if abs(int(mult)) * tmax >= 2**53 or n_ * tmax >= 2**53:
         return None
@@ -716,7 +713,7 @@ def _softmax_sm90(tr, node, xv, mask, tab, dim, mult, shift, out_zp, qmin, qmax)
     big = [i for i, d in enumerate(lead) if d != 1]
     if msh[-1] == n_ and all(lead[i] == xl[i] for i in big) and big == list(range(big[0], big[-1] + 1) if big else []):
         # the mask's non-1 leading dims are one contiguous block of x's: row r reads mask row (r / mdiv) % mmod
-        mdiv, mmod = (_prod(xl[big[-1] + 1:]), _prod(lead)) if big else (1, 1)
+        mdiv, mmod = (math.prod(xl[big[-1] + 1:]), math.prod(lead)) if big else (1, 1)
         m2 = tr.emit(tr.R.reshape(m8, [mmod, n_]))
     else:
         m2 = tr.emit(tr.R.reshape(tr.emit(tr.R.broadcast_to(m8, shape)), [rows, n_]))
@@ -734,7 +731,7 @@ def _lut_sm90(tr, n, xv, tab: torch.Tensor, offset: int):
     if not shape or tr.dtype_of(xv) not in _ROW_IN or tab_dt not in _ROW_OUT or tab.numel() == 0:
         return False, None
     t = tr.const(_np(tab).astype(np.int32).reshape(-1), "int32")
-    x2 = tr.emit(tr.R.reshape(xv, [_prod(shape[:-1]), shape[-1]]))
+    x2 = tr.emit(tr.R.reshape(xv, [math.prod(shape[:-1]), shape[-1]]))
     users = list(n.users)
     req = users[0] if len(users) == 1 and users[0].target is I.requant and users[0].args[0] is n else None
     if req is not None:
@@ -768,7 +765,7 @@ def _layer_norm_sm90(tr, xv, x_zp, eps, sqrt_bits, gamma: torch.Tensor, beta: to
     if g.size not in (1, ch) or b.size not in (1, ch):
         return None
     g, b = np.broadcast_to(g, (ch,)).copy(), np.broadcast_to(b, (ch,)).copy()
-    x2 = tr.emit(tr.R.reshape(xv, [_prod(shape[:-1]), ch]))
+    x2 = tr.emit(tr.R.reshape(xv, [math.prod(shape[:-1]), ch]))
     return _row_call(tr, LAYER_NORM_FUNC, x2, [int(x_zp), int(eps), int(sqrt_bits), tr.const(g, "int64"),
                                                tr.const(b, "int64"), int(shift), int(out_zp), int(qmin), int(qmax)],
                      shape, out_dt)

@@ -294,6 +294,20 @@ void by_out(const TensorView& t, const char* what, F&& f) {
   TVM_FFI_THROW(TypeError) << "qc row kernel: " << what << " must be int8, uint8 or int16";
 }
 
+template <class P>
+using elem_t = std::remove_const_t<std::remove_pointer_t<P>>;
+
+// f(xp, yp) with x's data as const In* and y's as Out*, In and Out as by_in / by_out choose them
+// (elem_t<decltype(xp)> names In inside f)
+template <class F>
+void with_io(const TensorView& x, const TensorView& y, F&& f) {
+  by_in(x, "x", [&](auto in) {
+    by_out(y, "y", [&](auto out) {
+      f(static_cast<const decltype(in)*>(x.data_ptr()), static_cast<decltype(out)*>(y.data_ptr()));
+    });
+  });
+}
+
 void softmax_impl(TensorView x, const TensorView* mask, TensorView tab, int64_t n, int64_t mdiv, int64_t mmod,
                   int64_t mult, int64_t shift, int64_t out_zp, int64_t qmin, int64_t qmax, TensorView y) {
   TVM_FFI_ICHECK(x.ndim() == 2 && y.ndim() == 2 && x.size(0) == y.size(0) && x.size(1) >= n && y.size(1) >= n &&
@@ -316,29 +330,23 @@ void softmax_impl(TensorView x, const TensorView* mask, TensorView tab, int64_t 
   dim3 grid(static_cast<unsigned>((rows + kWarps - 1) / kWarps)), block(kWarps * 32);
   cudaStream_t st = stream_of(x);
   const int8_t* m = mask ? static_cast<const int8_t*>(mask->data_ptr()) : nullptr;
-  by_in(x, "x", [&](auto in) {
-    using In = decltype(in);
-    by_out(y, "y", [&](auto out) {
-      using Out = decltype(out);
-      auto xp = static_cast<const In*>(x.data_ptr());
-      auto tp = static_cast<const int32_t*>(tab.data_ptr());
-      auto yp = static_cast<Out*>(y.data_ptr());
-      auto launch = [&](auto masked, auto vpl) {
-        softmax_rows<In, Out, decltype(masked)::value, decltype(vpl)::value><<<grid, block, 0, st>>>(
-            xp, m, tp, tab.size(0), rows, n, ldx, ldy, m ? mdiv : 1, m ? mmod : 1, mult, shift, out_zp, qmin, qmax,
-            yp);
-      };
-      auto by_len = [&](auto masked) {
-        if (n <= 256)
-          launch(masked, std::integral_constant<int, 8>());
-        else
-          launch(masked, std::integral_constant<int, 0>());
-      };
-      if (m)
-        by_len(std::true_type());
+  auto tp = static_cast<const int32_t*>(tab.data_ptr());
+  with_io(x, y, [&](auto xp, auto yp) {
+    auto launch = [&](auto masked, auto vpl) {
+      softmax_rows<elem_t<decltype(xp)>, elem_t<decltype(yp)>, decltype(masked)::value, decltype(vpl)::value>
+          <<<grid, block, 0, st>>>(xp, m, tp, tab.size(0), rows, n, ldx, ldy, m ? mdiv : 1, m ? mmod : 1, mult, shift,
+                                   out_zp, qmin, qmax, yp);
+    };
+    auto by_len = [&](auto masked) {
+      if (n <= 256)
+        launch(masked, std::integral_constant<int, 8>());
       else
-        by_len(std::false_type());
-    });
+        launch(masked, std::integral_constant<int, 0>());
+    };
+    if (m)
+      by_len(std::true_type());
+    else
+      by_len(std::false_type());
   });
   TVM_FFI_ICHECK(cudaGetLastError() == cudaSuccess) << "qc int_softmax: launch failed";
 }
@@ -378,20 +386,16 @@ void lut_impl(TensorView x, TensorView tab, int64_t offset, bool rq, int64_t in_
   cudaStream_t st = stream_of(x);
   const int64_t* mp = rq ? static_cast<const int64_t*>(mult->data_ptr()) : nullptr;
   const int64_t* sp = rq ? static_cast<const int64_t*>(shift->data_ptr()) : nullptr;
-  by_in(x, "x", [&](auto in) {
-    using In = decltype(in);
-    by_out(y, "y", [&](auto out) {
-      using Out = decltype(out);
-      auto xp = static_cast<const In*>(x.data_ptr());
-      auto tp = static_cast<const int32_t*>(tab.data_ptr());
-      auto yp = static_cast<Out*>(y.data_ptr());
-      if (rq)
-        lut_kernel<In, Out, true><<<grid, block, 0, st>>>(xp, tp, tab.size(0), offset, rows, cols, in_zp, mp, sp,
-                                                           per_channel, out_zp, qmin, qmax, yp);
-      else
-        lut_kernel<In, Out, false><<<grid, block, 0, st>>>(xp, tp, tab.size(0), offset, rows, cols, 0, nullptr,
-                                                            nullptr, false, 0, 0, 0, yp);
-    });
+  auto tp = static_cast<const int32_t*>(tab.data_ptr());
+  with_io(x, y, [&](auto xp, auto yp) {
+    using In = elem_t<decltype(xp)>;
+    using Out = elem_t<decltype(yp)>;
+    if (rq)
+      lut_kernel<In, Out, true><<<grid, block, 0, st>>>(xp, tp, tab.size(0), offset, rows, cols, in_zp, mp, sp,
+                                                         per_channel, out_zp, qmin, qmax, yp);
+    else
+      lut_kernel<In, Out, false><<<grid, block, 0, st>>>(xp, tp, tab.size(0), offset, rows, cols, 0, nullptr, nullptr,
+                                                          false, 0, 0, 0, yp);
   });
   TVM_FFI_ICHECK(cudaGetLastError() == cudaSuccess) << "qc int_lut: launch failed";
 }
@@ -417,23 +421,18 @@ void layer_norm(TensorView x, int64_t x_zp, int64_t eps, int64_t sqrt_bits, Tens
   if (rows == 0 || ch == 0) return;
   dim3 grid(static_cast<unsigned>((rows + kWarps - 1) / kWarps)), block(kWarps * 32);
   cudaStream_t st = stream_of(x);
-  by_in(x, "x", [&](auto in) {
-    using In = decltype(in);
-    by_out(y, "y", [&](auto out) {
-      using Out = decltype(out);
-      auto go = [&](auto vpl) {
-        layer_norm_rows<In, Out, decltype(vpl)::value><<<grid, block, 0, st>>>(
-            static_cast<const In*>(x.data_ptr()), rows, ch, x_zp, eps, sqrt_bits,
-            static_cast<const int64_t*>(gamma.data_ptr()), static_cast<const int64_t*>(beta.data_ptr()), shift, out_zp,
-            qmin, qmax, static_cast<Out*>(y.data_ptr()));
-      };
-      if (ch <= 384)
-        go(std::integral_constant<int, 12>());
-      else if (ch <= 768)
-        go(std::integral_constant<int, 24>());
-      else
-        go(std::integral_constant<int, 0>());
-    });
+  with_io(x, y, [&](auto xp, auto yp) {
+    auto go = [&](auto vpl) {
+      layer_norm_rows<elem_t<decltype(xp)>, elem_t<decltype(yp)>, decltype(vpl)::value><<<grid, block, 0, st>>>(
+          xp, rows, ch, x_zp, eps, sqrt_bits, static_cast<const int64_t*>(gamma.data_ptr()),
+          static_cast<const int64_t*>(beta.data_ptr()), shift, out_zp, qmin, qmax, yp);
+    };
+    if (ch <= 384)
+      go(std::integral_constant<int, 12>());
+    else if (ch <= 768)
+      go(std::integral_constant<int, 24>());
+    else
+      go(std::integral_constant<int, 0>());
   });
   TVM_FFI_ICHECK(cudaGetLastError() == cudaSuccess) << "qc int_layer_norm: launch failed";
 }
