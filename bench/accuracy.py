@@ -58,6 +58,11 @@ QC_ROWS = {
     "+ bias correction": ({"pre_passes": BASE, "recipe": "none", "bias_correction": True}, None),
     "+ gptq": ({"pre_passes": BASE, "recipe": "none", "gptq": True}, None),
     "+ unsigned grid for non-negative activations": ({"pre_passes": BASE, "recipe": "none", "a_unsigned_nonneg": True}, None),
+    # the transformer recipe with each order of its two rewrites (it picks smooth first at W8A8, rotate first below)
+    "transformer recipe, smooth then rotate": (
+        {"pre_passes": (*BASE, "smooth", "rotate"), "exclude": FLOAT_HADAMARD, "recipe": "transformer"}, ("minilm",)),
+    "transformer recipe, rotate then smooth": (
+        {"pre_passes": (*BASE, "rotate", "smooth"), "exclude": FLOAT_HADAMARD, "recipe": "transformer"}, ("minilm",)),
     "qcompiler default recipe": ({}, None),
 }
 # integer-only graphs (qc:: integer ops), run by the reference backend from the saved artifact

@@ -163,8 +163,9 @@ def _transformer(cfg: Config) -> tuple[dict, list[str]]:
     """smooth and rotate, with rotate's online Hadamard matmuls (hadamard_*) in float; below W8A8
     rotate runs first.
 
-    Order: MiniLM (ORT, 64 calibration / 256 evaluation sentences, cosine mean / min and
-    nearest-neighbour agreement), rotate then smooth vs smooth then rotate, smooth's alpha searched
+    Order: MiniLM (bench/accuracy.py's "transformer recipe, ..." rows: ORT, 64 calibration / 256
+    evaluation sentences, cosine mean / min and nearest-neighbour agreement), rotate then smooth vs
+    smooth then rotate, smooth's alpha searched
     at the run's widths, the same low-bit additions: W8A8 0.9988 / 0.9968 / 0.918 vs 0.9987 / 0.9964
     / 0.957 (equal cosines, the retrieval agreement better with smooth first), W6A6 0.9835 / 0.9644
     vs 0.9812 / 0.9503, W4A8 0.9582 / 0.9154 vs 0.9559 / 0.8707, W4A4 0.7103 / 0.4940 vs 0.5521 /
