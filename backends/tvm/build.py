@@ -74,7 +74,7 @@ def compile_so(graph, kind: str, option: str | None, out_path: str) -> dict:
     from .pipeline import pipeline
     from .translate import to_relax
     target = target_for(kind, option)
-    mod = to_relax(graph, dot=int8_dot(target))
+    mod = to_relax(graph, dot=int8_dot(target), kind=kind)
     extern = sorted({str(c.args[0].global_symbol) for f in mod.functions.values() if isinstance(f, tvm.relax.Function)
                      for c in _calls(f) if isinstance(c.args[0], tvm.relax.ExternFunc)})
     if kind == "cuda" and tvm.get_global_func("ffi.Module.create.cuda", allow_missing=True) is None:

@@ -30,17 +30,45 @@ def _extent(sch, loop):
 
 
 def _spatial(sch, block, vec: int = VEC):
+    """Vectorize the innermost loop where its static extent allows (its lane indices then stay
+    affine in the lane: fusing it with symbolic outer loops would put a 64-bit division by the
+    symbolic extent into every lane, which LLVM scalarizes), parallel over the loops outside it."""
     loops = sch.get_loops(block)
     if not loops:
         return
     inner = _extent(sch, loops[-1])
-    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
-    if inner is not None and inner % vec == 0 or _extent(sch, fused) is None:
-        o, i = sch.split(fused, [None, vec])
-        sch.parallel(o)
-        sch.vectorize(i)
-    else:
-        sch.parallel(fused)
+    outer = list(loops[:-1])
+    if inner is not None and inner % vec == 0:
+        io, ii = sch.split(loops[-1], [None, vec])
+        sch.vectorize(ii)
+        if not outer:
+            outer = [io]
+    elif not outer:
+        outer = [loops[-1]]
+    sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+
+
+def _loads(sch, consumer, buf) -> int:
+    """How many times the body of block `consumer` reads buffer `buf`."""
+    import re
+    return len(re.findall(rf"(?<![\w.]){re.escape(buf.name)}\[", str(sch.get(consumer).body)))
+
+
+def _inline_single_use(sch, blocks) -> list:
+    """Inline each producer that one consumer reads once (no expression is copied, so chains such
+    as isqrt's fix-ups, which read a value four times per step, stay separate blocks); returns
+    the blocks left."""
+    left = []
+    for b in blocks:
+        consumers = sch.get_consumers(b)
+        if len(consumers) == 1 and _loads(sch, consumers[0], sch.get(b).writes[0].source) == 1:
+            try:
+                sch.compute_inline(b)
+                continue
+            except Exception:  # noqa: BLE001 (tvm.s_tir.ScheduleError: not inlinable here; keep the block)
+                pass
+        left.append(b)
+    return left
 
 
 def _is_dot(sch, block) -> bool:
@@ -63,9 +91,9 @@ def _rule():
             if infos is None:
                 return None
             reductions = [b for b in infos if b.is_reduction()]
-            if not reductions:  # each block on its own: inlining long chains (isqrt's fix-ups read r four
-                for b in infos:  # times per step) makes expression trees that grow exponentially
-                    _spatial(sch, b.block_rv)
+            if not reductions:
+                for b in _inline_single_use(sch, [b.block_rv for b in infos]):
+                    _spatial(sch, b)
                 return sch
             if len(reductions) == 1 and reductions[0] is infos[0] and _is_dot(sch, infos[0].block_rv):
                 if self._matmul(sch, try_inline(sch, infos)):
@@ -73,12 +101,15 @@ def _rule():
                 return None
             if any(not b.is_reduction() and not b.is_injective() for b in infos):
                 return None
-            # Row reductions (softmax, LayerNorm, norms) and the arithmetic around them keep their
-            # intermediate buffers: inlining would copy every use of a value into its consumers
-            # (isqrt's fix-ups read r four times per step: the expression tree grows exponentially).
-            for b in infos:
-                loops = sch.get_loops(b.block_rv)
-                kinds = b.dom_kind()
+            # Row reductions (softmax, LayerNorm, norms): parallel over their leading spatial loops;
+            # the elementwise blocks around them scheduled as above (producers read more than once
+            # keep their buffers).
+            for b in _inline_single_use(sch, [b.block_rv for b in infos]):
+                loops = sch.get_loops(b)
+                kinds = "".join("S" if v.iter_type == 0 else "R" for v in sch.get(b).iter_vars)
+                if "R" not in kinds:
+                    _spatial(sch, b)
+                    continue
                 n = 0
                 while n < len(kinds) and kinds[n] == "S":
                     n += 1

@@ -54,7 +54,7 @@ class _Element:
 
 
 class Translator:
-    def __init__(self, graph: Graph, dot: str | None = None):
+    def __init__(self, graph: Graph, dot: str | None = None, kind: str | None = None):
         import tvm
         from tvm import relax, tirx
         self.tvm, self.relax, self.tir, self.R = tvm, relax, tirx, relax.op
@@ -66,6 +66,7 @@ class Translator:
         # "sm90": int8 linears / matmuls and the requant after them as one call of
         # qcompiler's CUTLASS kernel (cuda_kernels.py), on Hopper's tensor cores
         self.dot = dot
+        self.kind = kind  # "llvm": rows_cpu.py's row kernels for the softmax
         self.kernels: dict = {}  # hand-written kernels added to the module, per shape
         # tvm-cuda: values kept zero-padded along their last dim to a multiple of 16 (the int8
         # GEMM's TMA rows) between our kernels: fx node -> its true last-dim size. padded_k: a
@@ -113,7 +114,8 @@ class Translator:
         return self.elementwise("isqrt", [v], lambda el, x: _isqrt(x * (1 << scale_bits) if scale_bits else x),
                                 "int64", own_kernel=True)
 
-    def elementwise(self, name: str, inputs: list, fn, dtype: str, table=None, own_kernel: bool = False):
+    def elementwise(self, name: str, inputs: list, fn, dtype: str, table=None, own_kernel: bool = False,
+                    fusable: bool = False):
         """One elementwise kernel over the broadcast shape of `inputs` (numpy broadcasting; a
         Python int stands for a scalar constant and is passed to fn as is): fn(el, *scalars) ->
         TIR expression, where el (an _Element) has table(i), a read of the 1-D constant
@@ -123,7 +125,9 @@ class Translator:
         value into each of its uses (exponential in a chain of requantizations).
         own_kernel: never fused into a consumer (op_pattern opaque), for small per-row results
         whose expression is long (isqrt): inlined where it is read several times, TVM's
-        simplifier takes minutes per kernel (MiniLM's LayerNorm: 117 s)."""
+        simplifier takes minutes per kernel (MiniLM's LayerNorm: 117 s).
+        fusable: a kernel reading its table once per element, marked injective (TVM's analysis
+        calls a table read opaque) so that FuseOps fuses it with the elementwise ops around it."""
         from tvm import te, tirx
         tensors = [v for v in inputs if not isinstance(v, int)]
         shapes = [self.shape_of(v) for v in tensors]
@@ -150,6 +154,8 @@ class Translator:
             return te.compute(out_shape, at, name=name)
         args = tensors + ([table] if table is not None else [])
         attrs = {"primfunc_attrs": {"op_pattern": 8}} if own_kernel else {}  # 8: kOpaque
+        if fusable:
+            attrs = {"primfunc_attrs": {"op_pattern": 2}}  # 2: kInjective
         return self.bb.emit_te(body, *args, primfunc_name_hint=name, **attrs)
 
     def per_channel(self, t: torch.Tensor, like, axis: int):
@@ -294,7 +300,7 @@ def _int_linear(tr, n):
                 return _gemm_sm90(tr, n, req, xv, tr.const(_np(wt), "int8"), b.astype(np.int32), batched=False)
     if tr.dot == "vnni" and wt.dtype == torch.int8 and tr.dtype_of(xv) in ("int8", "uint8") and \
             wt.shape[0] % 16 == 0 and wt.shape[1] % 4 == 0:
-        y = _linear_vnni(tr, xv, x_zp, wt)
+        return _linear_vnni(tr, n, xv, x_zp, wt, bias)
     else:
         xv = _mm_operand(tr, xv, x_zp)
         wv = tr.const(_np(wt), _dt(wt.dtype))
@@ -305,33 +311,123 @@ def _int_linear(tr, n):
     return y
 
 
-def _linear_vnni(tr, xv, x_zp: int, wt: torch.Tensor):
-    """(x - x_zp) @ w^T as AVX-512 VNNI computes it: u = x + 128 as uint8 for int8 x (x itself
-    for uint8), sum_k u_k w_jk in int32 over w packed as [N/16, K/4, 16, 4], minus
-    (128 + x_zp) * sum_k w_jk: the same integers, since every term is exact in int32."""
+def _linear_vnni(tr, n, xv, x_zp: int, wt: torch.Tensor, bias):
+    """(x - x_zp) @ w^T + bias as AVX-512 VNNI computes it: u = x + 128 as uint8 for int8 x (x
+    itself for uint8), sum_k u_k w_jk in int32 over w packed as [N/16, K/4, 16, 4], minus
+    (128 + x_zp) * sum_k w_jk: the same integers, since every term is exact in int32. With the
+    requant after it (_vnni_requant) in the kernel's epilogue: binds that node, returns None."""
     n_out, k_in = wt.shape
-    w64 = wt.to(torch.int64)
     off = 128 if tr.dtype_of(xv) == "int8" else 0
     if off:
         xv = tr.emit(tr.R.astype(tr.R.add(tr.R.astype(xv, "int16"), tr.const(128, "int16")), "uint8"))
-    packed = _np(wt).reshape(n_out // 16, 16, k_in // 4, 4).transpose(0, 2, 1, 3).reshape(-1).copy()
-    key = (k_in, n_out)
-    if key not in tr.kernels:
-        from .vnni import kernel
-        name = f"{VNNI_BLOCK}_{k_in}x{n_out}"
-        tr.kernels[key] = tr.bb.add_func(kernel(k_in, n_out).with_attr("global_symbol", name), name)
+    packed = _np(wt).reshape(1, n_out // 16, 16, k_in // 4, 4).transpose(0, 1, 3, 2, 4).reshape(
+        1, n_out // 16, k_in // 4, 64).copy()
     lead = tr.shape_of(xv)[:-1]
-    rows = 1
-    for d in lead:
-        rows = rows * d
-    u2 = tr.emit(tr.R.reshape(xv, [rows, k_in]))
-    y = tr.emit(tr.relax.call_tir(tr.kernels[key], [u2, tr.const(packed, "int8")],
-                                  tr.relax.TensorType([rows, n_out], "int32")))
+    rows = math.prod(lead)
+    u3 = tr.emit(tr.R.reshape(xv, [1, rows, k_in]))
+    corr = (off + x_zp) * _np(wt).astype(np.int64).sum(1)
+    b = np.zeros(n_out, np.int64) if bias is None else _np(tr.tensor_const(bias)).astype(np.int64).reshape(-1)
+    req = _vnni_requant(tr, n, n_out, len(lead) + 1)
+    if req is not None and np.abs(b - corr).max(initial=0) < 2**31:
+        from .vnni import epilogue_table
+        _acc, in_zp, mult, shift = req.args[:4]
+        e = epilogue_table(b - corr - in_zp, _np(tr.tensor_const(mult)), _np(tr.tensor_const(shift)))
+        y = _vnni_call(tr, u3, tr.const(packed, "int8"), k_in, n_out, [1, rows, n_out], ep=(req, e, True))
+        tr.env[req] = tr.emit(tr.R.reshape(y, [*lead, n_out]))
+        return None
+    y = _vnni_call(tr, u3, tr.const(packed, "int8"), k_in, n_out, [1, rows, n_out])
     y = tr.emit(tr.R.reshape(y, [*lead, n_out]))
-    corr = (off + x_zp) * w64.sum(1)
     if corr.any():
-        y = tr.emit(tr.R.subtract(y, tr.const(_np(corr).astype(np.int32), "int32")))
+        y = tr.emit(tr.R.subtract(y, tr.const(corr.astype(np.int32), "int32")))
+    if bias is not None:
+        y = tr.emit(tr.R.add(y, tr.value(bias, "int32")))
     return y
+
+
+def _vnni_requant(tr, n, n_out: int | None, ndim: int):
+    """The requant after `n` that the VNNI kernel can compute in its epilogue, or None: `n`'s only
+    user; multiplier and shift per tensor or per column (along the last axis, where n_out is
+    static); |multiplier| < 2^31 and 0 <= shift <= 62, so that every product fits in int64."""
+    users = list(n.users)
+    if len(users) != 1 or users[0].target is not I.requant:
+        return None
+    r = users[0]
+    _acc, _in_zp, mult, shift, _out_zp, _qmin, _qmax, axis = r.args
+    m, c = tr.tensor_const(mult), tr.tensor_const(shift)
+    if m.numel() != 1 and (n_out is None or m.numel() != n_out or c.numel() not in (1, n_out) or
+                           axis % ndim != ndim - 1):
+        return None
+    if m.abs().max() >= 2**31 or c.min() < 0 or c.max() > 62:
+        return None
+    return r
+
+
+def _vnni_call(tr, u3, w, k: int | None, n: int | None, out_shape: list, packed: bool = True,
+               ep: tuple | None = None, colsum_mult: int = 0):
+    """One call of backends/tvm/vnni.py's kernel for (k, n) (None: symbolic), each kind added to
+    the module once. ep: (the requant node, its epilogue_table, per column) for the kernel's
+    epilogue; the output then has the requant's dtype."""
+    from .vnni import Requant, kernel
+    req = None
+    if ep is not None:
+        node, table, per_channel = ep
+        _a, _z, _m, _c, out_zp, qmin, qmax, _ax = node.args
+        req = Requant(_dt(I.int_dtype(qmin, qmax)), int(out_zp), int(qmin), int(qmax), per_channel, colsum_mult)
+    key = ("vnni", k, n, packed, req)
+    if key not in tr.kernels:
+        name = f"{VNNI_BLOCK}_{k or 'k'}x{n or 'n'}" + ("" if packed else "_act") + ("" if req is None else f"_rq{len(tr.kernels)}")
+        tr.kernels[key] = tr.bb.add_func(kernel(k, n, packed, req).with_attr("global_symbol", name), name)
+    args = [u3, w] + ([tr.const(ep[1], "int64")] if ep is not None else [])
+    return tr.emit(tr.relax.call_tir(tr.kernels[key], args, tr.relax.TensorType(out_shape, req.out_dtype if req else "int32")))
+
+
+def _matmul_vnni(tr, node, a, a_zp: int, bv):
+    """(a - a_zp) @ b for activations a (int8 / uint8) and b (int8, zero point 0), batched over
+    equal leading dims, with the linears' VNNI kernel: u = a as uint8 (a itself when it cannot
+    be negative, as a softmax's output, else a + 128), b packed by the kernel panel by panel
+    (zeros past its edges add nothing), then minus (128 + a_zp) * sum_k b[k, j] where that is
+    not 0. With the requant after it in the kernel (per tensor, or per column where n is static):
+    binds that node and returns None. False where the leading dims differ (broadcasting)."""
+    import tvm_ffi
+    av = tr.arg(a)
+    sa, sb = tr.shape_of(av), tr.shape_of(bv)
+    if len(sa) != len(sb) or len(sa) < 2 or any(not tvm_ffi.structural_equal(x, y) for x, y in zip(sa[:-2], sb[:-2])):
+        return False
+    lead, m, k, n = sa[:-2], sa[-2], sa[-1], sb[-1]
+    ks, ns = (int(k) if _static(k) else None), (int(n) if _static(n) else None)
+    if ks is not None and ks % 4:
+        ks = None
+    off = 128 if tr.dtype_of(av) == "int8" and not _nonnegative(a) else 0
+    bt = math.prod(lead) if lead else 1
+    if off:
+        av = tr.emit(tr.R.astype(tr.R.add(tr.R.astype(av, "int16"), tr.const(off, "int16")), "uint8"))
+    u3 = tr.emit(tr.R.reshape(tr.cast(av, "uint8"), [bt, m, k]))
+    b3 = tr.emit(tr.R.reshape(bv, [bt, k, n]))
+    req = _vnni_requant(tr, node, ns, len(sa))
+    if req is not None:
+        from .vnni import epilogue_table
+        _acc, in_zp, mult, shift = req.args[:4]
+        mult, shift = _np(tr.tensor_const(mult)), _np(tr.tensor_const(shift))
+        e = epilogue_table(np.full(1, -in_zp), mult, shift)
+        y = _vnni_call(tr, u3, b3, ks, ns, [bt, m, n], packed=False, ep=(req, e, e.shape[1] > 1),
+                       colsum_mult=off + a_zp)
+        tr.env[req] = tr.emit(tr.R.reshape(y, [*lead, m, n]))
+        return None
+    y = _vnni_call(tr, u3, b3, ks, ns, [bt, m, n], packed=False)
+    if off + a_zp:
+        cs = tr.emit(tr.R.sum(tr.R.astype(b3, "int32"), axis=[1], keepdims=True))
+        y = tr.emit(tr.R.subtract(y, tr.R.multiply(cs, tr.const(off + a_zp, "int32"))))
+    return tr.emit(tr.R.reshape(y, [*lead, m, n]))
+
+
+def _nonnegative(node) -> bool:
+    """Whether an integer op's output is never negative: an int_softmax's is
+    clamp(rshift_round(e * mult // sum e, shift) + out_zp) with e >= 0, so >= 0 where mult and
+    out_zp are (or where its saturation's lower bound is)."""
+    if getattr(node, "target", None) is not I.int_softmax:
+        return False
+    mult, out_zp, qmin = node.args[4], node.args[6], node.args[7]
+    return qmin >= 0 or (mult >= 0 and out_zp >= 0)
 
 
 def _ceil16(v: int) -> int:
@@ -388,6 +484,10 @@ def _int_matmul(tr, n):
                     else:
                         tr.env[req] = _slice_last(tr, tr.env[req], n_out)
                 return None
+    if tr.dot == "vnni" and b_zp == 0 and tr.dtype_of(tr.arg(b)) == "int8" and tr.dtype_of(tr.arg(a)) in ("int8", "uint8"):
+        y = _matmul_vnni(tr, n, a, a_zp, tr.arg(b))
+        if y is not False:
+            return y
     av, bv = _mm_operand(tr, _unpad(tr, a, tr.arg(a)), a_zp), _mm_operand(tr, _unpad(tr, b, tr.arg(b)), b_zp)
     av, bv = _same_dtype(tr, av, bv)
     return tr.emit(tr.R.matmul(av, bv, out_dtype="int32"))
@@ -485,9 +585,11 @@ def _int_lut(tr, n):
         done, y = _lut_sm90(tr, n, tr.arg(x), tab, offset)
         if done:
             return y
-    idx = tr.sub_zp(tr.arg(x), offset)
-    idx = tr.emit(tr.R.clip(idx, 0, tab.numel() - 1))
-    return tr.emit(tr.R.take(tr.const(_np(tab), _dt(tab.dtype)), idx, axis=0))
+    from tvm import tirx
+    top = tab.numel() - 1
+    return tr.elementwise("int_lut", [tr.arg(x)],
+                          lambda el, a: el.table(tirx.max(tirx.min(_i64(a) - _c(offset), _c(top)), _c(0))),
+                          _dt(tab.dtype), table=tr.const(_np(tab), _dt(tab.dtype)), fusable=True)
 
 
 def _int_sum(tr, n):
@@ -538,6 +640,10 @@ def _int_softmax(tr, n):
             return y
         xv = _unpad(tr, x, xv)
     top = tab.numel() - 1
+    if tr.kind == "llvm" and (dim % tr.ndim(xv)) == tr.ndim(xv) - 1:
+        y = _softmax_rows_cpu(tr, xv, mask, tab, mult, shift, out_zp, qmin, qmax)
+        if y is not None:
+            return y
     tv = tr.const(_np(tab).astype(np.int64), "int64")
     i64, c = _i64, _c
     if mask is not None:
@@ -548,7 +654,8 @@ def _int_softmax(tr, n):
 
         def exp_(el, a, k, m):
             a, _k, m = el.raw
-            return tirx.Select(k, el.table(tirx.min(m - i64(a), c(top))), c(0))
+            # clamped below too: a masked entry may exceed the row's max (Select loads both sides)
+            return tirx.Select(k, el.table(tirx.max(tirx.min(m - i64(a), c(top)), c(0))), c(0))
         e = tr.elementwise("softmax_exp", [xv, mv, mx], exp_, "int64", table=tv)
     else:
         mx = tr.emit(R.max(tr.i64(xv), axis=[dim], keepdims=True))
@@ -557,9 +664,45 @@ def _int_softmax(tr, n):
     s = tr.emit(R.sum(e, axis=[dim], keepdims=True))
 
     def out_(el, ev, sv):
-        t = tirx.floordiv(ev * c(mult), tirx.max(sv, c(1)))
+        # e <= sum e (every e >= 0), so the quotient is at most mult
+        div = _floordiv_small_quotient if 0 <= mult < 2**49 else tirx.floordiv
+        t = div(ev * c(mult), tirx.max(sv, c(1)))
         return _saturate(_rshift_round(t, shift) + c(out_zp), qmin, qmax)
     return tr.elementwise("softmax_out", [e, s], out_, _dt(I.int_dtype(qmin, qmax)))
+
+
+def _softmax_rows_cpu(tr, xv, mask, tab: torch.Tensor, mult: int, shift: int, out_zp: int, qmin: int, qmax: int):
+    """The softmax over the last dim as rows_cpu.py's row kernel: x as [rows, n], the mask (its
+    leading dims a prefix of x's, then 1s: it broadcasts over the rest) as [mask rows, n] int8.
+    None for other mask shapes."""
+    from .rows_cpu import softmax
+    shape = tr.shape_of(xv)
+    n, rows = shape[-1], math.prod(shape[:-1])
+    args = [tr.emit(tr.R.reshape(xv, [rows, n]))]
+    if mask is not None:
+        mv = tr.arg(mask)
+        ms = tr.shape_of(mv)
+        # the mask's leading dims must be a prefix of x's, with 1s after it (e.g. [b, 1, 1, n])
+        lead = [d for d in ms[:-1]]
+        while lead and _static(lead[-1]) and int(lead[-1]) == 1:
+            lead.pop()
+        import tvm_ffi
+        if len(ms) != len(shape) or any(not tvm_ffi.structural_equal(a, b) for a, b in zip(lead, shape)) or \
+                any(not (_static(d) and int(d) == 1) for d in ms[len(lead):-1]):
+            return None
+        mrows = math.prod(lead) if lead else 1
+        args.append(tr.emit(tr.R.reshape(tr.cast(tr.cast(mv, "bool"), "int8"), [mrows, n])))
+    tab_dt = "int32" if tab.abs().max() < 2**31 else "int64"
+    out_dt = _dt(I.int_dtype(qmin, qmax))
+    key = ("softmax_rows", tr.dtype_of(xv), mask is not None, int(tab.numel()), tab_dt, mult, shift, out_zp, qmin, qmax)
+    if key not in tr.kernels:
+        name = f"qc_softmax_rows{len(tr.kernels)}"
+        f = softmax(tr.dtype_of(xv), mask is not None, int(tab.numel()) - 1, tab_dt, int(mult), int(shift), int(out_zp),
+                    int(qmin), int(qmax), out_dt, 0 <= mult < 2**49)
+        tr.kernels[key] = tr.bb.add_func(f.with_attr("global_symbol", name), name)
+    args.append(tr.const(_np(tab).astype(tab_dt), tab_dt))
+    y = tr.emit(tr.relax.call_tir(tr.kernels[key], args, tr.relax.TensorType([rows, n], out_dt)))
+    return tr.emit(tr.R.reshape(y, shape))
 
 
 def _i64(v):
@@ -591,6 +734,19 @@ def _rshift_round(p, c):
     pos = tirx.Cast("int64", c > _c(0))
     half = tirx.shift_left(pos, tirx.max(c - _c(1), _c(0)))
     return tirx.shift_right(p + half - neg * pos, c)
+
+
+def _floordiv_small_quotient(a, d):
+    """floor(a / d) for int64 a >= 0, d >= 1 whose quotient is below 2^49, without an integer
+    division (which no x86 vector unit has: LLVM would divide lane by lane): the float64 estimate
+    fl(fl(a) / fl(d)) is within 2^-2 of a / d (three roundings of relative error 2^-53 each), so
+    its floor q0 is the answer Q or one off; one step down (q0 d > a) and one step up
+    ((q + 1) d <= a) make it exact. Products stay below a + 2d, far from int64's limit."""
+    from tvm import tirx
+    f64 = lambda v: tirx.Cast("float64", v)
+    q = tirx.Cast("int64", tirx.floor(f64(a) / f64(d)))
+    q = q - tirx.Cast("int64", q * d > a)
+    return q + tirx.Cast("int64", (q + _c(1)) * d <= a)
 
 
 def _isqrt(x):
@@ -978,7 +1134,9 @@ ATEN = {aten.view: _reshape, aten.reshape: _reshape, aten._unsafe_view: _reshape
         aten._assert_tensor_metadata: _skip}
 
 
-def to_relax(graph: Graph, dot: str | None = None):
+def to_relax(graph: Graph, dot: str | None = None, kind: str | None = None):
     """The Relax IRModule ("main": inputs in graph order -> tuple of outputs) of an integer graph;
-    dot="vnni" writes int8 linears in the form the CPU schedule tensorizes with AVX-512 VNNI."""
-    return Translator(graph, dot).build()
+    dot="vnni": int8 linears and matmuls on backends/tvm/vnni.py's AVX-512 VNNI kernel;
+    dot="sm90": on the CUTLASS kernels of cuda_kernels.py; kind="llvm": the softmax as one row
+    kernel (rows_cpu.py)."""
+    return Translator(graph, dot, kind).build()

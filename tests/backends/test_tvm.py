@@ -22,19 +22,29 @@ qc = torch.ops.qc
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
-def build(module, example, dynamic="batch"):
+def build(module, example, dynamic="batch", **trace_kw):
     """(reference graph, tvm VM main) for a module calling qc:: ops on its buffers."""
     from tvm import relax
 
     from qcompiler.backends.tvm.build import int8_dot, target_for
     from qcompiler.backends.tvm.pipeline import pipeline
     from qcompiler.backends.tvm.translate import to_relax
-    g = qcompiler.trace(module, example, dynamic=dynamic)
+    g = qcompiler.trace(module, example, dynamic=dynamic, **trace_kw)
     target = target_for("llvm", None)
     with target:
-        ex = tvm.compile(to_relax(g, dot=int8_dot(target)), target=target, relax_pipeline=pipeline(target))
+        mod = to_relax(g, dot=int8_dot(target), kind="llvm")
+        ex = tvm.compile(mod, target=target, relax_pipeline=pipeline(target))
     vm = relax.VirtualMachine(ex, tvm.cpu())
-    return g, vm["main"]
+    main = vm["main"]
+    main.kernels = [gv.name_hint for gv in mod.functions]
+    return g, main
+
+
+def _calls(main, part: str) -> bool:
+    """Whether the module has a kernel whose name contains `part` (only where the CPU has VNNI:
+    elsewhere the generic schedules run and this is not asserted)."""
+    from qcompiler.backends.tvm.build import int8_dot, target_for
+    return int8_dot(target_for("llvm", None)) != "vnni" or any(part in k for k in main.kernels)
 
 
 def check(g, main, *inputs):
@@ -142,6 +152,58 @@ def test_int_linear_dot_product_kernel_shapes(dtype, zp):
     check(g, main, x)
 
 
+@pytest.mark.parametrize("qrange,per_channel", [((-128, 127), True), ((0, 255), False), ((-32768, 32767), True)])
+def test_vnni_linear_with_requant_epilogue(qrange, per_channel):
+    """A linear whose requant the VNNI kernel computes in its epilogue: bias, input and output
+    zero points, per-column multipliers and shifts (0, ties at 1, large), saturation at both
+    ends, int8 / uint8 / int16 out."""
+    rng = np.random.default_rng(6)
+    w = torch.from_numpy(rng.integers(-128, 128, (48, 24)).astype(np.int8))
+    bias = torch.from_numpy(rng.integers(-40000, 40000, 48).astype(np.int32))
+    mult = rng.uniform(1e-4, 0.05, 48) if per_channel else 0.0123
+    shift = torch.from_numpy(np.resize([0, 1, 2, 9, 17, 40], 48).astype(np.int64)) if per_channel else None
+    req = Requant(mult, shift, in_zp=-11, out_zp=7, qmin=qrange[0], qmax=qrange[1])
+    if per_channel:  # multipliers small enough that shift 0 and 1 do not saturate everything
+        req.b = torch.from_numpy(rng.integers(1, 4, 48).astype(np.int64))
+    m = Ops(lambda s, x: s.req(qc.int_linear(x, -3, s.w, s.bias)), w=w, bias=bias)
+    m.req = req
+    g, main = build(m, (torch.zeros(2, 3, 24, dtype=torch.int8),))
+    assert _calls(main, "qc_dot_u8s8_24x48_rq"), "the requant is not in the kernel's epilogue"
+    x = rng.integers(-128, 128, (5, 3, 24)).astype(np.int8)
+    x[0, 0], x[0, 1] = -128, 127
+    check(g, main, x)
+
+
+@pytest.mark.parametrize("seq", [5, 16, 37])
+def test_vnni_attention_matmuls_symbolic_shapes(seq):
+    """Attention's activation x activation matmuls on the VNNI kernel with the sequence length
+    symbolic (k and n not multiples of 4 / 16 at run time: byte tails, partial column blocks):
+    int8 q (the +128 and column-sum correction), a softmax's output (never negative: no
+    correction), uint8 with a zero point, requant fused or not (the int32 product used twice)."""
+    rng = np.random.default_rng(7)
+    table = I.exp_table(0.05, 65536)
+    rq = lambda v, m, c, zp=0: qc.requant(v, 2, m, c, zp, -128, 127, -1)
+
+    def fn(s, q, kt, v, u):
+        sc = qc.int_matmul(q, 0, kt, 0)                        # [b, h, s, s], n symbolic
+        p = qc.int_softmax(rq(sc, s.m3, s.c), None, s.table, -1, 1 << 30, 23, 0, -128, 127)
+        o = rq(qc.int_matmul(p, 0, v, 0), s.m5, s.c, -4)       # k symbolic, p >= 0
+        o2 = qc.int_matmul(u, 9, v, 0)                          # uint8, zero point, int32 out
+        return o, sc, o2, rq(o2, s.m3, s.c0)
+    dyn = {n: {0: "batch", 2: "seq"} for n in ("q", "v", "u")}
+    dyn["kt"] = {0: "batch", 3: "seq"}
+    dyn["u"] = {0: "batch", 2: "seq", 3: "seq"}
+    ex = (torch.zeros(2, 3, 6, 32, dtype=torch.int8), torch.zeros(2, 3, 32, 6, dtype=torch.int8),
+          torch.zeros(2, 3, 6, 32, dtype=torch.int8), torch.zeros(2, 3, 6, 6, dtype=torch.uint8))
+    consts = {k: torch.tensor([v]) for k, v in (("m3", 3), ("m5", 5), ("c", 13), ("c0", 0))}
+    g, main = build(Ops(fn, table=table, **consts), ex, dynamic=dyn, input_names=["q", "kt", "v", "u"])
+    assert _calls(main, "_act_rq") and _calls(main, "_act"), "the matmuls did not take the VNNI kernel"
+    q = rng.integers(-128, 128, (3, 3, seq, 32)).astype(np.int8)
+    q[0, 0, 0] = -128
+    check(g, main, q, rng.integers(-128, 128, (3, 3, 32, seq)).astype(np.int8),
+          rng.integers(-128, 128, (3, 3, seq, 32)).astype(np.int8), rng.integers(0, 256, (3, 3, seq, seq)).astype(np.uint8))
+
+
 def test_int_add_lut_sum_mul_div():
     rng = np.random.default_rng(2)
     table = torch.from_numpy(rng.integers(-128, 128, 256).astype(np.int8))
@@ -218,6 +280,34 @@ def test_isqrt_kernel_exact_at_perfect_squares_up_to_2_62():
     assert np.array_equal(got, want), f"{np.sum(got != want)} of {v.size} differ"
     r = want.astype(object)
     assert all(a * a <= b < (a + 1) * (a + 1) for a, b in zip(r, v.astype(object)))  # the reference is exact too
+
+
+def test_floordiv_without_integer_division_exact_at_multiples():
+    """The softmax's division by the row sum, computed through a float64 estimate and one fix-up
+    step each way: exact at a = q d - 1, q d, q d + d - 1 (where fl(a) / fl(d) rounds across an
+    integer) for quotients up to 2^49 - 1 and divisors up to 2^13."""
+    from tvm import relax
+
+    from qcompiler.backends.tvm.build import target_for
+    from qcompiler.backends.tvm.pipeline import pipeline
+    from qcompiler.backends.tvm.translate import Translator, _floordiv_small_quotient
+    rng = np.random.default_rng(8)
+    q = np.concatenate([np.arange(0, 50), rng.integers(1 << 40, 1 << 49, 400), [(1 << 49) - 1]]).astype(np.int64)
+    d = rng.integers(1, 1 << 13, q.size).astype(np.int64)
+    d[:10] = 1
+    a = np.concatenate([q * d, np.maximum(q * d - 1, 0), q * d + d - 1])
+    d = np.concatenate([d, d, d])
+    tr = Translator(qcompiler.trace(Ops(lambda s, x: x + 1), (torch.zeros(2, dtype=torch.int64),)))
+    xa, xd = (relax.Var(n, relax.TensorType([a.size], "int64")) for n in ("a", "d"))
+    with tr.bb.function("main", [xa, xd]):
+        with tr.bb.dataflow():
+            out = tr.bb.emit_output(tr.elementwise("div", [xa, xd], lambda el, u, v: _floordiv_small_quotient(u, v), "int64"))
+        tr.bb.emit_func_output(out)
+    target = target_for("llvm", None)
+    with target:
+        ex = tvm.compile(tr.bb.get(), target=target, relax_pipeline=pipeline(target))
+    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(d)).numpy()
+    assert np.array_equal(got, a // d), f"{np.sum(got != a // d)} of {a.size} differ"
 
 
 def test_unsupported_op_is_refused_with_node_and_op():
