@@ -4,7 +4,9 @@
 
 all-MiniLM-L6-v2, batch 8 x seq 128 (real sentences padded to 128 tokens), the machine's
 cores, median of interleaved runs. Rows: ORT FP32; ORT int8 static QDQ S8S8 (ORT's own
-quantize_static, per-channel, MinMax) and dynamic (quantize_dynamic, per-channel); qcompiler's
+quantize_static, per-channel, MinMax: every op it quantizes, and MatMul / Gemm / Conv only,
+bench/accuracy.py's best ORT static configuration for MiniLM) and dynamic (quantize_dynamic,
+per-channel); qcompiler's
 W8A8 QDQ artifact run by ORT; qcompiler's integer-only tvm-llvm artifact. Accuracy: embedding
 cosine vs FP32 PyTorch on 256 held-aside sentences, each row scored on the same inputs.
 """
@@ -21,18 +23,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import ort_static, run_batched, score  # noqa: E402
+from accuracy import ORT_OP_SCOPES, ort_dynamic, ort_static, run_batched, score  # noqa: E402
 from demo import interleaved_medians, pad_to  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def ort_dynamic(fp32_onnx: bytes, workdir: str) -> bytes:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    src, dst = os.path.join(workdir, "fp32.onnx"), os.path.join(workdir, "dyn.onnx")
-    Path(src).write_bytes(fp32_onnx)
-    quantize_dynamic(src, dst, per_channel=True, weight_type=QuantType.QInt8)
-    return Path(dst).read_bytes()
 
 
 def main() -> int:
@@ -55,6 +49,9 @@ def main() -> int:
     runners["ORT int8 static QDQ S8S8 (quantize_static)"] = OnnxRunner(
         ort_static(fp32, calib, 8, 8, "MinMax", work))
     compile_s["ORT static"] = time.perf_counter() - t0
+    # bench/accuracy.py's best ORT static configuration for MiniLM W8A8 (S8S8 MinMax, MatMul/Gemm/Conv only)
+    runners["ORT int8 static QDQ S8S8, MatMul/Gemm/Conv only"] = OnnxRunner(
+        ort_static(fp32, calib, 8, 8, "MinMax", work, op_types=ORT_OP_SCOPES["MatMul/Gemm/Conv"]))
     runners["ORT int8 dynamic (quantize_dynamic)"] = OnnxRunner(ort_dynamic(fp32, work))
     for name, target in (("qcompiler W8A8 QDQ artifact on ORT", "onnx"),
                          ("qcompiler integer-only tvm-llvm artifact", "tvm-llvm")):
@@ -62,6 +59,9 @@ def main() -> int:
         art = qcompiler.compile(g.copy(), calib, config=qcompiler.Config(target=target))
         compile_s[name] = time.perf_counter() - t0
         runners[name] = qcompiler.load(art.save(Path(work) / target)).runner
+    from qcompiler.backends.tvm.build import int8_dot, target_for
+    target = target_for("llvm", None)
+    dot = int8_dot(target)  # the int8 kernels the tvm-llvm artifact uses here: "amx", "vnni" or None (generic)
     out = g.outputs[0].name
     acc = {name: score("cosine", ref, run_batched(lambda f, r=r: r.run(f)[out], ev, 32), None)
            for name, r in runners.items()}
@@ -69,7 +69,8 @@ def main() -> int:
     lat = interleaved_medians({name: (lambda r=r: r.run(bench)) for name, r in runners.items()}, runs=11)
     fastest_int8 = min(v for k, v in lat.items() if k.startswith("ORT int8"))
     print(f"\nall-MiniLM-L6-v2 on {os.cpu_count()} cores ({torch.get_num_threads()} torch threads), batch 8 x seq 128, "
-          f"median of 11 interleaved runs; cosine vs FP32 on {len(ev['input_ids'])} sentences\n")
+          f"median of 11 interleaved runs; cosine vs FP32 on {len(ev['input_ids'])} sentences; tvm-llvm int8 kernels: "
+          f"{dot or 'generic'} ({target.attrs.get('mcpu', '')})\n")
     print(f"| {'variant':<44} | {'cosine mean':>11} | {'cosine min':>10} | {'latency ms':>10} | "
           f"{'vs fastest ORT int8':>19} |")
     print(f"|{'-' * 46}|{'-' * 13}|{'-' * 12}|{'-' * 12}|{'-' * 21}|")
@@ -83,6 +84,7 @@ def main() -> int:
     (RESULTS / "cpu.json").write_text(json.dumps({
         "model": "all-MiniLM-L6-v2", "batch": 8, "seq": 128, "cores": os.cpu_count(),
         "cpu": next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), None),
+        "tvm_int8_dot": dot, "tvm_target": str(target.attrs.get("mcpu", "")),
         "compile_seconds": {k: round(v, 1) for k, v in compile_s.items()}, "rows": rows}, indent=1) + "\n")
     return 0
 

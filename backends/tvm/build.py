@@ -42,6 +42,9 @@ def int8_dot(target) -> str | None:
     """The int8 dot-product instruction the target has that the schedules use (None: plain code)."""
     from tvm.target import codegen
     if target.kind.name == "llvm" and codegen.target_has_features("avx512vnni", target):
+        from .runtime import request_amx_permission
+        if codegen.target_has_features("amx-int8", target) and request_amx_permission():
+            return "amx"  # linears on AMX tiles (amx.py), the rest on VNNI
         return "vnni"
     if target.kind.name == "cuda":
         from .cuda_kernels import supported_arch

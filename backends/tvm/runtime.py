@@ -63,6 +63,23 @@ def load_runtime(artifact_dir: str, libs: tuple[str, ...], tvm_version: str | No
                           f"installed apache-tvm {tvm_version or ''}")
 
 
+_amx: bool | None = None
+
+
+def request_amx_permission() -> bool:
+    """Ask Linux for the AMX tile state for this process (arch_prctl ARCH_REQ_XCOMP_PERM
+    XFEATURE_XTILEDATA; once): the AMX kernels of tvm-llvm artifacts (amx.py) need it before
+    their first tile instruction. Whether it was granted (False on CPUs without AMX)."""
+    global _amx
+    if _amx is None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            _amx = libc.syscall(158, 0x1023, 18) == 0  # SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
+        except (OSError, AttributeError):
+            _amx = False
+    return _amx
+
+
 def aligned_copy(a: np.ndarray, align: int = 64) -> np.ndarray:
     """A C-contiguous copy of `a` whose data pointer is `align`-byte aligned (DLPack import needs it)."""
     a = np.asarray(a)
@@ -95,6 +112,7 @@ class Runner:
             if self.kind == "cuda":
                 self.vm["vm_initialization"](KDL_CUDA, 0, POOLED, KDL_CPU, 0, POOLED)
             else:
+                request_amx_permission()  # a no-op where the CPU has no AMX
                 self.vm["vm_initialization"](KDL_CPU, 0, POOLED)
         except Exception as e:  # a driver or ABI problem: say which file
             raise QCError(f"{path}: cannot start the TVM VM ({type(e).__name__}: {str(e).splitlines()[0][:300]})") \

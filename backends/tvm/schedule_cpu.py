@@ -4,19 +4,24 @@ TVM's generic CPU pipeline leaves every fused kernel as serial, unvectorized loo
 batch 8 x 128 took 9 s). A dlight rule (IntegerCPU) gives each kernel a plain, portable
 schedule; schedules only reorder loops, so results stay bit-identical:
 
-- elementwise blocks: each loop nest fused, split by the vector width, vectorized inside,
-  parallel outside (not inlined into each other: long integer chains such as isqrt's
-  fix-ups would grow into exponentially large expressions);
+- elementwise blocks: a producer that one consumer reads once is inlined into it (no value
+  is copied, so long integer chains such as isqrt's fix-ups, read several times, keep their
+  buffers: inlined, their expression trees would grow exponentially); the innermost loop,
+  where its extent is static, split by the vector width and vectorized, the loops outside it
+  fused and parallel. Fusing the innermost loop with the outer ones as well would put a
+  64-bit division by the symbolic extents (batch, seq) into every vector lane, which LLVM
+  scalarizes (16-34 ns per element on MiniLM). A symbolic innermost loop stays a plain loop,
+  which LLVM's own vectorizer takes where it can;
 - matmul-like reductions (the last spatial axis has a static extent and is not reduced)
   are tiled ROWS x VEC over (rows, columns) with the reduction loop outside the tile, the
   tile accumulated in registers (cache_write "local"), the requantization epilogue computed
   at the tile, columns vectorized, row blocks parallel;
-- other reductions (softmax / LayerNorm row sums): parallel over their leading spatial
-  loops, nothing inlined.
+- other reductions (LayerNorm row sums, norms): parallel over their leading spatial loops.
 
-int8 linears on CPUs with AVX-512 VNNI do not come here: they are backends/tvm/vnni.py's
-hand-written kernels (TVM 0.27.0.post1's tensorize segfaults). Not done yet: vectorized row
-reductions, VNNI for activation x activation matmuls, cache blocking, tuning.
+Where the CPU has AVX-512 VNNI, int8 linears and attention's matmuls do not come here: they
+are vnni.py's (and, with AMX, amx.py's) hand-written kernels (TVM 0.27.0.post1's tensorize
+segfaults), and the softmax is rows_cpu.py's row kernel. Not done: vectorized row reductions
+with a symbolic row length (LayerNorm's), tuning.
 """
 from __future__ import annotations
 

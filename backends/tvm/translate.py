@@ -298,7 +298,7 @@ def _int_linear(tr, n):
             b = b - x_zp * _np(wt).astype(np.int64).sum(1)  # (x - zp) w = x w - zp colsum(w): exact (checked)
             if np.abs(b).max(initial=0) + wt.shape[1] * 128 * 128 < 2**31:
                 return _gemm_sm90(tr, n, req, xv, tr.const(_np(wt), "int8"), b.astype(np.int32), batched=False)
-    if tr.dot == "vnni" and wt.dtype == torch.int8 and tr.dtype_of(xv) in ("int8", "uint8") and \
+    if tr.dot in ("vnni", "amx") and wt.dtype == torch.int8 and tr.dtype_of(xv) in ("int8", "uint8") and \
             wt.shape[0] % 16 == 0 and wt.shape[1] % 4 == 0:
         return _linear_vnni(tr, n, xv, x_zp, wt, bias)
     else:
@@ -364,19 +364,23 @@ def _vnni_requant(tr, n, n_out: int | None, ndim: int):
 
 def _vnni_call(tr, u3, w, k: int | None, n: int | None, out_shape: list, packed: bool = True,
                ep: tuple | None = None, colsum_mult: int = 0):
-    """One call of backends/tvm/vnni.py's kernel for (k, n) (None: symbolic), each kind added to
-    the module once. ep: (the requant node, its epilogue_table, per column) for the kernel's
-    epilogue; the output then has the requant's dtype."""
-    from .vnni import Requant, kernel
+    """One call of backends/tvm/vnni.py's kernel for (k, n) (None: symbolic), or of amx.py's
+    where the target has AMX and the shape fits (packed weights), each kind added to the module
+    once. ep: (the requant node, its epilogue_table, per column) for the kernel's epilogue; the
+    output then has the requant's dtype."""
+    from . import amx, vnni
     req = None
     if ep is not None:
         node, table, per_channel = ep
         _a, _z, _m, _c, out_zp, qmin, qmax, _ax = node.args
-        req = Requant(_dt(I.int_dtype(qmin, qmax)), int(out_zp), int(qmin), int(qmax), per_channel, colsum_mult)
-    key = ("vnni", k, n, packed, req)
+        req = vnni.Requant(_dt(I.int_dtype(qmin, qmax)), int(out_zp), int(qmin), int(qmax), per_channel, colsum_mult)
+    tiles = tr.dot == "amx" and packed and k is not None and n is not None and amx.fits(k, n)
+    key = ("amx" if tiles else "vnni", k, n, packed, req)
     if key not in tr.kernels:
-        name = f"{VNNI_BLOCK}_{k or 'k'}x{n or 'n'}" + ("" if packed else "_act") + ("" if req is None else f"_rq{len(tr.kernels)}")
-        tr.kernels[key] = tr.bb.add_func(kernel(k, n, packed, req).with_attr("global_symbol", name), name)
+        name = (f"qc_amx_dot_{k}x{n}" if tiles else f"{VNNI_BLOCK}_{k or 'k'}x{n or 'n'}" + ("" if packed else "_act")) + \
+            ("" if req is None else f"_rq{len(tr.kernels)}")
+        f = amx.kernel(k, n, req) if tiles else vnni.kernel(k, n, packed, req)
+        tr.kernels[key] = tr.bb.add_func(f.with_attr("global_symbol", name), name)
     args = [u3, w] + ([tr.const(ep[1], "int64")] if ep is not None else [])
     return tr.emit(tr.relax.call_tir(tr.kernels[key], args, tr.relax.TensorType(out_shape, req.out_dtype if req else "int32")))
 
@@ -484,7 +488,7 @@ def _int_matmul(tr, n):
                     else:
                         tr.env[req] = _slice_last(tr, tr.env[req], n_out)
                 return None
-    if tr.dot == "vnni" and b_zp == 0 and tr.dtype_of(tr.arg(b)) == "int8" and tr.dtype_of(tr.arg(a)) in ("int8", "uint8"):
+    if tr.dot in ("vnni", "amx") and b_zp == 0 and tr.dtype_of(tr.arg(b)) == "int8" and tr.dtype_of(tr.arg(a)) in ("int8", "uint8"):
         y = _matmul_vnni(tr, n, a, a_zp, tr.arg(b))
         if y is not False:
             return y
@@ -1136,7 +1140,8 @@ ATEN = {aten.view: _reshape, aten.reshape: _reshape, aten._unsafe_view: _reshape
 
 def to_relax(graph: Graph, dot: str | None = None, kind: str | None = None):
     """The Relax IRModule ("main": inputs in graph order -> tuple of outputs) of an integer graph;
-    dot="vnni": int8 linears and matmuls on backends/tvm/vnni.py's AVX-512 VNNI kernel;
+    dot="vnni": int8 linears and matmuls on backends/tvm/vnni.py's AVX-512 VNNI kernel; "amx":
+    the same, with the linears that fit on amx.py's AMX kernel;
     dot="sm90": on the CUTLASS kernels of cuda_kernels.py; kind="llvm": the softmax as one row
     kernel (rows_cpu.py)."""
     return Translator(graph, dot, kind).build()

@@ -101,19 +101,11 @@ def kernel(k: int | None, n: int | None, packed: bool = True, ep: Requant | None
     edecl = ""
     if ep is not None:
         edecl = f'    e = T.match_buffer(var_e, (4, {nn if ep.per_channel else 1}), "int64")\n'
-        ev = (lambda r: f"e[{r}, T.ramp({col0}, 1, 16)]") if ep.per_channel else (lambda r: f"T.broadcast(e[{r}, 0], 16)")
-        x = f'T.Cast("int64x16", {val}) + {ev(0)}'
-        if colsum:
-            x += f' - T.Cast("int64x16", cs[t, T.ramp(0, 1, 16)]) * T.broadcast(T.int64({ep.colsum_mult}), 16)'
-        # rshift_round: (p + 2^(c-1) - [p < 0]) >> c for c > 0, p for c = 0 (e[3] is 2^(c-1) or 0)
-        val = (f"yv[T.ramp(0, 1, 16)]")
-        eps = (f"pv[T.ramp(0, 1, 16)] = ({x}) * {ev(1)}\n"
-               f"{' ' * 20}yv[T.ramp(0, 1, 16)] = T.Cast(\"{out_dt}x16\", T.max(T.min(T.shift_right(pv[T.ramp(0, 1, 16)] + {ev(3)} - "
-               f"T.Cast(\"int64x16\", pv[T.ramp(0, 1, 16)] < T.broadcast(T.int64(0), 16)) * T.Cast(\"int64x16\", {ev(2)} > "
-               f"T.broadcast(T.int64(0), 16)), {ev(2)}) + T.broadcast(T.int64({ep.out_zp}), 16), "
-               f"T.broadcast(T.int64({ep.qmax}), 16)), T.broadcast(T.int64({ep.qmin}), 16)))\n{' ' * 20}")
+        sub = f' - T.Cast("int64x16", cs[t, T.ramp(0, 1, 16)]) * T.broadcast(T.int64({ep.colsum_mult}), 16)' if colsum else ""
+        eps = f"yv[T.ramp(0, 1, 16)] = {requant16(ep, val, col0, sub)}\n{' ' * 20}"
+        val = "yv[T.ramp(0, 1, 16)]"
     else:
-        eps = ""
+        edecl, eps = "", ""
     lane = "acc[i, t, l]" if ep is None else "yv[l]"
     if n is not None and n % 16 == 0:
         store = f"{eps}c[b, {row}, T.ramp({col0}, 1, 16)] = {val}"
@@ -130,7 +122,6 @@ def kernel(k: int | None, n: int | None, packed: bool = True, ep: Requant | None
                           f"T.uint8(0))) << {8 * e})" for e in range(4))
         word = f"T.if_then_else(ko * 4 + 4 <= k, {word}, {tail})"
     scratch = "" if ep is None else f"""
-            pv = T.alloc_buffer((16,), "int64", scope="global")
             yv = T.alloc_buffer((16,), "{out_dt}", scope="global")"""
     src = f"""
 
@@ -161,6 +152,18 @@ def qc_vnni_dot(var_u: T.handle, var_w: T.handle, {'var_e: T.handle, ' if ep els
     for name, expr in (("jb", f"(jq * {cols} + t)"), ("b", f"(bj // ({nb} // {cols}))"), ("jq", f"(bj % ({nb} // {cols}))")):
         src = re.sub(rf"\b{name}\b", expr, src)
     return tvm.script.from_source(src)
+
+
+def requant16(ep: Requant, acc: str, col0: str, sub: str = "") -> str:
+    """The TVMScript expression of Requant `ep` on 16 int32 lanes `acc` (columns col0 ...),
+    minus `sub` (an int64x16 expression, or ""), reading the kernel's argument e."""
+    ev = (lambda r: f"e[{r}, T.ramp({col0}, 1, 16)]") if ep.per_channel else (lambda r: f"T.broadcast(e[{r}, 0], 16)")
+    c64 = lambda v: f"T.broadcast(T.int64({v}), 16)"
+    p = f'((T.Cast("int64x16", {acc}) + {ev(0)}{sub}) * {ev(1)})'
+    # rshift_round: (p + 2^(c-1) - [p < 0]) >> c for c > 0, p for c = 0 (e[3] is 2^(c-1) or 0)
+    r = (f'T.shift_right({p} + {ev(3)} - T.Cast("int64x16", {p} < {c64(0)}) * T.Cast("int64x16", {ev(2)} > {c64(0)}), '
+         f"{ev(2)})")
+    return f'T.Cast("{ep.out_dtype}x16", T.max(T.min({r} + {c64(ep.out_zp)}, {c64(ep.qmax)}), {c64(ep.qmin)}))'
 
 
 def epilogue_table(offset: np.ndarray, mult: np.ndarray, shift: np.ndarray) -> np.ndarray:

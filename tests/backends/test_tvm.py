@@ -40,11 +40,15 @@ def build(module, example, dynamic="batch", **trace_kw):
     return g, main
 
 
-def _calls(main, part: str) -> bool:
-    """Whether the module has a kernel whose name contains `part` (only where the CPU has VNNI:
-    elsewhere the generic schedules run and this is not asserted)."""
+def _dot() -> str | None:
     from qcompiler.backends.tvm.build import int8_dot, target_for
-    return int8_dot(target_for("llvm", None)) != "vnni" or any(part in k for k in main.kernels)
+    return int8_dot(target_for("llvm", None))
+
+
+def _calls(main, part: str, where=("vnni", "amx")) -> bool:
+    """Whether the module has a kernel whose name contains `part`; True where this CPU's int8
+    dot product (build.int8_dot) is not one of `where` (the generic schedules run there)."""
+    return _dot() not in where or any(part in k for k in main.kernels)
 
 
 def check(g, main, *inputs):
@@ -172,6 +176,28 @@ def test_vnni_linear_with_requant_epilogue(qrange, per_channel):
     x = rng.integers(-128, 128, (5, 3, 24)).astype(np.int8)
     x[0, 0], x[0, 1] = -128, 127
     check(g, main, x)
+
+
+@pytest.mark.parametrize("rows", [5, 64, 77])
+def test_amx_linear_tiles_and_row_tails(rows):
+    """Linears on AMX tiles where the CPU has them (k % 64 == 0, n % 32 == 0): blocks of 32 rows
+    and a zero-padded last block, per-column requant in the epilogue, and the int32 product
+    where the linear's output is used twice (no epilogue)."""
+    rng = np.random.default_rng(9)
+    w = torch.from_numpy(rng.integers(-128, 128, (64, 128)).astype(np.int8))
+    bias = torch.from_numpy(rng.integers(-9000, 9000, 64).astype(np.int32))
+    req = Requant(rng.uniform(1e-4, 0.01, 64), None, in_zp=5, out_zp=-3)
+
+    def fn(s, x, y):
+        ly = qc.int_linear(y, -9, s.w, None)
+        return s.req(qc.int_linear(x, 4, s.w, s.bias)), ly, s.req(ly)
+    m = Ops(fn, w=w, bias=bias)
+    m.req = req
+    g, main = build(m, (torch.zeros(2, 128, dtype=torch.int8), torch.zeros(2, 128, dtype=torch.uint8)))
+    assert _calls(main, "qc_amx_dot_128x64_rq", where=("amx",)), "the linear did not take the AMX kernel"
+    x = rng.integers(-128, 128, (rows, 128)).astype(np.int8)
+    x[0] = 127
+    check(g, main, x, rng.integers(0, 256, (rows, 128)).astype(np.uint8))
 
 
 @pytest.mark.parametrize("seq", [5, 16, 37])
