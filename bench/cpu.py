@@ -1,14 +1,18 @@
 """CPU speed of the integer-only TVM artifact against ONNX Runtime on MiniLM.
 
-    .venv/bin/python bench/cpu.py            (writes bench/results/cpu.json)
+    .venv/bin/python bench/cpu.py [--profile]    (writes bench/results/cpu.json)
 
 all-MiniLM-L6-v2, batch 8 x seq 128 (real sentences padded to 128 tokens), the machine's
 cores, median of interleaved runs. Rows: ORT FP32; ORT int8 static QDQ S8S8 (ORT's own
 quantize_static, per-channel, MinMax: every op it quantizes, and MatMul / Gemm / Conv only,
 bench/accuracy.py's best ORT static configuration for MiniLM) and dynamic (quantize_dynamic,
 per-channel); qcompiler's
-W8A8 QDQ artifact run by ORT; qcompiler's integer-only tvm-llvm artifact. Accuracy: embedding
+W8A8 QDQ artifact run by ORT; qcompiler's integer-only tvm-llvm artifact for this CPU (AMX
+linears where it has AMX) and, on a CPU with AVX-512 VNNI, the same built for icelake-server
+(VNNI kernels only: what a CPU without AMX runs). Accuracy: embedding
 cosine vs FP32 PyTorch on 256 held-aside sentences, each row scored on the same inputs.
+--profile: also time each kernel of the tvm-llvm artifact (TVM's VM instrument around every
+call, 5 runs, kernels grouped by name without their numbers), printed and stored as "profile".
 """
 from __future__ import annotations
 
@@ -29,7 +33,47 @@ from demo import interleaved_medians, pad_to  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+VNNI_MCPU = "icelake-server"
+VNNI_ONLY = f"qcompiler tvm-llvm artifact, VNNI only ({VNNI_MCPU})"
+
+
+def _has_vnni() -> bool:
+    return any("avx512_vnni" in ln for ln in open("/proc/cpuinfo") if ln.startswith("flags"))
+
+
+def profile(artifact_dir: Path, feeds: dict, runs: int = 5) -> list[dict]:
+    """ms per run of each kernel group of a tvm-llvm artifact (VM instrument; needs apache-tvm)."""
+    import re
+    from collections import defaultdict
+
+    import tvm
+    from tvm import relax
+
+    from qcompiler.backends.tvm.runtime import request_amx_permission
+    request_amx_permission()
+    man = json.loads((artifact_dir / "manifest.json").read_text())
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(artifact_dir / "model.so")), tvm.cpu())
+    args = [tvm.runtime.tensor(np.ascontiguousarray(feeds[d["name"]])) for d in man["inputs"]]
+    total, calls, start = defaultdict(float), defaultdict(int), {}
+
+    def instrument(_func, name, before, _ret, *_args):
+        if before:
+            start[name] = time.perf_counter()
+        else:
+            group = re.sub(r"\d+", "", name)
+            total[group] += time.perf_counter() - start[name]
+            calls[group] += 1
+        return 0
+    vm["main"](*args)
+    vm.set_instrument(instrument)
+    for _ in range(runs):
+        vm["main"](*args)
+    return [{"kernel": k, "ms_per_run": round(1000 * v / runs, 3), "calls_per_run": calls[k] // runs}
+            for k, v in sorted(total.items(), key=lambda kv: -kv[1])]
+
+
 def main() -> int:
+    want_profile = "--profile" in sys.argv[1:]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import qcompiler
     from qcompiler.backends.onnx import OnnxRunner, export_onnx
@@ -43,7 +87,7 @@ def main() -> int:
     g = qcompiler.trace(z.module, z.example_inputs, input_names=z.input_names, dynamic=z.dynamic)
     fp32 = export_onnx(g)
     work = tempfile.mkdtemp()
-    runners, compile_s = {}, {}
+    runners, compile_s, dirs = {}, {}, {}
     runners["ORT FP32"] = OnnxRunner(fp32)
     t0 = time.perf_counter()
     runners["ORT int8 static QDQ S8S8 (quantize_static)"] = OnnxRunner(
@@ -54,11 +98,16 @@ def main() -> int:
         ort_static(fp32, calib, 8, 8, "MinMax", work, op_types=ORT_OP_SCOPES["MatMul/Gemm/Conv"]))
     runners["ORT int8 dynamic (quantize_dynamic)"] = OnnxRunner(ort_dynamic(fp32, work))
     for name, target in (("qcompiler W8A8 QDQ artifact on ORT", "onnx"),
-                         ("qcompiler integer-only tvm-llvm artifact", "tvm-llvm")):
+                         ("qcompiler integer-only tvm-llvm artifact", "tvm-llvm"),
+                         # what a CPU with AVX-512 VNNI but no AMX runs (Ice Lake server, AMD Zen 4)
+                         (VNNI_ONLY, f"tvm-llvm:{VNNI_MCPU}")):
+        if target.endswith(VNNI_MCPU) and not _has_vnni():
+            continue
         t0 = time.perf_counter()
         art = qcompiler.compile(g.copy(), calib, config=qcompiler.Config(target=target))
         compile_s[name] = time.perf_counter() - t0
         runners[name] = qcompiler.load(art.save(Path(work) / target)).runner
+        dirs[name] = Path(work) / target
     from qcompiler.backends.tvm.build import int8_dot, target_for
     target = target_for("llvm", None)
     dot = int8_dot(target)  # the int8 kernels the tvm-llvm artifact uses here: "amx", "vnni" or None (generic)
@@ -71,21 +120,29 @@ def main() -> int:
     print(f"\nall-MiniLM-L6-v2 on {os.cpu_count()} cores ({torch.get_num_threads()} torch threads), batch 8 x seq 128, "
           f"median of 11 interleaved runs; cosine vs FP32 on {len(ev['input_ids'])} sentences; tvm-llvm int8 kernels: "
           f"{dot or 'generic'} ({target.attrs.get('mcpu', '')})\n")
-    print(f"| {'variant':<44} | {'cosine mean':>11} | {'cosine min':>10} | {'latency ms':>10} | "
+    w = max(len(name) for name in runners)
+    print(f"| {'variant':<{w}} | {'cosine mean':>11} | {'cosine min':>10} | {'latency ms':>10} | "
           f"{'vs fastest ORT int8':>19} |")
-    print(f"|{'-' * 46}|{'-' * 13}|{'-' * 12}|{'-' * 12}|{'-' * 21}|")
+    print(f"|{'-' * (w + 2)}|{'-' * 13}|{'-' * 12}|{'-' * 12}|{'-' * 21}|")
     rows = []
     for name in runners:
         a, ms = acc[name], lat[name]
-        print(f"| {name:<44} | {a['cosine_mean']:>11.4f} | {a['cosine_min']:>10.4f} | {ms:>10.1f} | "
+        print(f"| {name:<{w}} | {a['cosine_mean']:>11.4f} | {a['cosine_min']:>10.4f} | {ms:>10.1f} | "
               f"{fastest_int8 / ms:>18.2f}x |")
         rows.append({"variant": name, **a, "latency_ms": round(ms, 2), "speed_vs_fastest_ort_int8": fastest_int8 / ms})
+    prof = None
+    if want_profile:
+        prof = profile(dirs["qcompiler integer-only tvm-llvm artifact"], bench)
+        print(f"\nkernels of the tvm-llvm artifact, ms per run (VM instrument, sum {sum(p['ms_per_run'] for p in prof):.1f}):")
+        for p in prof[:20]:
+            print(f"  {p['ms_per_run']:8.2f}  x{p['calls_per_run']:<4d} {p['kernel']}")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "cpu.json").write_text(json.dumps({
         "model": "all-MiniLM-L6-v2", "batch": 8, "seq": 128, "cores": os.cpu_count(),
         "cpu": next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), None),
         "tvm_int8_dot": dot, "tvm_target": str(target.attrs.get("mcpu", "")),
-        "compile_seconds": {k: round(v, 1) for k, v in compile_s.items()}, "rows": rows}, indent=1) + "\n")
+        "compile_seconds": {k: round(v, 1) for k, v in compile_s.items()}, "rows": rows,
+        **({"profile": prof} if prof else {})}, indent=1) + "\n")
     return 0
 
 

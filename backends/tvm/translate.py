@@ -301,11 +301,10 @@ def _int_linear(tr, n):
     if tr.dot in ("vnni", "amx") and wt.dtype == torch.int8 and tr.dtype_of(xv) in ("int8", "uint8") and \
             wt.shape[0] % 16 == 0 and wt.shape[1] % 4 == 0:
         return _linear_vnni(tr, n, xv, x_zp, wt, bias)
-    else:
-        xv = _mm_operand(tr, xv, x_zp)
-        wv = tr.const(_np(wt), _dt(wt.dtype))
-        xv, wv = _same_dtype(tr, xv, wv)
-        y = tr.emit(tr.R.linear(xv, wv, None, out_dtype="int32"))
+    xv = _mm_operand(tr, xv, x_zp)
+    wv = tr.const(_np(wt), _dt(wt.dtype))
+    xv, wv = _same_dtype(tr, xv, wv)
+    y = tr.emit(tr.R.linear(xv, wv, None, out_dtype="int32"))
     if bias is not None:
         y = tr.emit(tr.R.add(y, tr.value(bias, "int32")))
     return y
@@ -318,8 +317,7 @@ def _linear_vnni(tr, n, xv, x_zp: int, wt: torch.Tensor, bias):
     requant after it (_vnni_requant) in the kernel's epilogue: binds that node, returns None."""
     n_out, k_in = wt.shape
     off = 128 if tr.dtype_of(xv) == "int8" else 0
-    if off:
-        xv = tr.emit(tr.R.astype(tr.R.add(tr.R.astype(xv, "int16"), tr.const(128, "int16")), "uint8"))
+    xv = _as_uint8(tr, xv, off)
     packed = _np(wt).reshape(1, n_out // 16, 16, k_in // 4, 4).transpose(0, 1, 3, 2, 4).reshape(
         1, n_out // 16, k_in // 4, 64).copy()
     lead = tr.shape_of(xv)[:-1]
@@ -329,10 +327,7 @@ def _linear_vnni(tr, n, xv, x_zp: int, wt: torch.Tensor, bias):
     b = np.zeros(n_out, np.int64) if bias is None else _np(tr.tensor_const(bias)).astype(np.int64).reshape(-1)
     req = _vnni_requant(tr, n, n_out, len(lead) + 1)
     if req is not None and np.abs(b - corr).max(initial=0) < 2**31:
-        from .vnni import epilogue_table
-        _acc, in_zp, mult, shift = req.args[:4]
-        e = epilogue_table(b - corr - in_zp, _np(tr.tensor_const(mult)), _np(tr.tensor_const(shift)))
-        y = _vnni_call(tr, u3, tr.const(packed, "int8"), k_in, n_out, [1, rows, n_out], ep=(req, e, True))
+        y = _vnni_call(tr, u3, tr.const(packed, "int8"), k_in, n_out, [1, rows, n_out], req=req, offset=b - corr)
         tr.env[req] = tr.emit(tr.R.reshape(y, [*lead, n_out]))
         return None
     y = _vnni_call(tr, u3, tr.const(packed, "int8"), k_in, n_out, [1, rows, n_out])
@@ -363,26 +358,36 @@ def _vnni_requant(tr, n, n_out: int | None, ndim: int):
 
 
 def _vnni_call(tr, u3, w, k: int | None, n: int | None, out_shape: list, packed: bool = True,
-               ep: tuple | None = None, colsum_mult: int = 0):
+               req=None, offset: np.ndarray | None = None, colsum_mult: int = 0):
     """One call of backends/tvm/vnni.py's kernel for (k, n) (None: symbolic), or of amx.py's
     where the target has AMX and the shape fits (packed weights), each kind added to the module
-    once. ep: (the requant node, its epilogue_table, per column) for the kernel's epilogue; the
-    output then has the requant's dtype."""
+    once. req: the requant node the kernel's epilogue computes, on the product plus `offset`
+    (per column, or one value) minus colsum_mult * sum_k w[k, j]; the output then has the
+    requant's dtype, else it is the int32 product."""
     from . import amx, vnni
-    req = None
-    if ep is not None:
-        node, table, per_channel = ep
-        _a, _z, _m, _c, out_zp, qmin, qmax, _ax = node.args
-        req = vnni.Requant(_dt(I.int_dtype(qmin, qmax)), int(out_zp), int(qmin), int(qmax), per_channel, colsum_mult)
+    args = [u3, w]
+    rq = None
+    if req is not None:
+        _acc, in_zp, mult, shift, out_zp, qmin, qmax, _axis = req.args
+        table = vnni.epilogue_table(offset - in_zp, _np(tr.tensor_const(mult)), _np(tr.tensor_const(shift)))
+        rq = vnni.Requant(_dt(I.int_dtype(qmin, qmax)), int(out_zp), int(qmin), int(qmax), table.shape[1] > 1,
+                          colsum_mult)
+        args.append(tr.const(table, "int64"))
     tiles = tr.dot == "amx" and packed and k is not None and n is not None and amx.fits(k, n)
-    key = ("amx" if tiles else "vnni", k, n, packed, req)
+    key = ("amx" if tiles else "vnni", k, n, packed, rq)
     if key not in tr.kernels:
         name = (f"qc_amx_dot_{k}x{n}" if tiles else f"{VNNI_BLOCK}_{k or 'k'}x{n or 'n'}" + ("" if packed else "_act")) + \
-            ("" if req is None else f"_rq{len(tr.kernels)}")
-        f = amx.kernel(k, n, req) if tiles else vnni.kernel(k, n, packed, req)
+            ("" if rq is None else f"_rq{len(tr.kernels)}")
+        f = amx.kernel(k, n, rq) if tiles else vnni.kernel(k, n, packed, rq)
         tr.kernels[key] = tr.bb.add_func(f.with_attr("global_symbol", name), name)
-    args = [u3, w] + ([tr.const(ep[1], "int64")] if ep is not None else [])
-    return tr.emit(tr.relax.call_tir(tr.kernels[key], args, tr.relax.TensorType(out_shape, req.out_dtype if req else "int32")))
+    return tr.emit(tr.relax.call_tir(tr.kernels[key], args, tr.relax.TensorType(out_shape, rq.out_dtype if rq else "int32")))
+
+
+def _as_uint8(tr, v, off: int):
+    """v + off as uint8 (off = 128 for int8 values, 0 for values already in uint8's range)."""
+    if off:
+        v = tr.emit(tr.R.add(tr.R.astype(v, "int16"), tr.const(off, "int16")))
+    return tr.cast(v, "uint8")
 
 
 def _matmul_vnni(tr, node, a, a_zp: int, bv):
@@ -403,17 +408,11 @@ def _matmul_vnni(tr, node, a, a_zp: int, bv):
         ks = None
     off = 128 if tr.dtype_of(av) == "int8" and not _nonnegative(a) else 0
     bt = math.prod(lead) if lead else 1
-    if off:
-        av = tr.emit(tr.R.astype(tr.R.add(tr.R.astype(av, "int16"), tr.const(off, "int16")), "uint8"))
-    u3 = tr.emit(tr.R.reshape(tr.cast(av, "uint8"), [bt, m, k]))
+    u3 = tr.emit(tr.R.reshape(_as_uint8(tr, av, off), [bt, m, k]))
     b3 = tr.emit(tr.R.reshape(bv, [bt, k, n]))
     req = _vnni_requant(tr, node, ns, len(sa))
     if req is not None:
-        from .vnni import epilogue_table
-        _acc, in_zp, mult, shift = req.args[:4]
-        mult, shift = _np(tr.tensor_const(mult)), _np(tr.tensor_const(shift))
-        e = epilogue_table(np.full(1, -in_zp), mult, shift)
-        y = _vnni_call(tr, u3, b3, ks, ns, [bt, m, n], packed=False, ep=(req, e, e.shape[1] > 1),
+        y = _vnni_call(tr, u3, b3, ks, ns, [bt, m, n], packed=False, req=req, offset=np.zeros(1, np.int64),
                        colsum_mult=off + a_zp)
         tr.env[req] = tr.emit(tr.R.reshape(y, [*lead, m, n]))
         return None
