@@ -3,7 +3,8 @@ C[b, r, j] = sum_k u[b, r, k] w[b, k, j] with u uint8 and w int8 packed as [B, c
 ceil(K/4), 16, 4] (zeros past the edges), one vpdpbusd per 16 columns x 4 k. Linears pass
 their weights packed, as a constant; attention's activation x activation matmuls pass the
 right operand as it is, and the kernel packs each column panel before using it. With an
-epilogue the kernel also requantizes (Requant) the int32 tile in registers and writes int8.
+epilogue the kernel also requantizes (Requant) the int32 tile in registers and writes the
+requant's dtype.
 
 Written by hand because TVM 0.27.0.post1's `tensorize` segfaults (with its own VNNI
 intrinsic, on the canonical packed-layout example). vpdpbusd adds the four u8 x s8 products
