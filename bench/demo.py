@@ -1,11 +1,13 @@
-"""`make demo`: compile the real MiniLM sentence encoder to a W8A8 artifact with the CLI, run
-the artifact, and compare it with FP32: embedding cosine on held-aside real sentences,
-size, and latency (batch 8 x seq 128, interleaved runs, medians).
+"""`make demo`: compile the real MiniLM sentence encoder to W8A8 artifacts with the CLI (QDQ ONNX
+for ONNX Runtime, and, where apache-tvm is installed, the integer-only graph as a tvm-llvm
+library), run them, and compare them with FP32: embedding cosine on held-aside real
+sentences, size, and latency (batch 8 x seq 128, interleaved runs, medians).
 
 Writes bench/results/demo.json.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import statistics
@@ -18,6 +20,7 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+TVM_ROW = "W8A8 integer-only, tvm-llvm"
 OUT = ROOT / "out" / "demo"
 RESULTS = ROOT / "bench" / "results"
 
@@ -61,9 +64,11 @@ def main() -> int:
         "W8A8 artifact, int8 sym act": [],  # the default: TensorRT's explicit-quantization convention
         "W8A8 artifact, uint8 asym act": ["--a-asym"],
     }
+    if importlib.util.find_spec("tvm") is not None:  # `make install` installs it (the [tvm] extra)
+        variants[TVM_ROW] = ["--target", "tvm-llvm"]  # the integer-only graph, compiled by TVM for this CPU
     results, models, compile_s = {}, {}, {}
     for name, flags in variants.items():
-        art_dir = OUT / ("minilm-w8a8" + "".join(f.replace("--", "-") for f in flags))
+        art_dir = OUT / ("minilm-w8a8" + "".join("-" + f.removeprefix("--") for f in flags))
         cmd = [str(Path(sys.executable).with_name("qcompiler")), "compile", "zoo:minilm", "--calib", str(calib_path),
                "-o", str(art_dir), "--force", *flags]
         print("$ " + " ".join(os.path.relpath(c, ROOT) if c.startswith(str(ROOT)) else c for c in cmd), flush=True)
@@ -73,7 +78,8 @@ def main() -> int:
         models[name] = model = qcompiler.load(art_dir)
         got = model(ev)[model.outputs[0].name]
         sc = score("cosine", ref, got, None)  # cosine vs FP32 and nearest-neighbour agreement
-        results[name] = (sc["cosine_mean"], sc["cosine_min"], sc["nn_agree"], (art_dir / "model.onnx").stat().st_size)
+        main_file = art_dir / ("model.so" if "tvm-llvm" in flags else "model.onnx")  # constants included
+        results[name] = (sc["cosine_mean"], sc["cosine_min"], sc["nn_agree"], main_file.stat().st_size)
 
     fp32_bytes = sum(p.numel() * 4 for p in z.module.state_dict().values() if p.dtype == torch.float32)
     # FP32 in ONNX Runtime, exported by the same backend from the same float graph
@@ -93,7 +99,8 @@ def main() -> int:
         *[(name, *results[name], lat[name]) for name in variants],
     ]
     print(f"\nall-MiniLM-L6-v2, {len(ev['input_ids'])} held-aside real sentences; latency: batch 8 x seq 128, "
-          f"{torch.get_num_threads()} threads, median of 15 interleaved runs; artifacts run by ONNX Runtime; "
+          f"{torch.get_num_threads()} threads, median of 15 interleaved runs; artifacts run by ONNX Runtime"
+          f"{', the tvm-llvm one by the TVM runtime' if TVM_ROW in variants else ''}; "
           f"compile took {max(compile_s.values()):.0f} s\n")
     print(f"| {'variant':<30} | {'cosine mean':>11} | {'cosine min':>10} | {'NN agree':>8} | {'size MB':>7} | {'latency ms':>10} |")
     print(f"|{'-' * 32}|{'-' * 13}|{'-' * 12}|{'-' * 10}|{'-' * 9}|{'-' * 12}|")
