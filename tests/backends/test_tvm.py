@@ -22,15 +22,16 @@ qc = torch.ops.qc
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
-def build(module, example, dynamic="batch", **trace_kw):
-    """(reference graph, tvm VM main) for a module calling qc:: ops on its buffers."""
+def build(module, example, dynamic="batch", mcpu=None, **trace_kw):
+    """(reference graph, tvm VM main) for a module calling qc:: ops on its buffers (on this CPU,
+    or for LLVM cpu `mcpu`)."""
     from tvm import relax
 
     from qcompiler.backends.tvm.build import int8_dot, target_for
     from qcompiler.backends.tvm.pipeline import pipeline
     from qcompiler.backends.tvm.translate import to_relax
     g = qcompiler.trace(module, example, dynamic=dynamic, **trace_kw)
-    target = target_for("llvm", None)
+    target = target_for("llvm", mcpu)
     with target:
         mod = to_relax(g, dot=int8_dot(target), kind="llvm")
         ex = tvm.compile(mod, target=target, relax_pipeline=pipeline(target))
@@ -228,6 +229,31 @@ def test_vnni_attention_matmuls_symbolic_shapes(seq):
     q[0, 0, 0] = -128
     check(g, main, q, rng.integers(-128, 128, (3, 3, 32, seq)).astype(np.int8),
           rng.integers(-128, 128, (3, 3, seq, 32)).astype(np.int8), rng.integers(0, 256, (3, 3, seq, seq)).astype(np.uint8))
+
+
+def test_portable_target_generic_kernels():
+    """tvm-llvm:x86-64 (no VNNI, no AMX: the generic schedules of schedule_cpu.py) on the
+    attention block's integer ops, at a symbolic sequence length with tails."""
+    rng = np.random.default_rng(10)
+    w = torch.from_numpy(rng.integers(-128, 128, (48, 32)).astype(np.int8))
+    table = I.exp_table(0.05, 65536)
+    consts = {k: torch.tensor([v]) for k, v in (("m", 3), ("c", 13))}
+
+    def fn(s, q, kt, mask):
+        sc = qc.requant(qc.int_matmul(q, 0, kt, 0), 2, s.m, s.c, 0, -32768, 32767, -1)
+        p = qc.int_softmax(sc, mask, s.table, -1, 1 << 30, 23, 0, -128, 127)
+        return p, s.req(qc.int_linear(q, 3, s.w, None))
+    m = Ops(fn, w=w, table=table, **consts)
+    m.req = Requant(0.004, None, out_zp=1)
+    dyn = {"q": {0: "batch", 2: "seq"}, "kt": {0: "batch", 3: "seq"}, "mask": {0: "batch", 3: "seq"}}
+    ex = (torch.zeros(2, 3, 6, 32, dtype=torch.int8), torch.zeros(2, 3, 32, 6, dtype=torch.int8),
+          torch.ones(2, 1, 1, 6, dtype=torch.bool))
+    g, main = build(m, ex, dynamic=dyn, mcpu="x86-64", input_names=["q", "kt", "mask"])
+    assert not any("vnni" in k or "amx" in k for k in main.kernels)
+    mask = rng.random((3, 1, 1, 19)) > 0.2
+    mask[0] = False  # a fully masked row gives out_zp
+    check(g, main, rng.integers(-128, 128, (3, 3, 19, 32)).astype(np.int8),
+          rng.integers(-128, 128, (3, 3, 32, 19)).astype(np.int8), mask)
 
 
 def test_int_add_lut_sum_mul_div():
