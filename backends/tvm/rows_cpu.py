@@ -16,6 +16,7 @@ from __future__ import annotations
 
 I64_MIN_HALF = -(1 << 62)
 LANES = 16
+MAX, SUM = LANES, LANES + 1  # where the row's max and sum sit in the scratch, after the lanes
 CHUNK = 32  # rows per parallel task (its scratch allocated once; no named scalars in the loops:
             # TVM 0.27 lowers a named scalar assigned inside a loop to a workspace allocation)
 
@@ -54,12 +55,12 @@ def softmax(x_dtype: str, masked: bool, top: int, tab_dtype: str, mult: int, shi
         xv = v.cast("int64", v.at("x", row))
         xm = f"T.Select({valid}, {xv}, {v.c(I64_MIN_HALF)})" if masked else xv
         # the index clamped below too: a masked entry may exceed the row's max (its load is unused)
-        idx = f"T.max(T.min({v.s('acc[16]')} - {xv}, {v.c(top)}), {v.c(0)})"
+        idx = f"T.max(T.min({v.s(f'acc[{MAX}]')} - {xv}, {v.c(top)}), {v.c(0)})"
         ex = f"tab[{idx}]"
         e = f"T.Select({valid}, {ex}, {v.c(0, tab_dtype)})" if masked else ex
         # pass 3 reads the row's exponentials back from es
         es = "es[j]" if v.n == 1 else f"es[T.ramp(jv * {v.n}, 1, {v.n})]"
-        num, den = f"({v.cast('int64', es)} * {v.c(mult)})", v.s("T.max(acc[17], T.int64(1))")
+        num, den = f"({v.cast('int64', es)} * {v.c(mult)})", v.s(f"T.max(acc[{SUM}], T.int64(1))")
         if exact_div:  # as translate._floordiv_small_quotient, with the row's reciprocal 1 / fl(d)
             q0 = v.cast("int64", f"T.floor({v.cast('float64', num)} * {v.s('rc[0]')})")
             q1 = f"({q0} - {v.cast('int64', f'{q0} * {den} > {num}')})"
@@ -84,29 +85,29 @@ def qc_softmax_rows(var_x: T.handle, {"var_m: T.handle, " if masked else ""}var_
 {mdecl}    tab = T.match_buffer(var_t, ({top + 1},), "{tab_dtype}")
     y = T.match_buffer(var_y, (rows, n), "{out_dtype}")
     for c in T.parallel((rows + {CHUNK - 1}) // {CHUNK}):
-        acc = T.alloc_buffer(({LANES + 2},), "int64", scope="global")  # lanes, then max and sum
+        acc = T.alloc_buffer(({LANES + 2},), "int64", scope="global")  # lanes, then the max and the sum
         rc = T.alloc_buffer((1,), "float64", scope="global")  # 1 / the row sum
         es = T.alloc_buffer((n,), "{tab_dtype}", scope="global")  # the row's exponentials
         for rr in range(T.min({CHUNK}, rows - c * {CHUNK})):
             acc[T.ramp(0, 1, {LANES})] = T.broadcast(T.int64({I64_MIN_HALF}), {LANES})
             for jv in range(n // {LANES}):
                 acc[T.ramp(0, 1, {LANES})] = T.max(acc[T.ramp(0, 1, {LANES})], {vm})
-            acc[16] = T.int64({I64_MIN_HALF})
+            acc[{MAX}] = T.int64({I64_MIN_HALF})
             for l in range({LANES}):
-                acc[16] = T.max(acc[16], acc[l])
+                acc[{MAX}] = T.max(acc[{MAX}], acc[l])
             for j in range(n // {LANES} * {LANES}, n):
-                acc[16] = T.max(acc[16], {sm_})
+                acc[{MAX}] = T.max(acc[{MAX}], {sm_})
             acc[T.ramp(0, 1, {LANES})] = T.broadcast(T.int64(0), {LANES})
             for jv in range(n // {LANES}):
                 {ves} = {ve}
                 acc[T.ramp(0, 1, {LANES})] = acc[T.ramp(0, 1, {LANES})] + T.Cast("int64x{LANES}", {ves})
-            acc[17] = T.int64(0)
+            acc[{SUM}] = T.int64(0)
             for l in range({LANES}):
-                acc[17] = acc[17] + acc[l]
+                acc[{SUM}] = acc[{SUM}] + acc[l]
             for j in range(n // {LANES} * {LANES}, n):
                 {ses} = {se}
-                acc[17] = acc[17] + T.Cast("int64", {ses})
-            rc[0] = T.float64(1) / T.Cast("float64", T.max(acc[17], T.int64(1)))
+                acc[{SUM}] = acc[{SUM}] + T.Cast("int64", {ses})
+            rc[0] = T.float64(1) / T.Cast("float64", T.max(acc[{SUM}], T.int64(1)))
             for jv in range(n // {LANES}):
                 y[c * {CHUNK} + rr, T.ramp(jv * {LANES}, 1, {LANES})] = {vo}
             for j in range(n // {LANES} * {LANES}, n):

@@ -667,8 +667,7 @@ def _int_softmax(tr, n):
     s = tr.emit(R.sum(e, axis=[dim], keepdims=True))
 
     def out_(el, ev, sv):
-        # e <= sum e (every e >= 0), so the quotient is at most mult
-        div = _floordiv_small_quotient if 0 <= mult < 2**49 else tirx.floordiv
+        div = _floordiv_small_quotient if _softmax_div_fits(mult, tab) else tirx.floordiv
         t = div(ev * c(mult), tirx.max(sv, c(1)))
         return _saturate(_rshift_round(t, shift) + c(out_zp), qmin, qmax)
     return tr.elementwise("softmax_out", [e, s], out_, _dt(I.int_dtype(qmin, qmax)))
@@ -701,7 +700,7 @@ def _softmax_rows_cpu(tr, xv, mask, tab: torch.Tensor, mult: int, shift: int, ou
     if key not in tr.kernels:
         name = f"qc_softmax_rows{len(tr.kernels)}"
         f = softmax(tr.dtype_of(xv), mask is not None, int(tab.numel()) - 1, tab_dt, int(mult), int(shift), int(out_zp),
-                    int(qmin), int(qmax), out_dt, 0 <= mult < 2**49)
+                    int(qmin), int(qmax), out_dt, _softmax_div_fits(mult, tab))
         tr.kernels[key] = tr.bb.add_func(f.with_attr("global_symbol", name), name)
     args.append(tr.const(_np(tab).astype(tab_dt), tab_dt))
     y = tr.emit(tr.relax.call_tir(tr.kernels[key], args, tr.relax.TensorType([rows, n], out_dt)))
@@ -737,6 +736,12 @@ def _rshift_round(p, c):
     pos = tirx.Cast("int64", c > _c(0))
     half = tirx.shift_left(pos, tirx.max(c - _c(1), _c(0)))
     return tirx.shift_right(p + half - neg * pos, c)
+
+
+def _softmax_div_fits(mult: int, tab: torch.Tensor) -> bool:
+    """Whether the softmax's floor(e * mult / S) may use _floordiv_small_quotient: e <= S (every
+    e >= 0), so the quotient is at most mult (< 2^49), and e * mult stays far inside int64."""
+    return 0 <= mult < 2**49 and mult * max(int(tab.max()), 1) < 2**62
 
 
 def _floordiv_small_quotient(a, d):
