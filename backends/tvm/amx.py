@@ -8,14 +8,16 @@ Each parallel task is a 32-column panel (its packed weights stay in L1/L2): for 
 32 rows, four C tiles (2 x 2 of 16 x 16 int32) accumulate over k in steps of 64 (two A tiles
 of 16 rows x 64 bytes, two B tiles), are stored to a 32 x 32 scratch and requantized from
 there 16 lanes at a time. A last partial block of rows is copied to a zero-padded scratch
-first (tile loads read 16 whole rows). Needs k % 64 == 0 and n % 32 == 0.
+first (tile loads read 16 whole rows). Needs k % 64 == 0 and n % 32 == 0. (Measured and not
+kept: row blocks as the outer task order, and software prefetch of the next block's rows;
+both slower.)
 
 AMX state needs the kernel's permission (arch_prctl ARCH_REQ_XCOMP_PERM, once per process:
-request_permission) and a tile configuration per thread (ldtilecfg at the start of each task).
+runtime.request_amx_permission) and a tile configuration per thread (ldtilecfg at the start
+of each task).
 """
 from __future__ import annotations
 
-from .runtime import request_amx_permission as request_permission  # noqa: F401  (re-exported)
 from .vnni import Requant, requant16
 
 
