@@ -72,12 +72,13 @@ def _exact_float_cuda_compile():
 
 
 def compile_so(graph, kind: str, option: str | None, out_path: str) -> dict:
-    """Translate, compile and export; returns build facts for the manifest."""
+    """Translate, compile and export; returns the build facts (the artifact's build.json)."""
     tvm = _tvm()
     from .pipeline import pipeline
     from .translate import to_relax
     target = target_for(kind, option)
-    mod = to_relax(graph, dot=int8_dot(target), kind=kind)
+    dot = int8_dot(target)
+    mod = to_relax(graph, dot=dot, kind=kind)
     extern = sorted({str(c.args[0].global_symbol) for f in mod.functions.values() if isinstance(f, tvm.relax.Function)
                      for c in _calls(f) if isinstance(c.args[0], tvm.relax.ExternFunc)})
     if kind == "cuda" and tvm.get_global_func("ffi.Module.create.cuda", allow_missing=True) is None:
@@ -89,7 +90,7 @@ def compile_so(graph, kind: str, option: str | None, out_path: str) -> dict:
         ex = tvm.compile(mod, target=target, relax_pipeline=pipeline(target))
         ex.export_library(out_path)
     return {"target": str(target.export() if hasattr(target, "export") else target), "tvm": tvm.__version__,
-            "kernels": extern}
+            "int8_dot": dot, "kernels": extern}
 
 
 def _calls(f):
@@ -156,8 +157,9 @@ def build(graph, kind: str, option: str | None) -> dict[str, bytes]:
                 raise QCError("tvm-cuda build failed: " + " | ".join(tail)[:1500])
         with open(so, "rb") as f:
             files = {"model.so": f.read()}
-        with open(facts) as f:
-            used = json.load(f)["kernels"]
+        with open(facts, "rb") as f:
+            files["build.json"] = f.read()  # the Runner checks that this machine can run the int8 kernels
+        used = json.loads(files["build.json"])["kernels"]
     if any(k.startswith("qc.cuda.") for k in used):
         from .cuda_kernels import build_library
         with open(build_library(option or "sm_90"), "rb") as f:

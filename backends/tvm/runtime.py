@@ -80,6 +80,23 @@ def request_amx_permission() -> bool:
     return _amx
 
 
+def _check_int8_kernels(artifact_dir: str) -> None:
+    """An artifact whose linears run on AMX tiles (build.json's int8_dot) needs the tile state:
+    requested here, and a clear error where it is refused (a CPU without AMX, or a sandbox that
+    blocks arch_prctl) instead of the illegal-instruction signal of the first tile load."""
+    import json
+    path = os.path.join(artifact_dir, "build.json")
+    if not os.path.isfile(path):  # artifacts from before build.json: ask anyway (a no-op without AMX)
+        request_amx_permission()
+        return
+    with open(path) as f:
+        facts = json.load(f)
+    if facts.get("int8_dot") == "amx" and not request_amx_permission():
+        raise QCError(f"{artifact_dir}: its int8 linears run on AMX tiles ({facts.get('target', '?')}), which this "
+                      "process may not use (a CPU without AMX-INT8, or arch_prctl refused); rebuild it for this "
+                      "machine (--target tvm-llvm) or for a CPU without AMX (e.g. --target tvm-llvm:icelake-server)")
+
+
 def aligned_copy(a: np.ndarray, align: int = 64) -> np.ndarray:
     """A C-contiguous copy of `a` whose data pointer is `align`-byte aligned (DLPack import needs it)."""
     a = np.asarray(a)
@@ -103,6 +120,8 @@ class Runner:
                 _loaded.setdefault(kernels, ctypes.CDLL(kernels, mode=ctypes.RTLD_GLOBAL))
             except OSError as e:
                 raise QCError(f"cannot load the kernel library {kernels}: {e}") from None
+        if self.kind == "llvm":
+            _check_int8_kernels(artifact_dir)
         import tvm_ffi
         self.ffi = tvm_ffi
         path = os.path.join(artifact_dir, "model.so")
@@ -112,7 +131,6 @@ class Runner:
             if self.kind == "cuda":
                 self.vm["vm_initialization"](KDL_CUDA, 0, POOLED, KDL_CPU, 0, POOLED)
             else:
-                request_amx_permission()  # a no-op where the CPU has no AMX
                 self.vm["vm_initialization"](KDL_CPU, 0, POOLED)
         except Exception as e:  # a driver or ABI problem: say which file
             raise QCError(f"{path}: cannot start the TVM VM ({type(e).__name__}: {str(e).splitlines()[0][:300]})") \

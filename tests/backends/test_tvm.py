@@ -409,6 +409,27 @@ def test_artifact_runs_without_tvm(small_cnn, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
 
 
+def test_amx_artifact_refused_where_tiles_are_not_allowed(tmp_path, monkeypatch):
+    """An artifact built with AMX linears says so (build.json); where the process may not use
+    AMX tiles, loading it is a clear error, not the illegal-instruction signal of a tile load."""
+    import json
+
+    from qcompiler.backends.tvm import runtime
+    module = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 32))
+    calib = {"x": torch.randn(16, 128).numpy()}
+    art = qcompiler.compile(qcompiler.trace(module, (torch.randn(4, 128),), input_names=["x"]), calib,
+                            config=qcompiler.Config(target="tvm-llvm"))
+    facts = json.loads(art.files["build.json"])
+    assert facts["int8_dot"] == _dot()
+    path = art.save(tmp_path / "art")
+    qcompiler.load(path)(calib["x"][:2])
+    if facts["int8_dot"] != "amx":
+        pytest.skip("this CPU has no AMX: the artifact uses no tiles")
+    monkeypatch.setattr(runtime, "_amx", False)
+    with pytest.raises(QCError, match="AMX tiles"):
+        qcompiler.load(path)
+
+
 def test_unknown_tvm_target_is_refused():
     for bad in ("tvm-vulkan", "onnx:sm_90"):
         with pytest.raises(QCError, match="unknown target"):
