@@ -294,7 +294,7 @@ def _int_linear(tr, n):
     if tr.dot == "sm90":
         req = _gemm_requant(tr, n, xv, x_zp, wt.shape[0], wt.shape[1], wt.dtype)
         if req is not None:
-            b = np.zeros(wt.shape[0], np.int64) if bias is None else _np(tr.tensor_const(bias)).astype(np.int64)
+            b = _bias64(tr, bias, wt.shape[0])
             b = b - x_zp * _np(wt).astype(np.int64).sum(1)  # (x - zp) w = x w - zp colsum(w): exact (checked)
             if np.abs(b).max(initial=0) + wt.shape[1] * 128 * 128 < 2**31:
                 return _gemm_sm90(tr, n, req, xv, tr.const(_np(wt), "int8"), b.astype(np.int32), batched=False)
@@ -324,7 +324,7 @@ def _linear_vnni(tr, n, xv, x_zp: int, wt: torch.Tensor, bias):
     rows = math.prod(lead)
     u3 = tr.emit(tr.R.reshape(xv, [1, rows, k_in]))
     corr = (off + x_zp) * _np(wt).astype(np.int64).sum(1)
-    b = np.zeros(n_out, np.int64) if bias is None else _np(tr.tensor_const(bias)).astype(np.int64).reshape(-1)
+    b = _bias64(tr, bias, n_out)
     req = _vnni_requant(tr, n, n_out, len(lead) + 1)
     if req is not None and np.abs(b - corr).max(initial=0) < 2**31:
         y = _vnni_call(tr, u3, tr.const(packed, "int8"), k_in, n_out, [1, rows, n_out], req=req, offset=b - corr)
@@ -337,6 +337,11 @@ def _linear_vnni(tr, n, xv, x_zp: int, wt: torch.Tensor, bias):
     if bias is not None:
         y = tr.emit(tr.R.add(y, tr.value(bias, "int32")))
     return y
+
+
+def _bias64(tr, bias, n_out: int) -> np.ndarray:
+    """A linear's bias as int64 [n_out] (zeros without one)."""
+    return np.zeros(n_out, np.int64) if bias is None else _np(tr.tensor_const(bias)).astype(np.int64).reshape(-1)
 
 
 def _vnni_requant(tr, n, n_out: int | None, ndim: int):
@@ -396,12 +401,9 @@ def _matmul_vnni(tr, node, a, a_zp: int, bv):
     be negative, as a softmax's output, else a + 128), b packed by the kernel panel by panel
     (zeros past its edges add nothing), then minus (128 + a_zp) * sum_k b[k, j] where that is
     not 0. With the requant after it in the kernel (per tensor, or per column where n is static):
-    binds that node and returns None. False where the leading dims differ (broadcasting)."""
-    import tvm_ffi
+    binds that node and returns None. The leading dims must be equal (_same_batch)."""
     av = tr.arg(a)
     sa, sb = tr.shape_of(av), tr.shape_of(bv)
-    if len(sa) != len(sb) or len(sa) < 2 or any(not tvm_ffi.structural_equal(x, y) for x, y in zip(sa[:-2], sb[:-2])):
-        return False
     lead, m, k, n = sa[:-2], sa[-2], sa[-1], sb[-1]
     ks, ns = (int(k) if _static(k) else None), (int(n) if _static(n) else None)
     if ks is not None and ks % 4:
@@ -421,6 +423,13 @@ def _matmul_vnni(tr, node, a, a_zp: int, bv):
         cs = tr.emit(tr.R.sum(tr.R.astype(b3, "int32"), axis=[1], keepdims=True))
         y = tr.emit(tr.R.subtract(y, tr.R.multiply(cs, tr.const(off + a_zp, "int32"))))
     return tr.emit(tr.R.reshape(y, [*lead, m, n]))
+
+
+def _same_batch(tr, av, bv) -> bool:
+    """Whether two matmul operands have the same leading (batch) dims: no broadcasting."""
+    import tvm_ffi
+    sa, sb = tr.shape_of(av), tr.shape_of(bv)
+    return len(sa) == len(sb) >= 2 and all(tvm_ffi.structural_equal(x, y) for x, y in zip(sa[:-2], sb[:-2]))
 
 
 def _nonnegative(node) -> bool:
@@ -487,10 +496,9 @@ def _int_matmul(tr, n):
                     else:
                         tr.env[req] = _slice_last(tr, tr.env[req], n_out)
                 return None
-    if tr.dot in ("vnni", "amx") and b_zp == 0 and tr.dtype_of(tr.arg(b)) == "int8" and tr.dtype_of(tr.arg(a)) in ("int8", "uint8"):
-        y = _matmul_vnni(tr, n, a, a_zp, tr.arg(b))
-        if y is not False:
-            return y
+    if tr.dot in ("vnni", "amx") and b_zp == 0 and tr.dtype_of(tr.arg(b)) == "int8" and \
+            tr.dtype_of(tr.arg(a)) in ("int8", "uint8") and _same_batch(tr, tr.arg(a), tr.arg(b)):
+        return _matmul_vnni(tr, n, a, a_zp, tr.arg(b))
     av, bv = _mm_operand(tr, _unpad(tr, a, tr.arg(a)), a_zp), _mm_operand(tr, _unpad(tr, b, tr.arg(b)), b_zp)
     av, bv = _same_dtype(tr, av, bv)
     return tr.emit(tr.R.matmul(av, bv, out_dtype="int32"))
