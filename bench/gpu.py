@@ -156,7 +156,7 @@ def row_kernel_checks(prebuilt: Path) -> list[dict]:
     ffi = load_kernels(prebuilt)
     from qcompiler import int_ops as I
     from qcompiler.backends.tvm import cuda_kernels as K
-    from qcompiler.backends.tvm.translate import softmax_table
+    from qcompiler.backends.tvm.translate import layer_norm_params, softmax_table
     f = ffi.get_global_func
     d = ffi.from_dlpack
     g = torch.Generator().manual_seed(0)
@@ -196,14 +196,14 @@ def row_kernel_checks(prebuilt: Path) -> list[dict]:
                     record(f"int_softmax{' masked' if masked else ''}", f"{b * h * s}x{n} (ld {ld})", ok, call)
                 elif not ok:
                     record(f"int_softmax mult {mult}", f"{b * h * s}x{n}", ok, call)
-    for (m, c) in ((4096, 1536), (12608, 1536), (77, 96)):
+    for (m, c) in ((4096, 1536), (12608, 1536), (77, 96), (77, 100)):  # 100: not 8 | cols, the L1 kernel
         x = torch.randint(-32768, 32768, (m, c), dtype=torch.int16, generator=g)
         table = torch.randint(-32768, 32768, (65536,), dtype=torch.int16, generator=g)
         mu = torch.randint(2**30, 2**31 - 1, (c,), dtype=torch.int64, generator=g)
         sh = torch.randint(10, 30, (c,), dtype=torch.int64, generator=g)
         sh[:3] = torch.tensor([0, 1, 40])
         ref = I.requant(I.int_lut(x, table, -32768), 3, mu, sh, -2, -128, 127, -1)
-        xg, tg, y = x.cuda(), table.to(torch.int32).cuda(), torch.empty(m, c, dtype=torch.int8, device="cuda")
+        xg, tg, y = x.cuda(), table.cuda(), torch.empty(m, c, dtype=torch.int8, device="cuda")
         mg, sg = mu.cuda(), sh.cuda()
         call = lambda: f(K.LUT_REQUANT_FUNC)(d(xg), d(tg), -32768, 3, d(mg), d(sg), -2, -128, 127, d(y))  # noqa: E731
         call()
@@ -222,10 +222,114 @@ def row_kernel_checks(prebuilt: Path) -> list[dict]:
         ref = I.int_layer_norm(x, 5, eps, k, gamma, beta, shift, 0, *out)
         xg, gg, bg = x.cuda(), gamma.cuda(), beta.cuda()
         y = torch.empty(m, c, dtype=I.int_dtype(*out), device="cuda")
-        call = lambda: f(K.LAYER_NORM_FUNC)(d(xg), 5, eps, k, d(gg), d(bg), shift, 0, *out, d(y))  # noqa: E731
+        none = torch.zeros(c, dtype=torch.int64, device="cuda")
+        prm = torch.from_numpy(layer_norm_params(None, [5, eps, k, shift, 0, *out], [0] * 4)).cuda()
+        call = lambda: f(K.LAYER_NORM_FUNC)(d(xg), d(xg), d(prm), d(gg), d(bg), d(none), d(none), d(y))  # noqa: E731
         call()
         torch.cuda.synchronize()
         record("int_layer_norm", f"{m}x{c} -> {y.dtype}".replace("torch.", ""), torch.equal(y.cpu(), ref), call)
+        # with the residual int_add before it and the per-channel int8 requant after it
+        b = torch.randint(-32768, 32768, (m, c), dtype=torch.int16, generator=g)
+        add = [3, 1439302324, -2, -881062436, 31, 1, -32768, 32767]
+        x2 = I.int_add(x, add[0], add[1], b, *add[2:])
+        ref = I.int_layer_norm(x2, 5, eps, k, gamma, beta, shift, 0, *out)
+        mu = torch.randint(2**29, 2**31 - 1, (c,), dtype=torch.int64, generator=g)
+        sh = torch.randint(10, 40, (c,), dtype=torch.int64, generator=g)
+        sh[:2] = torch.tensor([0, 1])
+        ref2 = I.requant(ref, 1, mu, sh, -3, -128, 127, -1)
+        y2 = torch.empty(m, c, dtype=torch.int8, device="cuda")
+        bg2, mg, sg = b.cuda(), mu.cuda(), sh.cuda()
+        prm2 = torch.from_numpy(layer_norm_params(add, [5, eps, k, shift, 0, *out], [1, -3, -128, 127])).cuda()
+        call = lambda: f(K.LAYER_NORM_REQUANT_FUNC)(d(xg), d(bg2), d(prm2), d(gg), d(bg), d(mg), d(sg), d(y),  # noqa
+                                                    d(y2))
+        call()
+        torch.cuda.synchronize()
+        record("int_add + int_layer_norm + requant", f"{m}x{c} -> {y.dtype}, int8".replace("torch.", ""),
+               torch.equal(y.cpu(), ref) and torch.equal(y2.cpu(), ref2), call)
+    return rows
+
+
+def attention_checks(prebuilt: Path) -> list[dict]:
+    """qcompiler's fused attention kernel (backends/tvm/kernels/int_attention.cu) against the
+    reference kernels run op by op by torch (int_matmul, requant, int_softmax, int_matmul, requant,
+    the heads' merge, the per-channel requant), bit for bit: MiniLM / BERT-base / DeiT-S shapes
+    (q, k, v read from the linears' layouts, DeiT's from one fused qkv tensor), fully masked rows,
+    a query-dependent mask, saturating requants, int16 output; timed at each model's shape."""
+    import torch
+    ffi = load_kernels(prebuilt)
+    from qcompiler import int_ops as I
+    from qcompiler.backends.tvm import cuda_kernels as K
+    from qcompiler.backends.tvm.fuse_attention import params
+    from qcompiler.backends.tvm.translate import softmax_table
+    f, d = ffi.get_global_func, ffi.from_dlpack
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    print("\nfused attention (int_attention.cu) vs the reference kernels op by op")
+    # (name, batch, heads, seq, d, mask: None / "keys" / "rows", fused qkv, requant3, r1 range, timed)
+    cases = [("MiniLM", 32, 12, 128, 32, "keys", False, False, (-32768, 32767), True),
+             ("BERT-base", 32, 12, 128, 64, "keys", False, True, (-32768, 32767), True),
+             ("DeiT-S", 64, 6, 197, 64, None, True, True, (-32768, 32767), True),
+             ("edge", 3, 2, 77, 64, "rows", False, True, (-128, 127), False),
+             ("edge", 2, 3, 256, 32, None, True, False, (-32768, 32767), False),
+             ("edge", 2, 2, 33, 32, "keys", False, True, (-32768, 32767), False)]
+    for name, b, h, s, dh, masked, fused, with_r3, r1_range, timed in cases:
+        c = h * dh
+        if fused:  # one [b, s, 3, h, dh] tensor, as a qkv linear writes it
+            qkv = torch.randint(-128, 128, (b, s, 3 * c), dtype=torch.int8, generator=g)
+            q4, k4, v4 = qkv.view(b, s, 3, h, dh).permute(2, 0, 3, 1, 4).unbind(0)
+            views = [[i * c, s * 3 * c, dh, 3 * c] for i in range(3)]
+            srcs = [qkv] * 3
+        else:
+            srcs = [torch.randint(-128, 128, (b, s, c), dtype=torch.int8, generator=g) for _ in range(3)]
+            q4, k4, v4 = (t.view(b, s, h, dh).transpose(1, 2) for t in srcs)
+            views = [[0, s * c, dh, c]] * 3
+        mask = None
+        if masked == "keys":
+            mask = torch.rand(b, 1, 1, s, generator=g) > 0.3
+            mask[0] = False  # fully masked rows
+            mstr = [s, 0, 0, 1]
+        elif masked == "rows":
+            mask = torch.rand(b, 1, s, s, generator=g) > 0.5
+            mask[0, 0, :5] = False
+            mstr = [s * s, 0, s, 1]
+        else:
+            mstr = [0, 0, 0, 0]
+        tab = I.exp_table(0.004, 65536)
+        c1 = [3, 1518500250, 22 if r1_range[1] > 127 else 27, -1, *r1_range]
+        sm = [2130706440, 24, 0, -128, 127]
+        c2 = [0, 1398101333, 28 if with_r3 else 24, 0, -32768, 32767]
+        m3 = torch.randint(2**29, 2**31 - 1, (c,), dtype=torch.int64, generator=g)
+        s3 = torch.randint(28, 36, (c,), dtype=torch.int64, generator=g)
+        s3[:2] = torch.tensor([0, 1])  # saturating, exact ties
+        c3 = [1, m3, s3, -3, -128, 127] if with_r3 else None
+        sc = I.requant(I.int_matmul(q4, 0, k4.transpose(-2, -1), 0), c1[0], torch.tensor(c1[1]), torch.tensor(c1[2]),
+                       *c1[3:], -1)
+        p = I.int_softmax(sc, mask, tab, -1, *sm[:3], *sm[3:])
+        o = I.requant(I.int_matmul(p, 0, v4, 0), c2[0], torch.tensor(c2[1]), torch.tensor(c2[2]), *c2[3:], -1)
+        ref = o.transpose(1, 2).reshape(b, s, c)
+        if with_r3:
+            ref = I.requant(ref, 1, m3, s3, -3, -128, 127, -1)
+        prm = torch.from_numpy(params(*views, [0, s * c, dh, c], mstr, c1, sm, c2, c3))
+        dev = [t.cuda() for t in srcs]
+        y = torch.full((b, s, c), 77, dtype=ref.dtype, device="cuda")
+        tg = torch.from_numpy(softmax_table(tab.numpy())).cuda()
+        m3g = (m3 if with_r3 else torch.zeros(1, dtype=torch.int64)).cuda()
+        s3g = (s3 if with_r3 else torch.zeros(1, dtype=torch.int64)).cuda()
+        pg = prm.cuda()
+        tail = [d(tg), d(pg), d(m3g), d(s3g), b, h, s, s, dh, d(y)]
+        if mask is not None:
+            mg = mask.cuda()
+            call = lambda: f(K.ATTENTION_MASKED_FUNC)(*[d(t) for t in dev], d(mg), *tail)  # noqa: E731
+        else:
+            call = lambda: f(K.ATTENTION_FUNC)(*[d(t) for t in dev], *tail)  # noqa: E731
+        call()
+        torch.cuda.synchronize()
+        ok = torch.equal(y.cpu(), ref)
+        shape = f"{b}x{h}x{s}x{dh}" + (" qkv" if fused else "") + (f" mask/{masked}" if mask is not None else "")
+        ms = _time_cuda(call) if timed else None
+        rows.append({"kernel": f"int_attention {name}", "shape": shape, "bit-exact": bool(ok), "ms": ms})
+        print(f"  int_attention {name:<20} {shape:<30} bit-exact {str(bool(ok)):<5}"
+              + (f"  {ms * 1e3:8.1f} us" if ms is not None else ""))
     return rows
 
 
@@ -508,7 +612,7 @@ def run(args) -> int:
         out["kernels"] = kernel_table(prebuilt, peak)
         print_kernel_table(out["kernels"], peak)
     if args.part in ("kernels", "rows", "all"):
-        out["row kernels"] = row_kernel_checks(prebuilt)
+        out["row kernels"] = row_kernel_checks(prebuilt) + attention_checks(prebuilt)
     if args.part in ("models", "all"):
         out["models"] = []
         for name in args.models.split(","):
@@ -530,7 +634,9 @@ def pack(out: Path) -> Path:
     unpacks it."""
     import tarfile
     dest = out.with_name(out.name + ".tar.xz")
-    with tarfile.open(dest, "w:xz", preset=6) as tf:
+    # preset 9: a 64 MiB dictionary, so each artifact's copy of the same runtime and kernel libraries
+    # compresses to almost nothing after the first
+    with tarfile.open(dest, "w:xz", preset=9) as tf:
         tf.add(out, arcname=out.name)
     print(f"packed {out} -> {dest} ({dest.stat().st_size / 2**20:.1f} MiB)")
     return dest

@@ -23,9 +23,11 @@ import tempfile
 from qcompiler.errors import QCError
 
 LIB_NAME = "libqc_kernels_cuda.so"
-SOURCES = ("gemm_s8_sm90.cu", "int_rows.cu")
+SOURCES = ("gemm_s8_sm90.cu", "int_rows.cu", "int_attention.cu")
+HEADERS = ("qc_int.cuh",)  # included by the sources: part of the cache key
 # tile configurations compiled into the library: name -> (tile M, tile N)
-GEMM_TILES = {"128x128": (128, 128), "128x256": (128, 256)}
+GEMM_TILES = {"128x128": (128, 128), "128x256": (128, 256), "256x128": (256, 128), "128x64": (128, 64),
+              "pp64x128": (64, 128)}
 GEMM_FUNC = "qc.cuda.gemm_s8_requant{out}_{tile}"
 GEMM_OUTS = {"int8": "", "int16": "_i16"}  # output dtype -> name suffix
 # kernels/int_rows.cu: qc::int_softmax, qc::int_lut (+ the requant after it), qc::int_layer_norm
@@ -34,7 +36,13 @@ SOFTMAX_MASKED_FUNC = "qc.cuda.int_softmax_masked"
 LUT_FUNC = "qc.cuda.int_lut"
 LUT_REQUANT_FUNC = "qc.cuda.int_lut_requant"
 LAYER_NORM_FUNC = "qc.cuda.int_layer_norm"
-ROW_FUNCS = (SOFTMAX_FUNC, SOFTMAX_MASKED_FUNC, LUT_FUNC, LUT_REQUANT_FUNC, LAYER_NORM_FUNC)
+LAYER_NORM_REQUANT_FUNC = "qc.cuda.int_layer_norm_requant"
+ADD_LAYER_NORM_FUNC = "qc.cuda.int_add_layer_norm"  # also writes the add's sum (a pre-LN residual)
+ROW_FUNCS = (SOFTMAX_FUNC, SOFTMAX_MASKED_FUNC, LUT_FUNC, LUT_REQUANT_FUNC, LAYER_NORM_FUNC, LAYER_NORM_REQUANT_FUNC,
+             ADD_LAYER_NORM_FUNC)
+# kernels/int_attention.cu: q k^T, requant, int_softmax, p v, requant(s) as one kernel
+ATTENTION_FUNC = "qc.cuda.int_attention"
+ATTENTION_MASKED_FUNC = "qc.cuda.int_attention_masked"
 
 
 def gemm_func(tile: str, out_dtype: str = "int8") -> str:
@@ -97,7 +105,7 @@ def build_library(arch: str = "sm_90") -> str:
     inc_cutlass = cutlass_include()
     inc_ffi, lib_ffi = _ffi_dirs()
     h = hashlib.sha256()
-    for name in SOURCES:
+    for name in SOURCES + HEADERS:
         with open(os.path.join(_src_dir(), name), "rb") as f:
             h.update(name.encode() + b"\0" + f.read())
     h.update(f"{arch}|{_nvcc_version(nvcc)}|{inc_cutlass}".encode())
@@ -106,15 +114,21 @@ def build_library(arch: str = "sm_90") -> str:
     if os.path.isfile(out):
         return out
     os.makedirs(out_dir, exist_ok=True)
+    arch_flag = f"-arch={arch}a" if not arch.endswith("a") else f"-arch={arch}"
+    flags = [nvcc, "-std=c++17", "-O3", "-DNDEBUG", arch_flag, "-Xcompiler", "-fPIC", "--expt-relaxed-constexpr",
+             "-I", inc_cutlass, "-I", inc_ffi]
     with tempfile.TemporaryDirectory(prefix=".nvcc-", dir=out_dir) as d:
         tmp = os.path.join(d, LIB_NAME)
-        cmd = [nvcc, "-std=c++17", "-O3", "-DNDEBUG", f"-arch={arch}a" if not arch.endswith("a") else f"-arch={arch}",
-               "-shared", "-Xcompiler", "-fPIC", "--expt-relaxed-constexpr", "-cudart", "static",
-               "-I", inc_cutlass, "-I", inc_ffi, "-L", lib_ffi, "-ltvm_ffi",
-               *[os.path.join(_src_dir(), s) for s in SOURCES], "-o", tmp]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode:
-            err = [ln for ln in (r.stderr or r.stdout).splitlines() if "error" in ln][:5]
+        objs = [os.path.join(d, s + ".o") for s in SOURCES]
+        # one nvcc per source, side by side (the CUTLASS GEMMs alone take minutes), then one link
+        procs = [subprocess.Popen([*flags, "-c", os.path.join(_src_dir(), s), "-o", o], stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True) for s, o in zip(SOURCES, objs)]
+        logs = [(p.communicate()[0], p.returncode) for p in procs]
+        link = subprocess.run([nvcc, arch_flag, "-shared", "-cudart", "static", *objs, "-L", lib_ffi, "-ltvm_ffi",
+                               "-o", tmp], capture_output=True, text=True) if not any(rc for _l, rc in logs) else None
+        if link is None or link.returncode:
+            text = "\n".join(log for log, rc in logs if rc) if link is None else (link.stderr or link.stdout)
+            err = [ln for ln in text.splitlines() if "error" in ln][:5]
             raise QCError("nvcc could not build qcompiler's CUDA kernels: " + " | ".join(err)[:1500])
         os.replace(tmp, out)  # atomic: a concurrent build sees the whole file or none
     return out

@@ -42,7 +42,9 @@ def pipeline(target):
     from tvm import relax
 
     def passes():
-        lib = [relax.backend.DispatchSampling(), relax.backend.DispatchSortScan()]
+        # dead bindings: views whose reader a fused kernel replaced (fuse_attention.py)
+        lib = [relax.transform.DeadCodeElimination(["main"]), relax.backend.DispatchSampling(),
+               relax.backend.DispatchSortScan()]
         legal = [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
                  relax.transform.FuseOps(), relax.transform.FuseTIR()]
         if target.kind.name == "cuda":

@@ -23,6 +23,23 @@ from qcompiler import int_ops as I
 from qcompiler.errors import QCError
 from qcompiler.ir import Graph
 
+
+
+class Fused:
+    """The env value of a node computed inside another node's kernel call (no Relax value of its own)."""
+
+    def __init__(self, by: str):
+        self.by = by
+
+
+class Columns:
+    """The env value of a node that is columns [start, start + width) of a Relax value's last dim
+    (one GEMM for several linears that read the same input). Kernels that take strided views
+    read `value` directly (fuse_attention.py); any other reader gets the slice (Translator.arg)."""
+
+    def __init__(self, value, start: int, width: int):
+        self.value, self.start, self.width = value, start, width
+
 aten = torch.ops.aten
 I64_MIN_HALF = torch.iinfo(torch.int64).min // 2
 
@@ -73,6 +90,7 @@ class Translator:
         # softmax output padded with zeros (the next GEMM's K); padded_n: a GEMM's requantized
         # output with junk-free padding columns that the softmax after it skips.
         self.padded: dict = {}
+        self.sliced: dict = {}  # a Columns value's slice, where a reader needs it as a tensor
 
     # -- helpers ------------------------------------------------------------------------------
     def emit(self, expr, name: str | None = None):
@@ -171,7 +189,16 @@ class Translator:
                 self.env[a] = self.const(_np(t), _dt(t.dtype))
             if a not in self.env:
                 raise QCError("value used before it is defined", node=a.name, op=str(a.target))
-            return self.env[a]
+            v = self.env[a]
+            if isinstance(v, Columns):  # the slice, once (env keeps the Columns for kernels that read views)
+                if a not in self.sliced:
+                    self.sliced[a] = self.emit(self.R.strided_slice(v.value, axes=[self.ndim(v.value) - 1],
+                                                                    begin=[v.start], end=[v.start + v.width]))
+                v = self.sliced[a]
+            if isinstance(v, Fused):
+                raise QCError(f"value computed inside the fused kernel of {v.by}, which has no value of its own",
+                              node=a.name, op=str(a.target))
+            return v
         if isinstance(a, (list, tuple)):
             return type(a)(self.arg(x) for x in a)
         return a
@@ -292,12 +319,12 @@ def _int_linear(tr, n):
     wt = tr.tensor_const(w)
     xv = tr.arg(x)
     if tr.dot == "sm90":
-        req = _gemm_requant(tr, n, xv, x_zp, wt.shape[0], wt.shape[1], wt.dtype)
-        if req is not None:
-            b = _bias64(tr, bias, wt.shape[0])
-            b = b - x_zp * _np(wt).astype(np.int64).sum(1)  # (x - zp) w = x w - zp colsum(w): exact (checked)
-            if np.abs(b).max(initial=0) + wt.shape[1] * 128 * 128 < 2**31:
-                return _gemm_sm90(tr, n, req, xv, tr.const(_np(wt), "int8"), b.astype(np.int32), batched=False)
+        group = _linear_group_sm90(tr, n, xv)
+        if len(group) > 1:
+            return _linears_sm90(tr, n, xv, group)
+        if group:
+            _l, req, b = group[0]
+            return _gemm_sm90(tr, n, req, xv, tr.const(_np(wt), "int8"), b, batched=False)
     if tr.dot in ("vnni", "amx") and wt.dtype == torch.int8 and tr.dtype_of(xv) in ("int8", "uint8") and \
             wt.shape[0] % 16 == 0 and wt.shape[1] % 4 == 0:
         return _linear_vnni(tr, n, xv, x_zp, wt, bias)
@@ -308,6 +335,63 @@ def _int_linear(tr, n):
     if bias is not None:
         y = tr.emit(tr.R.add(y, tr.value(bias, "int32")))
     return y
+
+
+def _linear_sm90(tr, lin, xv):
+    """(requant, int32 bias) of an int_linear that the GEMM kernel computes with its requant, or None."""
+    _x, x_zp, w, bias = lin.args
+    if not (isinstance(w, fx.Node) and w.op == "get_attr"):
+        return None
+    wt = tr.tensor_const(w)
+    req = _gemm_requant(tr, lin, xv, x_zp, wt.shape[0], wt.shape[1], wt.dtype)
+    if req is None:
+        return None
+    b = _bias64(tr, bias, wt.shape[0])
+    b = b - x_zp * _np(wt).astype(np.int64).sum(1)  # (x - zp) w = x w - zp colsum(w): exact (checked)
+    if np.abs(b).max(initial=0) + wt.shape[1] * 128 * 128 >= 2**31:
+        return None
+    return req, b.astype(np.int32)
+
+
+def _linear_group_sm90(tr, n, xv) -> list:
+    """[(linear, requant, bias)] for n and, where every int_linear reading n's input can be
+    computed with its requant and their requants share out_zp and range (attention's q, k, v), each
+    of them: one GEMM over the concatenated weights then computes them all. [] where n's GEMM
+    does not apply; [n's] alone where the siblings do not all fit."""
+    one = _linear_sm90(tr, n, xv)
+    if one is None:
+        return []
+    x, x_zp = n.args[0], n.args[1]
+    sibs = [u for u in x.users if u.target is I.int_linear and u.args[0] is x]
+    if len(sibs) < 2 or sibs[0] is not n or any(u in tr.env for u in sibs):
+        return [(n, *one)]
+    group = [(n, *one)]
+    for lin in sibs[1:]:
+        got = _linear_sm90(tr, lin, xv) if lin.args[1] == x_zp else None
+        if got is None or got[0].args[4:7] != one[0].args[4:7] or \
+                tr.tensor_const(lin.args[2]).shape[1] != tr.tensor_const(n.args[2]).shape[1]:
+            return [(n, *one)]
+        group.append((lin, *got))
+    return group
+
+
+def _linears_sm90(tr, n, xv, group):
+    """The linears of `group` (_linear_group_sm90) as one GEMM + requant call over their
+    concatenated weights: each requant's value is its columns of the output (Columns)."""
+    ws = [_np(tr.tensor_const(lin.args[2])) for lin, _r, _b in group]
+    vec = lambda t, k: np.broadcast_to(_np(tr.tensor_const(t)).astype(np.int64).reshape(-1), (k,))  # noqa: E731
+    mult = np.concatenate([vec(r.args[2], w.shape[0]) for (_l, r, _b), w in zip(group, ws)])
+    shift = np.concatenate([vec(r.args[3], w.shape[0]) for (_l, r, _b), w in zip(group, ws)])
+    _acc, _zp, _m, _c, out_zp, qmin, qmax, _axis = group[0][1].args
+    y = _gemm_sm90_call(tr, xv, tr.const(np.concatenate(ws), "int8"), np.concatenate([b for _l, _r, b in group]),
+                        mult, shift, out_zp, qmin, qmax, batched=False)
+    start = 0
+    for (lin, req, _b), w in zip(group, ws):
+        tr.env[req] = Columns(y, start, w.shape[0])
+        if lin is not n:
+            tr.env[lin] = Fused(n.name)
+        start += w.shape[0]
+    return Fused(n.name)
 
 
 def _linear_vnni(tr, n, xv, x_zp: int, wt: torch.Tensor, bias):
@@ -472,6 +556,11 @@ def _int_matmul(tr, n):
     197 tokens) are zero-padded to one (exact: zeros add nothing), the softmax before it writing its
     output padded and the one after it reading the padded output (Translator.padded)."""
     a, a_zp, b, b_zp = n.args
+    if tr.dot == "sm90":
+        from .fuse_attention import fuse
+        done = fuse(tr, n)
+        if done is not None:
+            return done
     if tr.dot == "sm90" and a_zp == 0 and b_zp == 0:
         av, bv = tr.arg(a), tr.arg(b)
         shape_b = tr.shape_of(bv)
@@ -530,8 +619,18 @@ def _gemm_requant(tr, n, xv, x_zp: int, n_out: int, k_in: int, w_dtype):
 
 def _gemm_sm90(tr, n, req, xv, wv, bias: np.ndarray, batched: bool):
     """requant(x @ w^T + bias) in one CUTLASS kernel; binds the requant node, returns None for n."""
-    from .cuda_kernels import gemm_func, pick_tile
     _acc, _in_zp, mult, shift, out_zp, qmin, qmax, _axis = req.args
+    n_out = int(tr.shape_of(wv)[-2])
+    vec = lambda t: np.broadcast_to(_np(tr.tensor_const(t)).astype(np.int64).reshape(-1), (n_out,))  # noqa: E731
+    tr.env[req] = _gemm_sm90_call(tr, xv, wv, bias, vec(mult), vec(shift), out_zp, qmin, qmax, batched)
+    return None
+
+
+def _gemm_sm90_call(tr, xv, wv, bias: np.ndarray, mult: np.ndarray, shift: np.ndarray, out_zp: int, qmin: int,
+                    qmax: int, batched: bool):
+    """clamp(rshift_round((x @ w^T + bias) * mult, shift) + out_zp, qmin, qmax) (mult, shift per
+    output column) as one call of the CUTLASS kernel, shaped [*x's leading dims, N]."""
+    from .cuda_kernels import gemm_func, pick_tile
     n_out = int(tr.shape_of(wv)[-2])
     k_in = int(tr.shape_of(wv)[-1])
     lead = tr.shape_of(xv)[:-1]
@@ -551,12 +650,11 @@ def _gemm_sm90(tr, n, req, xv, wv, bias: np.ndarray, batched: bool):
         x3 = tr.emit(tr.R.reshape(xv, [rows, k_in]))
         w3 = wv
         out_ty = tr.relax.TensorType([rows, n_out], out_dt)
-    vec = lambda t: np.broadcast_to(_np(tr.tensor_const(t)).astype(np.int64).reshape(-1), (n_out,)).astype(np.int32)
-    args = [x3, w3, tr.const(bias, "int32"), tr.const(vec(mult), "int32"), tr.const(vec(shift), "int32"),
-            tr.relax.prim_value(int(out_zp)), tr.relax.prim_value(int(qmin)), tr.relax.prim_value(int(qmax))]
+    args = [x3, w3, tr.const(bias, "int32"), tr.const(mult.astype(np.int32), "int32"),
+            tr.const(shift.astype(np.int32), "int32"), tr.relax.prim_value(int(out_zp)),
+            tr.relax.prim_value(int(qmin)), tr.relax.prim_value(int(qmax))]
     y = tr.emit(tr.relax.call_dps_packed(gemm_func(pick_tile(n_out, k_in), out_dt), args, out_ty))
-    tr.env[req] = tr.emit(tr.R.reshape(y, [*lead, n_out]))
-    return None
+    return tr.emit(tr.R.reshape(y, [*lead, n_out]))
 
 
 def _int_conv(tr, n):
@@ -783,8 +881,7 @@ def _int_layer_norm(tr, n):
     R = tr.R
     xv = tr.arg(x)
     if tr.dot == "sm90":
-        y = _layer_norm_sm90(tr, xv, x_zp, eps, sqrt_bits, tr.tensor_const(gamma), tr.tensor_const(beta), shift,
-                             out_zp, qmin, qmax)
+        y = _layer_norm_sm90(tr, n)
         if y is not None:
             return y
     ch = int(tr.shape_of(xv)[-1])
@@ -902,7 +999,7 @@ def _lut_sm90(tr, n, xv, tab: torch.Tensor, offset: int):
     tab_dt = _dt(tab.dtype)
     if not shape or tr.dtype_of(xv) not in _ROW_IN or tab_dt not in _ROW_OUT or tab.numel() == 0:
         return False, None
-    t = tr.const(_np(tab).astype(np.int32).reshape(-1), "int32")
+    t = tr.const(_np(tab).astype(np.int16).reshape(-1), "int16")  # int8 / uint8 / int16 values (_ROW_OUT)
     x2 = tr.emit(tr.R.reshape(xv, [math.prod(shape[:-1]), shape[-1]]))
     users = list(n.users)
     req = users[0] if len(users) == 1 and users[0].target is I.requant and users[0].args[0] is n else None
@@ -922,25 +1019,77 @@ def _lut_sm90(tr, n, xv, tab: torch.Tensor, offset: int):
     return True, _row_call(tr, LUT_FUNC, x2, [t, int(offset)], shape, tab_dt)
 
 
-def _layer_norm_sm90(tr, xv, x_zp, eps, sqrt_bits, gamma: torch.Tensor, beta: torch.Tensor, shift, out_zp, qmin,
-                     qmax):
-    """int_layer_norm as one qc.cuda.int_layer_norm call (a warp per row)."""
-    from .cuda_kernels import LAYER_NORM_FUNC
+def _layer_norm_sm90(tr, n):
+    """int_layer_norm as one qc.cuda.int_layer_norm call (a warp per row), which also computes
+    - the int_add before it, when the LayerNorm is that add's only reader (the residual add of a
+      post-LN block: its sum is never stored), and
+    - a per-channel int8 requant after it (the next linears' input) as a second output, beside
+      the LayerNorm's own output that the residual path reads."""
+    from .cuda_kernels import ADD_LAYER_NORM_FUNC, LAYER_NORM_FUNC, LAYER_NORM_REQUANT_FUNC
+    x, x_zp, eps, sqrt_bits, gamma, beta, shift, out_zp, qmin, qmax = n.args
+    xv = tr.arg(x)
     shape = _static_shape(tr, xv)
     out_dt = _dt(I.int_dtype(qmin, qmax))
     if not shape or tr.dtype_of(xv) not in _ROW_IN or out_dt not in _ROW_OUT or \
             not (0 <= sqrt_bits <= 40 and 0 <= shift <= 62):
         return None
-    ch = shape[-1]
-    g = _np(gamma).astype(np.int64).reshape(-1)
-    b = _np(beta).astype(np.int64).reshape(-1)
+    ch, rows = shape[-1], math.prod(shape[:-1])
+    g = _np(tr.tensor_const(gamma)).astype(np.int64).reshape(-1)
+    b = _np(tr.tensor_const(beta)).astype(np.int64).reshape(-1)
     if g.size not in (1, ch) or b.size not in (1, ch):
         return None
     g, b = np.broadcast_to(g, (ch,)).copy(), np.broadcast_to(b, (ch,)).copy()
-    x2 = tr.emit(tr.R.reshape(xv, [math.prod(shape[:-1]), ch]))
-    return _row_call(tr, LAYER_NORM_FUNC, x2, [int(x_zp), int(eps), int(sqrt_bits), tr.const(g, "int64"),
-                                               tr.const(b, "int64"), int(shift), int(out_zp), int(qmin), int(qmax)],
-                     shape, out_dt)
+    add, av, bv = None, xv, xv
+    if x.target is I.int_add:
+        a_, a_zp, a_mult, b_, b_zp, b_mult, ash, azo, alo, ahi = x.args
+        consts = [a_zp, a_mult, b_zp, b_mult, ash, azo, alo, ahi]
+        if isinstance(a_, fx.Node) and isinstance(b_, fx.Node) and all(isinstance(c, int) for c in consts) and \
+                0 <= ash <= 62:
+            A, B = tr.arg(a_), tr.arg(b_)
+            if _static_shape(tr, A) == shape == _static_shape(tr, B) and tr.dtype_of(A) == tr.dtype_of(B) in _ROW_IN:
+                add, av, bv = consts, A, B
+    rq = next((u for u in n.users if u.target is I.requant and u.args[0] is n and _ln_requant(tr, u, ch, len(shape))), None)
+    keep_sum = add is not None and len(x.users) > 1  # a pre-LN residual: the sum is read again later
+    if keep_sum and (rq is not None or tr.dtype_of(xv) != tr.dtype_of(av)):
+        add, av, bv, keep_sum = None, xv, xv, False
+    m3, s3, rq_consts = (_ln_requant(tr, rq, ch, len(shape)) if rq is not None else (np.zeros(1, np.int64),) * 2 + ([0] * 4,))
+    prm = layer_norm_params(add if av is not xv else None, [x_zp, eps, sqrt_bits, shift, out_zp, qmin, qmax], rq_consts)
+    args = [tr.emit(tr.R.reshape(v, [rows, ch])) for v in (av, bv)]
+    args += [tr.const(prm, "int64"), tr.const(g, "int64"), tr.const(b, "int64"), tr.const(m3, "int64"),
+             tr.const(s3, "int64")]
+    y_ty = tr.relax.TensorType([rows, ch], out_dt)
+    if keep_sum:  # x's other readers get the kernel's copy of the sum (the add's own kernel is then dead)
+        both = tr.emit(tr.relax.call_dps_packed(ADD_LAYER_NORM_FUNC, args,
+                                                [tr.relax.TensorType([rows, ch], tr.dtype_of(xv)), y_ty]))
+        tr.env[x] = tr.emit(tr.R.reshape(tr.emit(tr.relax.TupleGetItem(both, 0)), shape))
+        return tr.emit(tr.R.reshape(tr.emit(tr.relax.TupleGetItem(both, 1)), shape))
+    if rq is None:
+        return tr.emit(tr.R.reshape(tr.emit(tr.relax.call_dps_packed(LAYER_NORM_FUNC, args, y_ty)), shape))
+    both = tr.emit(tr.relax.call_dps_packed(LAYER_NORM_REQUANT_FUNC, args,
+                                            [y_ty, tr.relax.TensorType([rows, ch], "int8")]))
+    tr.env[rq] = tr.emit(tr.R.reshape(tr.emit(tr.relax.TupleGetItem(both, 1)), shape))
+    return tr.emit(tr.R.reshape(tr.emit(tr.relax.TupleGetItem(both, 0)), shape))
+
+
+def layer_norm_params(add: list | None, ln: list, rq: list) -> np.ndarray:
+    """qc.cuda.int_layer_norm's int64 params (int_rows.cu's L_* layout): the int_add's [a_zp,
+    a_mult, b_zp, b_mult, shift, out_zp, qmin, qmax] or None (no add), the LayerNorm's [x_zp, eps,
+    sqrt_bits, shift, out_zp, qmin, qmax], the requant's [in_zp, out_zp, qmin, qmax]."""
+    out = np.asarray([*(add or [0] * 8), *ln, *rq, int(add is not None)], np.int64)
+    assert out.size == 20, out.size  # L_LEN
+    return out
+
+
+def _ln_requant(tr, rq, ch: int, nd: int):
+    """(mult [C], shift [C], [in_zp, out_zp, qmin, qmax]) of a LayerNorm's requant that the kernel
+    computes as its second output (int8, per tensor or per last-dim channel), else None."""
+    _x, in_zp, mult, shift, out_zp, qmin, qmax, axis = rq.args
+    m = _np(tr.tensor_const(mult)).astype(np.int64).reshape(-1)
+    c = _np(tr.tensor_const(shift)).astype(np.int64).reshape(-1)
+    if not (-128 <= qmin <= qmax <= 127) or m.size != c.size or c.min() < 0 or c.max() > 62 or \
+            not (m.size == 1 or (m.size == ch and _norm_dim(axis, nd) == nd - 1)):
+        return None
+    return np.broadcast_to(m, (ch,)).copy(), np.broadcast_to(c, (ch,)).copy(), [int(in_zp), int(out_zp), qmin, qmax]
 
 
 QC = {I.quantize: _quantize, I.dequantize: _dequantize, I.requant: _requant, I.int_linear: _int_linear,

@@ -217,7 +217,7 @@ def test_row_kernels_bit_exact_on_gpu():
 
     from qcompiler.backends.tvm.cuda_kernels import (LAYER_NORM_FUNC, LUT_REQUANT_FUNC, SOFTMAX_MASKED_FUNC,
                                                      build_library)
-    from qcompiler.backends.tvm.translate import softmax_table
+    from qcompiler.backends.tvm.translate import layer_norm_params, softmax_table
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     ctypes.CDLL(build_library("sm_90"), mode=ctypes.RTLD_GLOBAL)
@@ -243,7 +243,7 @@ def test_row_kernels_bit_exact_on_gpu():
     c = torch.randint(0, 40, (96,), dtype=torch.int64, generator=g)
     ref = I.requant(I.int_lut(x, table, -32768), 3, m, c, -2, -128, 127, -1)
     y = torch.empty(300, 96, dtype=torch.int8, device="cuda")
-    f(LUT_REQUANT_FUNC)(d(x.cuda()), d(table.to(torch.int32).cuda()), -32768, 3, d(m.cuda()), d(c.cuda()), -2, -128, 127,
+    f(LUT_REQUANT_FUNC)(d(x.cuda()), d(table.cuda()), -32768, 3, d(m.cuda()), d(c.cuda()), -2, -128, 127,
                         d(y))
     torch.cuda.synchronize()
     assert torch.equal(y.cpu(), ref)
@@ -253,7 +253,10 @@ def test_row_kernels_bit_exact_on_gpu():
     x[0], x[1] = 5, torch.where(torch.arange(384) % 2 == 1, 32767, -32768)
     ref = I.int_layer_norm(x, 5, eps, k, gamma, beta, shift, 0, -32768, 32767)
     y = torch.empty(100, 384, dtype=torch.int16, device="cuda")
-    f(LAYER_NORM_FUNC)(d(x.cuda()), 5, eps, k, d(gamma.cuda()), d(beta.cuda()), shift, 0, -32768, 32767, d(y))
+    none = torch.zeros(384, dtype=torch.int64, device="cuda")
+    prm = torch.from_numpy(layer_norm_params(None, [5, eps, k, shift, 0, -32768, 32767], [0] * 4)).cuda()
+    xg = x.cuda()
+    f(LAYER_NORM_FUNC)(d(xg), d(xg), d(prm), d(gamma.cuda()), d(beta.cuda()), d(none), d(none), d(y))
     torch.cuda.synchronize()
     assert torch.equal(y.cpu(), ref)
 
@@ -298,14 +301,48 @@ def _emulate_kernels():
         v = I.int_lut(T(x), T(tab).long(), offset)
         T(y).copy_(I.requant(v, in_zp, T(mult), T(shift), out_zp, qmin, qmax, -1))
 
-    def layer_norm(x, x_zp, eps, k, gamma, beta, shift, out_zp, qmin, qmax, y):
-        T(y).copy_(I.int_layer_norm(T(x), x_zp, eps, k, T(gamma), T(beta), shift, out_zp, qmin, qmax))
+    def layer_norm(a, b, prm, gamma, beta, rq_mult, rq_shift, y, y2=None):
+        p = T(prm).tolist()
+        x = I.int_add(T(a), p[0], p[1], T(b), *p[2:8]) if p[19] else T(a)
+        r = I.int_layer_norm(x, *p[8:11], T(gamma), T(beta), *p[11:15])
+        T(y).copy_(r)
+        if y2 is not None:
+            T(y2).copy_(I.requant(r, p[15], T(rq_mult), T(rq_shift), *p[16:19], -1))
 
+    def attention(q, k, v, tab, prm, mult3, shift3, b, h, sq, sk, d, y, mask=None):
+        p = T(prm).tolist()
+        view = lambda t, o, rows: torch.as_strided(T(t).reshape(-1), (b, h, rows, d), (*o[1:4], 1), o[0])  # noqa
+        q4, k4, v4 = view(q, p[0:4], sq), view(k, p[4:8], sk), view(v, p[8:12], sk)
+        keep = None if mask is None else torch.as_strided(T(mask).reshape(-1).bool(), (b, h, sq, sk), p[16:20], 0)
+        c1, sm, c2, c3 = p[20:26], p[26:31], p[31:37], p[37:43]
+        t = lambda v: torch.tensor(v)  # noqa: E731
+        s = I.requant(I.int_matmul(q4, 0, k4.transpose(-1, -2), 0), c1[0], t(c1[1]), t(c1[2]), *c1[3:], -1)
+        o = I.requant(I.int_matmul(I.int_softmax(s, keep, T(tab).long(), -1, *sm), 0, v4, 0), c2[0], t(c2[1]),
+                      t(c2[2]), *c2[3:], -1).long()
+        if c3[0]:
+            ch = (torch.arange(h).view(h, 1) * d + torch.arange(d)).view(1, h, 1, d) if c3[1] else torch.zeros(1).long()
+            o = (I.rshift_round((o - c3[2]) * T(mult3)[ch], T(shift3)[ch]) + c3[3]).clamp(c3[4], c3[5])
+        yv = T(y)
+        torch.as_strided(yv.reshape(-1), (b, h, sq, d), (*p[13:16], 1), p[12]).copy_(o.to(yv.dtype))
+
+    def attention_masked(q, k, v, mask, tab, prm, mult3, shift3, b, h, sq, sk, d, y):
+        attention(q, k, v, tab, prm, mult3, shift3, b, h, sq, sk, d, y, mask)
+
+    tvm_ffi.register_global_func(K.ATTENTION_FUNC, attention, override=True)
+    tvm_ffi.register_global_func(K.ATTENTION_MASKED_FUNC, attention_masked, override=True)
     for tile in K.GEMM_TILES:
         for out in K.GEMM_OUTS:
             tvm_ffi.register_global_func(K.gemm_func(tile, out), gemm(out), override=True)
     for name, f in ((K.SOFTMAX_FUNC, softmax), (K.SOFTMAX_MASKED_FUNC, softmax_masked), (K.LUT_FUNC, lut),
-                    (K.LUT_REQUANT_FUNC, lut_requant), (K.LAYER_NORM_FUNC, layer_norm)):
+                    (K.LUT_REQUANT_FUNC, lut_requant), (K.LAYER_NORM_FUNC, layer_norm),
+                    (K.LAYER_NORM_REQUANT_FUNC, layer_norm)):
+        tvm_ffi.register_global_func(name, f, override=True)
+
+    def add_layer_norm(a, b, prm, gamma, beta, rq_mult, rq_shift, xs, y):
+        p = T(prm).tolist()
+        T(xs).copy_(I.int_add(T(a), p[0], p[1], T(b), *p[2:8]))
+        layer_norm(a, b, prm, gamma, beta, rq_mult, rq_shift, y)
+    for name, f in ((K.ADD_LAYER_NORM_FUNC, add_layer_norm),):
         tvm_ffi.register_global_func(name, f, override=True)
 
 
@@ -329,7 +366,8 @@ class Attention(nn.Module):
 
 @pytest.mark.parametrize("tokens,masked", [(20, True), (32, False), (21, False)])
 def test_translation_around_the_kernels_is_exact_on_cpu(tokens, masked):
-    """Token counts that are not multiples of 16 pad K and N of both attention GEMMs."""
+    """Token counts that are not multiples of 16 pad K and N of both attention GEMMs. (Head size
+    48: the fused attention kernel takes 32 and 64 only, so the block is translated op by op.)"""
     from tvm import relax
 
     from qcompiler.backends.tvm.build import target_for
@@ -337,13 +375,14 @@ def test_translation_around_the_kernels_is_exact_on_cpu(tokens, masked):
     from qcompiler.backends.tvm.translate import to_relax
     _emulate_kernels()
     rng = np.random.default_rng(tokens)
-    q, k, v = (torch.from_numpy(rng.integers(-128, 128, (2, 3, tokens, 32)).astype(np.int8)) for _ in range(3))
+    q, k, v = (torch.from_numpy(rng.integers(-128, 128, (2, 3, tokens, 48)).astype(np.int8)) for _ in range(3))
     mask = torch.from_numpy((rng.random((2, tokens)) > 0.3).astype(np.int64))  # an attention_mask, as the models'
     mask[1] = 0  # fully masked rows: out_zp
     g = qcompiler.trace(Attention(masked), (q, k, v, mask), dynamic=None)
     mod = to_relax(g, dot="sm90")
     ext = _externs(mod)
     assert sum("softmax" in e for e in ext) == 1 and sum("gemm" in e for e in ext) == 2, ext
+    assert not any("attention" in e for e in ext)
     target = target_for("llvm", None)
     with target:
         ex = tvm.compile(mod, target=target, relax_pipeline=pipeline(target))
@@ -375,3 +414,215 @@ def test_lut_requant_and_layer_norm_translation_is_exact_on_cpu():
     out = main(*[tvm.runtime.tensor(t.numpy(), tvm.cpu()) for t in (x, mask, y)])
     for r, o in zip(ref, out):
         assert np.array_equal(o.numpy(), r.numpy())
+
+
+# -- the fused attention kernel (kernels/int_attention.cu, fuse_attention.py) ----------------------
+
+class HeadsAttention(nn.Module):
+    """The models' attention block on int8 linear outputs: heads split by views (separate q / k / v
+    as MiniLM / BERT, or one qkv tensor as DeiT), q k^T -> requant -> softmax -> @ v -> requant,
+    heads merged, then the per-channel requant before the output projection."""
+
+    def __init__(self, heads=2, d=32, fused_qkv=False, masked=True, per_channel=True):
+        super().__init__()
+        self.h, self.d, self.fused, self.masked = heads, d, fused_qkv, masked
+        g = torch.Generator().manual_seed(3)
+        c = heads * d
+        self.register_buffer("m1", torch.tensor([1 << 30], dtype=torch.int64))
+        self.register_buffer("s1", torch.tensor([36], dtype=torch.int64))
+        self.register_buffer("m2", torch.tensor([1 << 30], dtype=torch.int64))
+        self.register_buffer("s2", torch.tensor([33], dtype=torch.int64))
+        n3 = c if per_channel else 1
+        self.register_buffer("m3", torch.randint(1 << 29, 1 << 31, (n3,), dtype=torch.int64, generator=g))
+        self.register_buffer("s3", torch.randint(29, 33, (n3,), dtype=torch.int64, generator=g))
+        self.register_buffer("exp", I.exp_table(0.02, 65536))
+
+    def forward(self, x, mask):
+        b, s, _ = x.shape
+        if self.fused:
+            q, k, v = x.reshape(b, s, 3, self.h, self.d).permute(2, 0, 3, 1, 4).unbind(0)
+            return self.attend(q, k, v, mask)
+        c = self.h * self.d
+        return self.attend(*(x[..., i * c:(i + 1) * c] for i in range(3)), mask)
+
+    def heads(self, t):
+        return t.reshape(t.shape[0], t.shape[1], self.h, self.d).transpose(1, 2)
+
+    def attend(self, q, k, v, mask):
+        """q, k, v: [b, s, heads, d] views, or [b, s, c] tensors (split into heads here)."""
+        b, s = q.shape[0], (q.shape[2] if q.dim() == 4 else q.shape[1])
+        if q.dim() == 3:
+            q, k, v = self.heads(q), self.heads(k), self.heads(v)
+        sc = qc.requant(qc.int_matmul(q, 0, k.transpose(-2, -1), 0), 0, self.m1, self.s1, 0, -32768, 32767, 0)
+        p = qc.int_softmax(sc, (mask != 0).unsqueeze(1).unsqueeze(2) if self.masked else None, self.exp, -1,
+                           2130706440, 24, 0, -128, 127)
+        o = qc.requant(qc.int_matmul(p, 0, v, 0), 0, self.m2, self.s2, 0, -32768, 32767, 0)
+        o = o.transpose(1, 2).reshape(b, s, self.h * self.d)
+        return (qc.requant(o, 1, self.m3, self.s3, -2, -128, 127, -1),)
+
+
+def _tir_calls(g):
+    """What the sm90 translation of g computes besides extern calls, after dead-code elimination:
+    its TIR kernels and Relax ops, by name."""
+    from tvm import relax
+
+    from qcompiler.backends.tvm.translate import to_relax
+    mod = relax.transform.DeadCodeElimination(["main"])(to_relax(g, dot="sm90"))
+    found = []
+
+    def visit(e):
+        if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op):
+            name = e.op.name
+            found.append(e.args[0].name_hint.rstrip("0123456789_") if name == "relax.call_tir" else
+                         name.removeprefix("relax."))
+    relax.analysis.post_order_visit(mod["main"], visit)
+    return found
+
+
+def _run_sm90_on_cpu(g, *inputs):
+    from tvm import relax
+
+    from qcompiler.backends.tvm.build import target_for
+    from qcompiler.backends.tvm.pipeline import pipeline
+    from qcompiler.backends.tvm.translate import to_relax
+    _emulate_kernels()
+    mod = to_relax(g, dot="sm90")
+    target = target_for("llvm", None)
+    with target:
+        ex = tvm.compile(mod, target=target, relax_pipeline=pipeline(target))
+    out = relax.VirtualMachine(ex, tvm.cpu())["main"](*[tvm.runtime.tensor(t.numpy(), tvm.cpu()) for t in inputs])
+    return _externs(mod), [o.numpy() for o in out]
+
+
+@pytest.mark.parametrize("tokens,d,fused_qkv,masked,per_channel", [
+    (20, 32, False, True, True), (37, 64, True, False, True), (16, 32, True, True, False), (70, 64, False, True, True)])
+def test_attention_block_is_one_kernel_call_exact_on_cpu(tokens, d, fused_qkv, masked, per_channel):
+    """The block becomes one qc.cuda.int_attention call that reads q / k / v through the views'
+    strides and writes the merged heads after the per-channel requant; its contract, emulated in
+    torch, reproduces the op-by-op reference bit for bit (the kernel itself is checked against
+    the same contract on the GPU by bench/gpu.py)."""
+    rng = np.random.default_rng(tokens)
+    m = HeadsAttention(heads=3, d=d, fused_qkv=fused_qkv, masked=masked, per_channel=per_channel)
+    x = torch.from_numpy(rng.integers(-128, 128, (2, tokens, 3 * 3 * d)).astype(np.int8))
+    mask = torch.from_numpy((rng.random((2, tokens)) > 0.3).astype(np.int64))
+    mask[1] = 0
+    g = qcompiler.trace(m, (x, mask), dynamic=None)
+    ext, out = _run_sm90_on_cpu(g, x, mask)
+    assert [e for e in ext if "attention" in e] == ["qc.cuda.int_attention" + ("_masked" if masked else "")]
+    assert not any("softmax" in e or "gemm" in e for e in ext), ext
+    assert np.array_equal(out[0], g(x, mask)[0].numpy())
+
+
+def test_attention_kernel_declines_blocks_it_does_not_compute():
+    """Head size 48 and more than 256 keys take the op-by-op path (and stay exact there)."""
+    from qcompiler.backends.tvm.translate import to_relax
+    for tokens, d in ((20, 48), (260, 32)):
+        x = torch.zeros(1, tokens, 3 * 2 * d, dtype=torch.int8)
+        g = qcompiler.trace(HeadsAttention(heads=2, d=d), (x, torch.ones(1, tokens, dtype=torch.int64)), dynamic=None)
+        assert not any("attention" in e for e in _externs(to_relax(g, dot="sm90")))
+
+
+class AddNormRequant(nn.Module):
+    """A post-LN residual: int_add -> int_layer_norm (int16), read by the next residual add and,
+    through a per-channel int8 requant, by the next linears."""
+
+    def __init__(self, c=64, add_users=1):
+        super().__init__()
+        g = torch.Generator().manual_seed(5)
+        self.add_users = add_users
+        self.ln = I.layer_norm_consts(torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g), c, 1e-5, 0.01,
+                                      0.05, in_levels=65536)
+        self.register_buffer("gamma", self.ln[2])
+        self.register_buffer("beta", self.ln[3])
+        self.register_buffer("m", torch.randint(1 << 29, 1 << 31, (c,), dtype=torch.int64, generator=g))
+        self.register_buffer("s", torch.randint(20, 34, (c,), dtype=torch.int64, generator=g))
+
+    def forward(self, a, b):
+        eps, k, _g, _b, shift = self.ln
+        x = qc.int_add(a, 3, 1439302324, b, -2, -881062436, 31, 1, -32768, 32767)
+        y = qc.int_layer_norm(x, 5, eps, k, self.gamma, self.beta, shift, 0, -32768, 32767)
+        q = qc.requant(y, 1, self.m, self.s, -3, -128, 127, -1)
+        out = (q, qc.int_add(y, 0, 1 << 30, a, 0, 1 << 29, 30, 0, -32768, 32767))
+        return out + ((x,) if self.add_users > 1 else ())
+
+
+@pytest.mark.parametrize("add_users", [1, 2])
+def test_add_layer_norm_requant_is_one_kernel_call_exact_on_cpu(add_users):
+    """The residual add (when the LayerNorm is its only reader) and the per-channel requant after
+    the LayerNorm go into the LayerNorm's kernel call; exact against the reference."""
+    rng = np.random.default_rng(add_users)
+    a, b = (torch.from_numpy(rng.integers(-32768, 32768, (2, 24, 64)).astype(np.int16)) for _ in range(2))
+    g = qcompiler.trace(AddNormRequant(add_users=add_users), (a, b), dynamic=None)
+    ext, out = _run_sm90_on_cpu(g, a, b)
+    assert ext.count("qc.cuda.int_layer_norm_requant") == 1 and "qc.cuda.int_layer_norm" not in ext, ext
+    assert _tir_calls(g).count("int_add") == add_users  # the residual's own add stays; the fused one is gone
+    for r, o in zip(g(a, b), out):
+        assert np.array_equal(o, r.numpy())
+
+
+class LinearsAttention(nn.Module):
+    """q, k, v as three int8 linears (+ requant) of one input, as MiniLM / BERT: one GEMM computes
+    all three (their weights concatenated), the attention kernel reads its columns. expose_v: v's
+    requantized output is also a model output (a reader that needs the columns as a tensor)."""
+
+    def __init__(self, c=64, heads=2, expose_v=False):
+        super().__init__()
+        g = torch.Generator().manual_seed(7)
+        self.heads, self.expose_v = heads, expose_v
+        self.att = HeadsAttention(heads=heads, d=c // heads, per_channel=True)
+        for i in range(3):
+            self.register_buffer(f"w{i}", torch.randint(-128, 128, (c, c), dtype=torch.int8, generator=g))
+            self.register_buffer(f"b{i}", torch.randint(-5000, 5000, (c,), dtype=torch.int32, generator=g))
+            self.register_buffer(f"m{i}", torch.randint(1 << 29, 1 << 31, (c if i else 1,), dtype=torch.int64,
+                                                        generator=g))
+            self.register_buffer(f"s{i}", torch.full((c if i else 1,), 20 + i, dtype=torch.int64))
+
+    def forward(self, x, mask):
+        qkv = [qc.requant(qc.int_linear(x, 0, getattr(self, f"w{i}"), getattr(self, f"b{i}")), 0,
+                          getattr(self, f"m{i}"), getattr(self, f"s{i}"), 0, -128, 127, -1) for i in range(3)]
+        out = self.att.attend(*qkv, mask)
+        return out + ((qkv[2],) if self.expose_v else ())
+
+
+@pytest.mark.parametrize("expose_v", [False, True])
+def test_sibling_linears_are_one_gemm_read_by_the_attention_kernel_exact_on_cpu(expose_v):
+    rng = np.random.default_rng(11)
+    x = torch.from_numpy(rng.integers(-128, 128, (2, 24, 64)).astype(np.int8))
+    mask = torch.from_numpy((rng.random((2, 24)) > 0.3).astype(np.int64))
+    g = qcompiler.trace(LinearsAttention(expose_v=expose_v), (x, mask), dynamic=None)
+    ext, out = _run_sm90_on_cpu(g, x, mask)
+    assert sum("gemm" in e for e in ext) == 1 and ext.count("qc.cuda.int_attention_masked") == 1, ext
+    assert _tir_calls(g).count("strided_slice") == int(expose_v)  # the columns copied only for the other reader
+    for r, o in zip(g(x, mask), out):
+        assert np.array_equal(o, r.numpy())
+
+
+class PreNorm(nn.Module):
+    """A pre-LN residual: x = int_add(a, b) feeds int_layer_norm (int8 out) and the next residual add."""
+
+    def __init__(self, c=64):
+        super().__init__()
+        g = torch.Generator().manual_seed(9)
+        self.ln = I.layer_norm_consts(torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g), c, 1e-5, 0.01,
+                                      0.05, in_levels=65536)
+        self.register_buffer("gamma", self.ln[2])
+        self.register_buffer("beta", self.ln[3])
+
+    def forward(self, a, b, c):
+        eps, k, _g, _b, shift = self.ln
+        x = qc.int_add(a, 3, 1439302324, b, -2, -881062436, 31, 1, -32768, 32767)
+        y = qc.int_layer_norm(x, 5, eps, k, self.gamma, self.beta, shift, 2, -128, 127)
+        return y, qc.int_add(x, 0, 1 << 30, c, 0, 1 << 29, 30, 0, -32768, 32767)
+
+
+def test_pre_norm_add_is_computed_by_the_layer_norm_kernel_exact_on_cpu():
+    """The add's sum, read by the LayerNorm and by the next residual add, comes out of the
+    LayerNorm's kernel call (the add's own kernel is gone)."""
+    rng = np.random.default_rng(4)
+    a, b, c = (torch.from_numpy(rng.integers(-32768, 32768, (2, 24, 64)).astype(np.int16)) for _ in range(3))
+    g = qcompiler.trace(PreNorm(), (a, b, c), dynamic=None)
+    ext, out = _run_sm90_on_cpu(g, a, b, c)
+    assert ext == ["qc.cuda.int_add_layer_norm"], ext
+    assert _tir_calls(g).count("int_add") == 1
+    for r, o in zip(g(a, b, c), out):
+        assert np.array_equal(o, r.numpy())

@@ -6,7 +6,8 @@
 // warp-specialized WGMMA collective; the epilogue is an epilogue-visitor tree whose compute
 // node is qc::requant's reference arithmetic (qcompiler/int_ops.py), in int64:
 //   p = (acc + bias) * mult;  y = clamp(sign(p) * ((|p| + half) >> shift) + out_zp, qmin, qmax)
-// with half = 2^(shift-1) for shift > 0, else 0: round half away from zero, bit for bit.
+// with half = 2^(shift-1) for shift > 0, else 0: round half away from zero, bit for bit (computed
+// in the equivalent form of qc_int.cuh's rshift_round).
 //
 // Exported through tvm_ffi as global functions, so a Relax VM calls them with
 // R.call_dps_packed on the VM's CUDA stream:
@@ -50,10 +51,12 @@ template <class T>
 struct Requant {
   using Arguments = RequantArgs;
   CUTLASS_HOST_DEVICE T operator()(T acc, T bias, T mult, T shift, Arguments const& a) const {
-    int64_t p = (acc + bias) * mult;
-    int64_t half = shift > 0 ? (int64_t(1) << (shift - 1)) : 0;
-    int64_t mag = ((p < 0 ? -p : p) + half) >> shift;
-    int64_t y = (p < 0 ? -mag : mag) + a.out_zp;
+    // acc + bias and mult are int32 (the translation checks |bias| + K 128^2 < 2^31, and the
+    // multipliers are int32): one 32 x 32 -> 64-bit multiply, not a 64 x 64 one
+    int64_t p = int64_t(int32_t(acc + bias)) * int64_t(int32_t(mult));
+    // rshift_round(p, shift) as (p + 2^(shift-1) - [p < 0]) >> shift: the same value as
+    // sign(p) ((|p| + 2^(shift-1)) >> shift) for every p (kernels/qc_int.cuh), in fewer operations
+    int64_t y = (shift > 0 ? (p + (int64_t(1) << (shift - 1)) - (p < 0 ? 1 : 0)) >> shift : p) + a.out_zp;
     return (y < a.qmin ? a.qmin : (y > a.qmax ? a.qmax : y)) & a.bits;
   }
 };
@@ -172,6 +175,19 @@ template <class Out>
 using Tile256 = GemmS8Requant<Shape<_128, _256, _128>, Shape<_2, _1, _1>,
                               cutlass::gemm::KernelTmaWarpSpecializedCooperative,
                               cutlass::epilogue::TmaWarpSpecializedCooperative, Out>;
+// candidates measured by bench/gpu.py's kernel table (pick_tile uses what wins there)
+template <class Out>
+using Tile256x128 = GemmS8Requant<Shape<_256, _128, _128>, Shape<_2, _1, _1>,
+                                  cutlass::gemm::KernelTmaWarpSpecializedCooperative,
+                                  cutlass::epilogue::TmaWarpSpecializedCooperative, Out>;
+template <class Out>
+using Tile128x64 = GemmS8Requant<Shape<_128, _64, _128>, Shape<_1, _1, _1>,
+                                 cutlass::gemm::KernelTmaWarpSpecializedCooperative,
+                                 cutlass::epilogue::TmaWarpSpecializedCooperative, Out>;
+template <class Out>
+using TilePp128 = GemmS8Requant<Shape<_64, _128, _128>, Shape<_1, _1, _1>,
+                                cutlass::gemm::KernelTmaWarpSpecializedPingpong,
+                                cutlass::epilogue::TmaWarpSpecialized, Out>;
 
 void check(const tvm::ffi::TensorView& t, int ndim, DLDataTypeCode code, int bits, const char* what) {
   TVM_FFI_ICHECK(t.ndim() == ndim && t.dtype().code == code && t.dtype().bits == bits && t.dtype().lanes == 1)
@@ -218,5 +234,14 @@ TVM_FFI_STATIC_INIT_BLOCK() {
   Function::SetGlobal("qc.cuda.gemm_s8_requant_i16_128x128", Function::FromTyped(qc::gemm<qc::Tile128<uint16_t>>),
                       true);
   Function::SetGlobal("qc.cuda.gemm_s8_requant_i16_128x256", Function::FromTyped(qc::gemm<qc::Tile256<uint16_t>>),
+                      true);
+  Function::SetGlobal("qc.cuda.gemm_s8_requant_256x128", Function::FromTyped(qc::gemm<qc::Tile256x128<int8_t>>), true);
+  Function::SetGlobal("qc.cuda.gemm_s8_requant_i16_256x128",
+                      Function::FromTyped(qc::gemm<qc::Tile256x128<uint16_t>>), true);
+  Function::SetGlobal("qc.cuda.gemm_s8_requant_128x64", Function::FromTyped(qc::gemm<qc::Tile128x64<int8_t>>), true);
+  Function::SetGlobal("qc.cuda.gemm_s8_requant_i16_128x64", Function::FromTyped(qc::gemm<qc::Tile128x64<uint16_t>>),
+                      true);
+  Function::SetGlobal("qc.cuda.gemm_s8_requant_pp64x128", Function::FromTyped(qc::gemm<qc::TilePp128<int8_t>>), true);
+  Function::SetGlobal("qc.cuda.gemm_s8_requant_i16_pp64x128", Function::FromTyped(qc::gemm<qc::TilePp128<uint16_t>>),
                       true);
 }

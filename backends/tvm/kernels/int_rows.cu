@@ -10,11 +10,14 @@
 //                              qmin, qmax, y)                   (mask row of row r: (r / mdiv) % mmod)
 //     softmax over the first n entries of each row (LX, LY >= n: rows padded for the int8 GEMMs'
 //     16-byte TMA rows); y's entries n .. LY-1 are written 0 (zero padding along the next GEMM's K)
-//   qc.cuda.int_lut(x [E], table [T] int32, offset, y [E])
-//   qc.cuda.int_lut_requant(x [E], table [T] int32, offset, in_zp, mult [C] int64, shift [C] int64,
+//   qc.cuda.int_lut(x [E], table [T] int16, offset, y [E])
+//   qc.cuda.int_lut_requant(x [E], table [T] int16, offset, in_zp, mult [C] int64, shift [C] int64,
 //                           out_zp, qmin, qmax, y [E])          (C: 1 or x's last dim)
-//   qc.cuda.int_layer_norm(x [R, C], x_zp, eps, sqrt_bits, gamma [C] int64, beta [C] int64, shift,
-//                          out_zp, qmin, qmax, y [R, C])
+//   qc.cuda.int_layer_norm(a [R, C], b [R, C], params [L_LEN] int64, gamma [C] int64, beta [C] int64,
+//                          rq_mult [C] int64, rq_shift [C] int64, y [R, C])
+//   qc.cuda.int_layer_norm_requant(... the same ..., y [R, C], y2 [R, C] int8)
+//   qc.cuda.int_add_layer_norm(... the same ..., x [R, C], y [R, C])   x: the int_add's sum (a's dtype)
+//     LayerNorm of a, or of int_add(a, b) (params[L_ADD]); y2: the per-channel requant of y
 // x: int8 / int16; y: int8 / uint8 / int16 (the translation declines other dtypes).
 //
 // What the translation (backends/tvm/translate.py) guarantees before calling them:
@@ -32,20 +35,17 @@
 #include <tvm/ffi/extra/c_env_api.h>
 #include <tvm/ffi/function.h>
 
+#include "qc_int.cuh"
+
 namespace qc_rows {
 
 using tvm::ffi::TensorView;
+using qc_int::clamp64;
+using qc_int::numel;
+using qc_int::rshift_round;
+using qc_int::stream_of;
 
 constexpr int kWarps = 8;  // rows per block (a warp per row)
-
-// int_ops.rshift_round: sign(p) * ((|p| + 2^(c-1)) >> c), 0 <= c <= 62
-__device__ __forceinline__ int64_t rshift_round(int64_t p, int64_t c) {
-  int64_t half = c > 0 ? (int64_t(1) << (c - 1)) : 0;
-  int64_t mag = ((p < 0 ? -p : p) + half) >> c;
-  return p < 0 ? -mag : mag;
-}
-
-__device__ __forceinline__ int64_t clamp64(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
 // floor(a / b) for b >= 1 (torch's floor division), any int64 a
 __device__ __forceinline__ int64_t floordiv64(int64_t a, int64_t b) {
@@ -71,19 +71,11 @@ __device__ __forceinline__ int64_t warp_sum(int64_t v) {
 // ---- int_softmax ------------------------------------------------------------------------------
 // d = max(x) - x over the kept entries; e = table[min(d, T - 1)] (0 where masked); S = max(sum e, 1);
 // y = clamp(rshift_round(floor(e * mult / S), shift) + out_zp, qmin, qmax). A fully masked row: out_zp.
-// e * mult / S rounded down, from a per-row float64 estimate of mult / S and integer fix-ups:
-// exact for |e * mult| < 2^53 and S >= 1 (the fix-ups loop until q * S <= num < (q + 1) * S)
-__device__ __forceinline__ int64_t floordiv_row(int64_t num, int64_t den, double est) {
-  int64_t q = static_cast<int64_t>(floor(est));
-  while (q * den > num) q -= 1;
-  while ((q + 1) * den <= num) q += 1;
-  return q;
-}
-
+// e * mult / S rounded down: qc_int::floordiv_est from a per-row float64 estimate of mult / S
 template <class Out>
 __device__ __forceinline__ void softmax_store(Out* yr, int64_t j, int64_t e, int64_t mult, int64_t s, double inv,
                                               int64_t shift, int64_t out_zp, int64_t qmin, int64_t qmax) {
-  int64_t t = floordiv_row(e * mult, s, static_cast<double>(e) * inv);
+  int64_t t = qc_int::floordiv_est(e * mult, s, static_cast<double>(e) * inv);
   yr[j] = static_cast<Out>(clamp64(rshift_round(t, shift) + out_zp, qmin, qmax));
 }
 
@@ -165,11 +157,47 @@ __global__ void __launch_bounds__(kWarps * 32) softmax_rows(const In* __restrict
 }
 
 // ---- int_lut (+ requant) ----------------------------------------------------------------------
+// The table is int16 (every table dtype the translation passes, int8 / uint8 / int16, fits).
+// lut_smem: the whole table in shared memory (a 65536-entry table of an int16 input is 128 KiB,
+// which L1 would not hold beside the streamed data), one block of 1024 threads per SM, each thread
+// 8 entries per step (16-byte loads of x). lut_kernel: any shape, the table through L1.
+constexpr int kLutThreads = 1024;
+
+template <class Out, bool Rq>
+__global__ void __launch_bounds__(kLutThreads)
+    lut_smem(const int16_t* __restrict__ x, const int16_t* __restrict__ tab, int64_t tlen, int64_t offset,
+             int64_t chunks, int64_t cols, int64_t in_zp, const int64_t* __restrict__ mult,
+             const int64_t* __restrict__ shift, bool per_channel, int64_t out_zp, int64_t qmin, int64_t qmax,
+             Out* __restrict__ y) {
+  extern __shared__ __align__(16) int16_t st[];
+  for (int64_t i = threadIdx.x; i < tlen; i += kLutThreads) st[i] = tab[i];
+  __syncthreads();
+  for (int64_t ch = int64_t(blockIdx.x) * kLutThreads + threadIdx.x; ch < chunks; ch += int64_t(gridDim.x) * kLutThreads) {
+    const int4 raw = __ldg(reinterpret_cast<const int4*>(x) + ch);
+    const int16_t* xv = reinterpret_cast<const int16_t*>(&raw);
+    const int64_t c0 = (ch * 8) % cols;
+    __align__(16) Out out[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      int64_t v = st[clamp64(int64_t(xv[e]) - offset, 0, tlen - 1)];
+      if (Rq) {
+        const int64_t c = per_channel ? c0 + e : 0;
+        v = qc_int::requant(v, in_zp, __ldg(mult + c), __ldg(shift + c), out_zp, qmin, qmax);
+      }
+      out[e] = static_cast<Out>(v);
+    }
+    if constexpr (sizeof(Out) == 2)
+      reinterpret_cast<int4*>(y)[ch] = *reinterpret_cast<const int4*>(out);
+    else
+      reinterpret_cast<int2*>(y)[ch] = *reinterpret_cast<const int2*>(out);
+  }
+}
+
 // x viewed as [rows, cols]: y = table[clamp(x - offset, 0, T - 1)]; with Rq:
 // y = clamp(rshift_round((y - in_zp) * mult[c], shift[c]) + out_zp, qmin, qmax) (c the column, or 0
 // for per-tensor constants). A thread owns a column (its constants in registers) and walks rows.
 template <class In, class Out, bool Rq>
-__global__ void lut_kernel(const In* __restrict__ x, const int32_t* __restrict__ tab, int64_t tlen, int64_t offset,
+__global__ void lut_kernel(const In* __restrict__ x, const int16_t* __restrict__ tab, int64_t tlen, int64_t offset,
                            int64_t rows, int64_t cols, int64_t in_zp, const int64_t* __restrict__ mult,
                            const int64_t* __restrict__ shift, bool per_channel, int64_t out_zp, int64_t qmin,
                            int64_t qmax, Out* __restrict__ y) {
@@ -189,13 +217,26 @@ __global__ void lut_kernel(const In* __restrict__ x, const int32_t* __restrict__
   }
 }
 
-// ---- int_layer_norm ---------------------------------------------------------------------------
+// ---- int_layer_norm (with the residual int_add before it and the requant after it) -------------
 // int_ops.int_layer_norm, a warp per row of C:
 //   x' = x - x_zp; d = C x' - sum(x'); V = (floor(sum(d^2) / C) + eps) * 2^k; r = isqrt(V);
 //   inv = r > 0 ? floor(2^56 / r) : 0; n = rshift_round(d * inv, 40 - k/2);
 //   y = clamp(rshift_round(n * gamma_c + beta_c, shift) + out_zp, qmin, qmax)
-// Over the lane's entries of the row: j = lane, lane + 32, ...; k counts them. VPL > 0 (rows of
-// C <= 32 VPL): x read once into registers (xk); VPL = 0: any C, x re-read from L1.
+// With Add, x is int_add(a, b) (int_ops.int_add: clamp(rshift_round((a - a_zp) a_mult + (b - b_zp) b_mult,
+// add_shift) + add_zp, add_lo, add_hi)), computed here and never stored; without, x is a. With a
+// requant (y2 != nullptr), also y2 = requant(y) per channel (rq_mult_c, rq_shift_c) in int8: the
+// LayerNorm's two readers, the residual (y) and the next linears (y2), from one kernel.
+// The scalar constants come in `prm` (L_* below). Over the lane's entries of the row: j = lane,
+// lane + 32, ...; k counts them. VPL > 0 (rows of C <= 32 VPL): x kept in registers (xk); VPL = 0:
+// any C, x recomputed from a (and b).
+enum : int {
+  L_AZP, L_AMULT, L_BZP, L_BMULT, L_ASHIFT, L_AZO, L_ALO, L_AHI,  // int_add
+  L_XZP, L_EPS, L_SQRT_BITS, L_SHIFT, L_OZP, L_QMIN, L_QMAX,      // int_layer_norm
+  L_RZI, L_RZO, L_RLO, L_RHI,                                      // requant (its in_zp, out_zp, qmin, qmax)
+  L_ADD,                                                           // 1: x = int_add(a, b); 0: x = a
+  L_LEN
+};
+
 #define QC_FOR_ROW(BODY)                                                     \
   if constexpr (VPL > 0) {                                                   \
     _Pragma("unroll") for (int k = 0; k < VPL; ++k) {                        \
@@ -207,30 +248,42 @@ __global__ void lut_kernel(const In* __restrict__ x, const int32_t* __restrict__
     }                                                                        \
   } else {                                                                   \
     for (int64_t j = lane; j < ch; j += 32) {                                \
-      int64_t xk = int64_t(xr[j]);                                           \
+      int64_t xk = xval(j);                                                  \
       BODY                                                                   \
     }                                                                        \
   }
 
 template <class In, class Out, int VPL>
-__global__ void __launch_bounds__(kWarps * 32) layer_norm_rows(const In* __restrict__ x, int64_t rows, int64_t ch,
-                                                               int64_t x_zp, int64_t eps, int64_t sqrt_bits,
-                                                               const int64_t* __restrict__ gamma,
-                                                               const int64_t* __restrict__ beta, int64_t shift,
-                                                               int64_t out_zp, int64_t qmin, int64_t qmax,
-                                                               Out* __restrict__ y) {
+__global__ void __launch_bounds__(kWarps * 32)
+    layer_norm_rows(const In* __restrict__ a, const In* __restrict__ b, const int64_t* __restrict__ prm, int64_t rows,
+                    int64_t ch, const int64_t* __restrict__ gamma, const int64_t* __restrict__ beta,
+                    const int64_t* __restrict__ rq_mult, const int64_t* __restrict__ rq_shift, Out* __restrict__ y,
+                    int8_t* __restrict__ y2, In* __restrict__ xs) {
   int64_t row = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
   int lane = threadIdx.x & 31;
   if (row >= rows) return;
-  const In* xr = x + row * ch;
-  Out* yr = y + row * ch;
+  const In* ar = a + row * ch;
+  const In* br = __ldg(prm + L_ADD) ? b + row * ch : nullptr;
+  const int64_t azp = __ldg(prm + L_AZP), amult = __ldg(prm + L_AMULT), bzp = __ldg(prm + L_BZP),
+                bmult = __ldg(prm + L_BMULT), ashift = __ldg(prm + L_ASHIFT), azo = __ldg(prm + L_AZO),
+                alo = __ldg(prm + L_ALO), ahi = __ldg(prm + L_AHI);
+  auto xval = [&](int64_t j) -> int64_t {
+    if (!br) return int64_t(ar[j]);
+    return clamp64(rshift_round((int64_t(ar[j]) - azp) * amult + (int64_t(br[j]) - bzp) * bmult, ashift) + azo, alo,
+                   ahi);
+  };
+  const int64_t x_zp = __ldg(prm + L_XZP);
+  In* xsr = xs ? xs + row * ch : nullptr;  // the int_add's sum, stored where other ops read it too
   int32_t cache[VPL > 0 ? VPL : 1];
   if constexpr (VPL > 0) {
 #pragma unroll
     for (int k = 0; k < VPL; ++k) {
       int64_t j = lane + 32 * k;
-      cache[k] = j < ch ? int32_t(xr[j]) : 0;
+      cache[k] = j < ch ? int32_t(xval(j)) : 0;
+      if (xsr && j < ch) xsr[j] = static_cast<In>(cache[k]);
     }
+  } else if (xsr) {
+    for (int64_t j = lane; j < ch; j += 32) xsr[j] = static_cast<In>(xval(j));
   }
   int64_t s1 = 0;
   QC_FOR_ROW(s1 += xk - x_zp;)
@@ -238,7 +291,8 @@ __global__ void __launch_bounds__(kWarps * 32) layer_norm_rows(const In* __restr
   int64_t s2 = 0;
   QC_FOR_ROW(int64_t d = ch * (xk - x_zp) - s1; s2 += d * d;)
   s2 = warp_sum(s2);
-  int64_t v = (floordiv64(s2, ch) + eps) * (int64_t(1) << sqrt_bits);
+  const int64_t sqrt_bits = __ldg(prm + L_SQRT_BITS);
+  int64_t v = (floordiv64(s2, ch) + __ldg(prm + L_EPS)) * (int64_t(1) << sqrt_bits);
   // int_ops.isqrt: a float64 estimate, then two rounds of +1 / -1 fix-ups
   int64_t r = static_cast<int64_t>(floor(sqrt(static_cast<double>(v))));
 #pragma unroll
@@ -247,32 +301,26 @@ __global__ void __launch_bounds__(kWarps * 32) layer_norm_rows(const In* __restr
     if (r * r > v) r -= 1;
   }
   int64_t inv = r > 0 ? (int64_t(1) << 56) / r : 0;  // r > 0: floor division of positives
-  int64_t nshift = 56 - sqrt_bits / 2 - 16;
+  const int64_t nshift = 56 - sqrt_bits / 2 - 16;
+  const int64_t shift = __ldg(prm + L_SHIFT), ozp = __ldg(prm + L_OZP), qmin = __ldg(prm + L_QMIN),
+                qmax = __ldg(prm + L_QMAX);
+  const int64_t rzi = __ldg(prm + L_RZI), rzo = __ldg(prm + L_RZO), rlo = __ldg(prm + L_RLO), rhi = __ldg(prm + L_RHI);
+  Out* yr = y + row * ch;
+  int8_t* y2r = y2 ? y2 + row * ch : nullptr;
   QC_FOR_ROW(
     int64_t d = ch * (xk - x_zp) - s1;
     int64_t nv = rshift_round(d * inv, nshift);
-    int64_t o = clamp64(rshift_round(nv * __ldg(gamma + j) + __ldg(beta + j), shift) + out_zp, qmin, qmax);
+    int64_t o = clamp64(rshift_round(nv * __ldg(gamma + j) + __ldg(beta + j), shift) + ozp, qmin, qmax);
     yr[j] = static_cast<Out>(o);
+    if (y2r) y2r[j] = static_cast<int8_t>(qc_int::requant(o, rzi, __ldg(rq_mult + j), __ldg(rq_shift + j), rzo, rlo, rhi));
   )
 }
 #undef QC_FOR_ROW
 
 // ---- host side --------------------------------------------------------------------------------
 
-cudaStream_t stream_of(const TensorView& t) {
-  return static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, t.device().device_id));
-}
-
-int64_t numel(const TensorView& t) {
-  int64_t n = 1;
-  for (int i = 0; i < t.ndim(); ++i) n *= t.size(i);
-  return n;
-}
-
 void check(const TensorView& t, DLDataTypeCode code, int bits, const char* what) {
-  TVM_FFI_ICHECK(t.dtype().code == code && t.dtype().bits == bits && t.dtype().lanes == 1)
-      << "qc row kernel: " << what << " has the wrong dtype";
-  TVM_FFI_ICHECK(t.device().device_type == kDLCUDA) << "qc row kernel: " << what << " is not on a CUDA device";
+  qc_int::check(t, code, bits, "qc row kernel", what);
 }
 
 // f(T()) for the dtype T of t: inputs int8 / int16 (by_in), outputs int8 / uint8 / int16 (by_out);
@@ -361,9 +409,48 @@ void softmax_masked(TensorView x, TensorView mask, TensorView tab, int64_t n, in
   softmax_impl(x, &mask, tab, n, mdiv, mmod, mult, shift, out_zp, qmin, qmax, y);
 }
 
+int sm_count(const TensorView& t) {
+  static int cached[64] = {0};
+  int dev = t.device().device_id;
+  if (dev >= 0 && dev < 64 && cached[dev]) return cached[dev];
+  int n = 0;
+  cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
+  n = n > 0 ? n : 1;
+  if (dev >= 0 && dev < 64) cached[dev] = n;
+  return n;
+}
+
+// the table in shared memory: an int16 input, 8 | cols, 16-byte aligned x and y, a table that fits
+template <class Out, bool Rq>
+bool lut_smem_launch(const TensorView& x, const int16_t* tp, int64_t tlen, int64_t offset, int64_t count,
+                     int64_t cols, int64_t in_zp, const int64_t* mp, const int64_t* sp, bool per_channel,
+                     int64_t out_zp, int64_t qmin, int64_t qmax, Out* yp, cudaStream_t st) {
+  constexpr int64_t kMaxBytes = 160 * 1024;
+  const size_t bytes = size_t(tlen) * sizeof(int16_t);
+  if (cols % 8 || bytes > kMaxBytes || reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 ||
+      reinterpret_cast<uintptr_t>(yp) % 16)
+    return false;
+  static bool attr = false;  // per instantiation
+  if (!attr) {
+    if (cudaFuncSetAttribute(lut_smem<Out, Rq>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kMaxBytes)) !=
+        cudaSuccess) {
+      cudaGetLastError();
+      return false;
+    }
+    attr = true;
+  }
+  int64_t chunks = count / 8;
+  int64_t blocks = (chunks + kLutThreads - 1) / kLutThreads;
+  int sms = sm_count(x);
+  lut_smem<Out, Rq><<<unsigned(blocks < sms ? blocks : sms), kLutThreads, bytes, st>>>(
+      static_cast<const int16_t*>(x.data_ptr()), tp, tlen, offset, chunks, cols, in_zp, mp, sp, per_channel, out_zp,
+      qmin, qmax, yp);
+  return true;
+}
+
 void lut_impl(TensorView x, TensorView tab, int64_t offset, bool rq, int64_t in_zp, const TensorView* mult,
               const TensorView* shift, int64_t out_zp, int64_t qmin, int64_t qmax, TensorView y) {
-  check(tab, kDLInt, 32, "table");
+  check(tab, kDLInt, 16, "table");
   TVM_FFI_ICHECK(tab.ndim() == 1 && tab.size(0) >= 1) << "qc int_lut: empty table";
   int64_t count = numel(x);
   TVM_FFI_ICHECK(numel(y) == count && x.ndim() >= 1) << "qc int_lut: x and y differ in size";
@@ -386,10 +473,17 @@ void lut_impl(TensorView x, TensorView tab, int64_t offset, bool rq, int64_t in_
   cudaStream_t st = stream_of(x);
   const int64_t* mp = rq ? static_cast<const int64_t*>(mult->data_ptr()) : nullptr;
   const int64_t* sp = rq ? static_cast<const int64_t*>(shift->data_ptr()) : nullptr;
-  auto tp = static_cast<const int32_t*>(tab.data_ptr());
+  auto tp = static_cast<const int16_t*>(tab.data_ptr());
   with_io(x, y, [&](auto xp, auto yp) {
     using In = elem_t<decltype(xp)>;
     using Out = elem_t<decltype(yp)>;
+    if constexpr (std::is_same_v<In, int16_t>) {
+      bool done = rq ? lut_smem_launch<Out, true>(x, tp, tab.size(0), offset, count, cols, in_zp, mp, sp, per_channel,
+                                                  out_zp, qmin, qmax, yp, st)
+                     : lut_smem_launch<Out, false>(x, tp, tab.size(0), offset, count, cols, 0, nullptr, nullptr,
+                                                   false, 0, 0, 0, yp, st);
+      if (done) return;
+    }
     if (rq)
       lut_kernel<In, Out, true><<<grid, block, 0, st>>>(xp, tp, tab.size(0), offset, rows, cols, in_zp, mp, sp,
                                                          per_channel, out_zp, qmin, qmax, yp);
@@ -409,23 +503,46 @@ void lut_requant(TensorView x, TensorView tab, int64_t offset, int64_t in_zp, Te
   lut_impl(x, tab, offset, true, in_zp, &mult, &shift, out_zp, qmin, qmax, y);
 }
 
-void layer_norm(TensorView x, int64_t x_zp, int64_t eps, int64_t sqrt_bits, TensorView gamma, TensorView beta,
-                int64_t shift, int64_t out_zp, int64_t qmin, int64_t qmax, TensorView y) {
-  TVM_FFI_ICHECK(x.ndim() == 2 && y.ndim() == 2 && x.size(0) == y.size(0) && x.size(1) == y.size(1))
+// a, b [R, C] (b: the int_add's second operand, read where params[L_ADD] is 1), prm [L_LEN] int64,
+// gamma / beta [C] int64, rq_mult / rq_shift [C] int64 (read only with y2), y [R, C], y2 [R, C] int8
+void layer_norm_impl(TensorView a, TensorView b, TensorView prm, TensorView gamma, TensorView beta,
+                     TensorView rq_mult, TensorView rq_shift, TensorView y, const TensorView* y2,
+                     const TensorView* xs) {
+  TVM_FFI_ICHECK(a.ndim() == 2 && y.ndim() == 2 && a.size(0) == y.size(0) && a.size(1) == y.size(1))
       << "qc int_layer_norm: x and y must be [rows, C] alike";
-  int64_t rows = x.size(0), ch = x.size(1);
+  int64_t rows = a.size(0), ch = a.size(1);
+  check(prm, kDLInt, 64, "params");
   check(gamma, kDLInt, 64, "gamma");
   check(beta, kDLInt, 64, "beta");
+  TVM_FFI_ICHECK(numel(prm) == L_LEN) << "qc int_layer_norm: params must have " << L_LEN << " entries";
   TVM_FFI_ICHECK(numel(gamma) == ch && numel(beta) == ch) << "qc int_layer_norm: gamma / beta must have C entries";
-  TVM_FFI_ICHECK(sqrt_bits >= 0 && sqrt_bits <= 40 && shift >= 0 && shift <= 62) << "qc int_layer_norm: shifts";
+  TVM_FFI_ICHECK(b.ndim() == 2 && b.size(0) == rows && b.size(1) == ch && b.dtype() == a.dtype())
+      << "qc int_layer_norm: the add's operands must be [rows, C] alike";
+  if (y2) {
+    check(*y2, kDLInt, 8, "y2");
+    check(rq_mult, kDLInt, 64, "rq_mult");
+    check(rq_shift, kDLInt, 64, "rq_shift");
+    TVM_FFI_ICHECK(numel(*y2) == rows * ch && numel(rq_mult) == ch && numel(rq_shift) == ch)
+        << "qc int_layer_norm: y2 / requant constants do not match x";
+  }
+  if (xs) {
+    TVM_FFI_ICHECK(xs->ndim() == 2 && xs->size(0) == rows && xs->size(1) == ch && xs->dtype() == a.dtype())
+        << "qc int_layer_norm: the sum's output must be [rows, C] like a";
+  }
   if (rows == 0 || ch == 0) return;
   dim3 grid(static_cast<unsigned>((rows + kWarps - 1) / kWarps)), block(kWarps * 32);
-  cudaStream_t st = stream_of(x);
-  with_io(x, y, [&](auto xp, auto yp) {
+  cudaStream_t st = stream_of(a);
+  auto pp = static_cast<const int64_t*>(prm.data_ptr());
+  auto gp = static_cast<const int64_t*>(gamma.data_ptr()), bp = static_cast<const int64_t*>(beta.data_ptr());
+  auto mp = static_cast<const int64_t*>(rq_mult.data_ptr()), sp = static_cast<const int64_t*>(rq_shift.data_ptr());
+  int8_t* y2p = y2 ? static_cast<int8_t*>(y2->data_ptr()) : nullptr;
+  with_io(a, y, [&](auto ap, auto yp) {
+    using In = elem_t<decltype(ap)>;
+    const In* bptr = static_cast<const In*>(b.data_ptr());
+    In* xsp = xs ? static_cast<In*>(xs->data_ptr()) : nullptr;
     auto go = [&](auto vpl) {
-      layer_norm_rows<elem_t<decltype(xp)>, elem_t<decltype(yp)>, decltype(vpl)::value><<<grid, block, 0, st>>>(
-          xp, rows, ch, x_zp, eps, sqrt_bits, static_cast<const int64_t*>(gamma.data_ptr()),
-          static_cast<const int64_t*>(beta.data_ptr()), shift, out_zp, qmin, qmax, yp);
+      layer_norm_rows<In, elem_t<decltype(yp)>, decltype(vpl)::value><<<grid, block, 0, st>>>(
+          ap, bptr, pp, rows, ch, gp, bp, mp, sp, yp, y2p, xsp);
     };
     if (ch <= 384)
       go(std::integral_constant<int, 12>());
@@ -437,6 +554,21 @@ void layer_norm(TensorView x, int64_t x_zp, int64_t eps, int64_t sqrt_bits, Tens
   TVM_FFI_ICHECK(cudaGetLastError() == cudaSuccess) << "qc int_layer_norm: launch failed";
 }
 
+void layer_norm(TensorView a, TensorView b, TensorView prm, TensorView gamma, TensorView beta, TensorView rq_mult,
+                TensorView rq_shift, TensorView y) {
+  layer_norm_impl(a, b, prm, gamma, beta, rq_mult, rq_shift, y, nullptr, nullptr);
+}
+
+void add_layer_norm(TensorView a, TensorView b, TensorView prm, TensorView gamma, TensorView beta, TensorView rq_mult,
+                    TensorView rq_shift, TensorView xs, TensorView y) {
+  layer_norm_impl(a, b, prm, gamma, beta, rq_mult, rq_shift, y, nullptr, &xs);
+}
+
+void layer_norm_requant(TensorView a, TensorView b, TensorView prm, TensorView gamma, TensorView beta,
+                        TensorView rq_mult, TensorView rq_shift, TensorView y, TensorView y2) {
+  layer_norm_impl(a, b, prm, gamma, beta, rq_mult, rq_shift, y, &y2, nullptr);
+}
+
 }  // namespace qc_rows
 
 TVM_FFI_STATIC_INIT_BLOCK() {
@@ -446,4 +578,6 @@ TVM_FFI_STATIC_INIT_BLOCK() {
   Function::SetGlobal("qc.cuda.int_lut", Function::FromTyped(qc_rows::lut), true);
   Function::SetGlobal("qc.cuda.int_lut_requant", Function::FromTyped(qc_rows::lut_requant), true);
   Function::SetGlobal("qc.cuda.int_layer_norm", Function::FromTyped(qc_rows::layer_norm), true);
+  Function::SetGlobal("qc.cuda.int_layer_norm_requant", Function::FromTyped(qc_rows::layer_norm_requant), true);
+  Function::SetGlobal("qc.cuda.int_add_layer_norm", Function::FromTyped(qc_rows::add_layer_norm), true);
 }

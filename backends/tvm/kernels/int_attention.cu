@@ -1,0 +1,369 @@
+// qcompiler's fused integer attention for tvm-cuda: one kernel computes, per (batch, head) and
+// block of 64 query rows,
+//   s = requant1(q @ k^T)                       (int32 accumulators, qc::requant per tensor)
+//   p = int_softmax(s, mask)                    (qc::int_softmax along the keys, int8 out)
+//   o = requant2(p @ v)                         (per tensor)
+//   y = requant3(o)                             (optional: the per-channel requant that follows
+//                                                the heads' merge, channel = head * D + d)
+// bit for bit as the reference kernels of qcompiler/int_ops.py compute them op by op. Scores,
+// probabilities and outputs stay in registers: the two matmuls are mma.sync m16n8k32 int8
+// tensor-core instructions, q / k / v are read once through shared memory, straight from the
+// layout the linears wrote (strided views: no transposes), and y is written in the layout the
+// next op reads (the heads merged back into channels).
+//
+// Exported through tvm_ffi (called from the Relax graph with R.call_dps_packed):
+//   qc.cuda.int_attention(q, k, v, table [T] int32, params [P_LEN] int64, mult3 [C] int64,
+//                         shift3 [C] int64, batch, heads, sq, sk, d, y)
+//   qc.cuda.int_attention_masked(q, k, v, mask, table, params, mult3, shift3, batch, heads, sq, sk,
+//                                d, y)
+// q, k, v: int8 buffers that the views in `params` index (element (b, h, i, j) of q at
+// q[off + b sb + h sh + i ss + j]); mask: bool / int8, indexed the same way (strides, 0 where it
+// broadcasts); y: int8 or int16. `params` (see the P_* offsets) holds the views and the requant /
+// softmax constants; the translation (backends/tvm/fuse_attention.py) guarantees what the kernel
+// relies on: d in {32, 64}, 1 <= sk <= 256, every q / k / v offset and stride a multiple of 16
+// bytes with unit stride along d, every index the views form inside its buffer, the softmax
+// table and constants as qc.cuda.int_softmax takes them (|mult| * max(table) < 2^53,
+// sk * max(table) < 2^53), the softmax's output within int8, requant1's within int32.
+#include <climits>
+#include <cstdint>
+#include <type_traits>
+
+#include <cuda_runtime.h>
+
+#include <tvm/ffi/container/tensor.h>
+#include <tvm/ffi/error.h>
+#include <tvm/ffi/function.h>
+
+#include "qc_int.cuh"
+
+namespace qc_attn {
+
+using qc_int::clamp64;
+using qc_int::requant;
+using qc_int::rshift_round;
+using tvm::ffi::TensorView;
+
+constexpr int kWarps = 4;            // a warp owns 16 query rows
+constexpr int kRows = 16 * kWarps;   // query rows per block
+
+// params: four int64 per view (offset, batch, head, row strides; unit stride along d), then the
+// constants of requant1 / softmax / requant2 / requant3
+enum : int {
+  P_Q = 0, P_K = 4, P_V = 8, P_Y = 12, P_MASK = 16,     // mask: batch, head, query, key strides
+  P_R1 = 20,                                            // in_zp, mult, shift, out_zp, qmin, qmax
+  P_SM = 26,                                            // mult, shift, out_zp, qmin, qmax
+  P_R2 = 31,                                            // in_zp, mult, shift, out_zp, qmin, qmax
+  P_R3 = 37,                                            // present, per_channel, in_zp, out_zp, qmin, qmax
+  P_LEN = 43
+};
+
+__device__ __forceinline__ void mma_s8(int (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// The probabilities p leave the first mma as C fragments (thread (g, t) of a warp holds keys
+// 8 nt + 2t, 8 nt + 2t + 1 of rows g and g + 8) and enter the second as A fragments (keys 4t .. 4t + 3
+// and 16 + 4t .. 16 + 4t + 3 of each 32-key chunk). Instead of moving values between threads, the
+// keys of each chunk are renumbered: A slot 4t + i holds key 2t + (i & 1) + 8 (i >> 1) (16 more for
+// the upper half), which is where the thread's C values already are, and v's rows are stored in
+// shared memory in slot order. The sum over keys is the same integer sum in another order.
+__device__ __forceinline__ int key_slot(int key) {  // key in [0, 32) -> its slot
+  int r = key & 15;
+  return (key & 16) + 4 * ((r & 7) >> 1) + 2 * (r >> 3) + (r & 1);
+}
+
+__device__ __forceinline__ uint32_t pack4(int a, int b, int c, int d) {
+  return (uint32_t(uint8_t(a))) | (uint32_t(uint8_t(b)) << 8) | (uint32_t(uint8_t(c)) << 16) |
+         (uint32_t(uint8_t(d)) << 24);
+}
+
+template <int D, int KT, class Out, bool Masked>
+__global__ void __launch_bounds__(kWarps * 32)
+    attention_kernel(const int8_t* __restrict__ q, const int8_t* __restrict__ k, const int8_t* __restrict__ v,
+              const int8_t* __restrict__ mask, const int32_t* __restrict__ tab, int64_t tlen,
+              const int64_t* __restrict__ prm, const int64_t* __restrict__ mult3, const int64_t* __restrict__ shift3,
+              int64_t heads, int64_t sq, int64_t sk, Out* __restrict__ y) {
+  constexpr int NK = 32 * KT;  // keys, padded to whole chunks
+  constexpr int NT = 4 * KT;   // 8-key tiles
+  constexpr int LDQ = D + 16;  // bytes per shared row of q and k (the pad spreads a fragment's rows over banks)
+  constexpr int LDV = NK + 16; // bytes per shared row of v^T
+  constexpr int PR = D / 16;   // 16-byte pieces per row of q / k / v
+  __shared__ __align__(16) int8_t sq_[kRows * LDQ];
+  __shared__ __align__(16) int8_t sk_[NK * LDQ];
+  __shared__ __align__(16) int8_t svt[D * LDV];
+
+  const int64_t b = blockIdx.y / heads, h = blockIdx.y % heads;
+  const int64_t q0 = int64_t(blockIdx.x) * kRows;
+  const int tid = threadIdx.x;
+  {
+    const int8_t* kb = k + __ldg(prm + P_K) + b * __ldg(prm + P_K + 1) + h * __ldg(prm + P_K + 2);
+    const int8_t* vb = v + __ldg(prm + P_V) + b * __ldg(prm + P_V + 1) + h * __ldg(prm + P_V + 2);
+    const int8_t* qb = q + __ldg(prm + P_Q) + b * __ldg(prm + P_Q + 1) + h * __ldg(prm + P_Q + 2);
+    const int64_t kss = __ldg(prm + P_K + 3), vss = __ldg(prm + P_V + 3), qss = __ldg(prm + P_Q + 3);
+    for (int i = tid; i < NK * PR; i += kWarps * 32) {
+      int j = i / PR, p = i % PR;
+      uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
+      if (j < sk) {
+        kv = *reinterpret_cast<const uint4*>(kb + j * kss + 16 * p);
+        vv = *reinterpret_cast<const uint4*>(vb + j * vss + 16 * p);
+      }
+      *reinterpret_cast<uint4*>(sk_ + j * LDQ + 16 * p) = kv;
+      const int slot = (j & ~31) + key_slot(j & 31);
+      const int8_t* vbytes = reinterpret_cast<const int8_t*>(&vv);
+#pragma unroll
+      for (int x = 0; x < 16; ++x) svt[(16 * p + x) * LDV + slot] = vbytes[x];
+    }
+    for (int i = tid; i < kRows * PR; i += kWarps * 32) {
+      int r = i / PR, p = i % PR;
+      uint4 qv = make_uint4(0, 0, 0, 0);
+      if (q0 + r < sq) qv = *reinterpret_cast<const uint4*>(qb + (q0 + r) * qss + 16 * p);
+      *reinterpret_cast<uint4*>(sq_ + r * LDQ + 16 * p) = qv;
+    }
+  }
+  __syncthreads();
+
+  const int warp = tid / 32, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  const int r0 = warp * 16;
+  // ---- scores: acc[nt] is the C fragment of keys 8 nt .. 8 nt + 7
+  int acc[NT][4];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0;
+#pragma unroll
+  for (int kk = 0; kk < D / 32; ++kk) {
+    const int8_t* qa = sq_ + (r0 + g) * LDQ + kk * 32 + 4 * t;
+    uint32_t a[4] = {*reinterpret_cast<const uint32_t*>(qa), *reinterpret_cast<const uint32_t*>(qa + 8 * LDQ),
+                     *reinterpret_cast<const uint32_t*>(qa + 16), *reinterpret_cast<const uint32_t*>(qa + 8 * LDQ + 16)};
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int8_t* kr = sk_ + (8 * nt + g) * LDQ + kk * 32 + 4 * t;
+      mma_s8(acc[nt], a, *reinterpret_cast<const uint32_t*>(kr), *reinterpret_cast<const uint32_t*>(kr + 16));
+    }
+  }
+
+  // ---- requant1, then the softmax of rows ra = q0 + r0 + g and rb = ra + 8 (a quad of threads each)
+  const int64_t ra = q0 + r0 + g, rb = ra + 8;
+  {
+    const int64_t zi = __ldg(prm + P_R1), m1 = __ldg(prm + P_R1 + 1), c1 = __ldg(prm + P_R1 + 2),
+                  zo = __ldg(prm + P_R1 + 3), lo = __ldg(prm + P_R1 + 4), hi = __ldg(prm + P_R1 + 5);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[nt][e] = int(requant(acc[nt][e], zi, m1, c1, zo, lo, hi));
+  }
+  // keep bit of (tile nt, entry e) at 2 nt + (e & 1) in kept[e >> 1]: the key is inside sk and, with
+  // a mask, not masked (query rows past sq are computed unmasked and never stored)
+  uint64_t kept[2] = {0, 0};
+  const int8_t* mrow[2] = {nullptr, nullptr};
+  int64_t msk = 0;
+  if constexpr (Masked) {
+    const int64_t base = b * __ldg(prm + P_MASK) + h * __ldg(prm + P_MASK + 1);
+    const int64_t msq = __ldg(prm + P_MASK + 2);
+    msk = __ldg(prm + P_MASK + 3);
+    mrow[0] = ra < sq ? mask + base + ra * msq : nullptr;
+    mrow[1] = rb < sq ? mask + base + rb * msq : nullptr;
+  }
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int64_t j = 8 * nt + 2 * t + (e & 1);
+      bool keep = j < sk;
+      if constexpr (Masked) {
+        const int8_t* mr = mrow[e >> 1];
+        if (keep && mr) keep = mr[j * msk] != 0;
+      }
+      if (keep) kept[e >> 1] |= uint64_t(1) << (2 * nt + (e & 1));
+    }
+  int mx[2] = {INT_MIN, INT_MIN};
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+      if ((kept[e >> 1] >> (2 * nt + (e & 1))) & 1) mx[e >> 1] = max(mx[e >> 1], acc[nt][e]);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    mx[r] = max(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+    mx[r] = max(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+  }
+  const int64_t top = tlen - 1;
+  int64_t sum[2] = {0, 0};
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      int ev = 0;
+      if ((kept[e >> 1] >> (2 * nt + (e & 1))) & 1) {
+        const int64_t d = int64_t(mx[e >> 1]) - acc[nt][e];
+        ev = __ldg(tab + (d < top ? d : top));
+      }
+      acc[nt][e] = ev;
+      sum[e >> 1] += ev;
+    }
+  const int64_t sm_mult = __ldg(prm + P_SM), sm_shift = __ldg(prm + P_SM + 1), sm_zp = __ldg(prm + P_SM + 2),
+                sm_lo = __ldg(prm + P_SM + 3), sm_hi = __ldg(prm + P_SM + 4);
+  double inv[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], 1);
+    sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], 2);
+    sum[r] = sum[r] < 1 ? 1 : sum[r];
+    inv[r] = static_cast<double>(sm_mult) / static_cast<double>(sum[r]);
+  }
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int64_t ev = acc[nt][e], s = sum[e >> 1];
+      const int64_t tq = qc_int::floordiv_est(ev * sm_mult, s, static_cast<double>(ev) * inv[e >> 1]);
+      const int64_t j = 8 * nt + 2 * t + (e & 1);
+      // keys past sk multiply v's zero rows; they are set to 0 all the same
+      acc[nt][e] = j < sk ? int(clamp64(rshift_round(tq, sm_shift) + sm_zp, sm_lo, sm_hi)) : 0;
+    }
+
+  // ---- o = p @ v: p's A fragments straight from the registers (slot order), v^T from shared memory
+  int o[D / 8][4];
+#pragma unroll
+  for (int dn = 0; dn < D / 8; ++dn) o[dn][0] = o[dn][1] = o[dn][2] = o[dn][3] = 0;
+#pragma unroll
+  for (int c = 0; c < KT; ++c) {
+    uint32_t a[4];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int* lo_t = acc[4 * c + 2 * half];
+      const int* hi_t = acc[4 * c + 2 * half + 1];
+      a[2 * half] = pack4(lo_t[0], lo_t[1], hi_t[0], hi_t[1]);      // row g
+      a[2 * half + 1] = pack4(lo_t[2], lo_t[3], hi_t[2], hi_t[3]);  // row g + 8
+    }
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn) {
+      const int8_t* vr = svt + (8 * dn + g) * LDV + 32 * c + 4 * t;
+      mma_s8(o[dn], a, *reinterpret_cast<const uint32_t*>(vr), *reinterpret_cast<const uint32_t*>(vr + 16));
+    }
+  }
+
+  // ---- requant2 (and requant3), stored through y's view
+  const int64_t z2 = __ldg(prm + P_R2), m2 = __ldg(prm + P_R2 + 1), c2 = __ldg(prm + P_R2 + 2),
+                zo2 = __ldg(prm + P_R2 + 3), lo2 = __ldg(prm + P_R2 + 4), hi2 = __ldg(prm + P_R2 + 5);
+  const bool r3 = __ldg(prm + P_R3) != 0, per_ch = __ldg(prm + P_R3 + 1) != 0;
+  const int64_t z3 = __ldg(prm + P_R3 + 2), zo3 = __ldg(prm + P_R3 + 3), lo3 = __ldg(prm + P_R3 + 4),
+                hi3 = __ldg(prm + P_R3 + 5);
+  Out* yb = y + __ldg(prm + P_Y) + b * __ldg(prm + P_Y + 1) + h * __ldg(prm + P_Y + 2);
+  const int64_t yss = __ldg(prm + P_Y + 3);
+#pragma unroll
+  for (int dn = 0; dn < D / 8; ++dn)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int64_t row = e < 2 ? ra : rb;
+      if (row >= sq) continue;
+      const int64_t dd = 8 * dn + 2 * t + (e & 1);
+      int64_t val = requant(o[dn][e], z2, m2, c2, zo2, lo2, hi2);
+      if (r3) {
+        const int64_t ch = per_ch ? h * D + dd : 0;
+        val = requant(val, z3, __ldg(mult3 + ch), __ldg(shift3 + ch), zo3, lo3, hi3);
+      }
+      yb[row * yss + dd] = static_cast<Out>(val);
+    }
+}
+
+// ---- host side --------------------------------------------------------------------------------
+
+void check_int8(const TensorView& t, const char* what) { qc_int::check(t, kDLInt, 8, "qc int_attention", what); }
+
+template <int D, class Out, bool Masked>
+void launch_kt(int64_t sk, dim3 grid, cudaStream_t st, const int8_t* q, const int8_t* k, const int8_t* v,
+               const int8_t* m, const int32_t* tab, int64_t tlen, const int64_t* prm, const int64_t* m3,
+               const int64_t* s3, int64_t heads, int64_t sq, Out* y) {
+  // key chunks: 2, 4, 7 (DeiT's 197 tokens) or 8, the fewest that cover sk
+  int64_t chunks = (sk + 31) / 32;
+#define QC_ATTN_LAUNCH(KT)                                                                                     \
+  attention_kernel<D, KT, Out, Masked><<<grid, kWarps * 32, 0, st>>>(q, k, v, m, tab, tlen, prm, m3, s3, heads, sq, \
+                                                              sk, y)
+  if (chunks <= 2)
+    QC_ATTN_LAUNCH(2);
+  else if (chunks <= 4)
+    QC_ATTN_LAUNCH(4);
+  else if (chunks <= 7)
+    QC_ATTN_LAUNCH(7);
+  else
+    QC_ATTN_LAUNCH(8);
+#undef QC_ATTN_LAUNCH
+}
+
+void attention_impl(TensorView q, TensorView k, TensorView v, const TensorView* mask, TensorView tab, TensorView prm,
+                    TensorView mult3, TensorView shift3, int64_t batch, int64_t heads, int64_t sq, int64_t sk,
+                    int64_t d, TensorView y) {
+  check_int8(q, "q");
+  check_int8(k, "k");
+  check_int8(v, "v");
+  qc_int::check(tab, kDLInt, 32, "qc int_attention", "table");
+  qc_int::check(prm, kDLInt, 64, "qc int_attention", "params");
+  qc_int::check(mult3, kDLInt, 64, "qc int_attention", "mult3");
+  qc_int::check(shift3, kDLInt, 64, "qc int_attention", "shift3");
+  TVM_FFI_ICHECK(qc_int::numel(prm) == P_LEN) << "qc int_attention: params must have " << P_LEN << " entries";
+  TVM_FFI_ICHECK(qc_int::numel(tab) >= 1) << "qc int_attention: empty table";
+  TVM_FFI_ICHECK(d == 32 || d == 64) << "qc int_attention: head size " << d << " (32 or 64 only)";
+  TVM_FFI_ICHECK(sk >= 1 && sk <= 256 && sq >= 0 && batch >= 0 && heads >= 1)
+      << "qc int_attention: sizes out of range (1 <= keys <= 256)";
+  TVM_FFI_ICHECK(qc_int::numel(y) >= batch * heads * sq * d) << "qc int_attention: y too small";
+  if (mask) {
+    DLDataType md = mask->dtype();
+    // bool or int8: one byte a value, 0 or 1 (TVM's bool is uint1 stored in a byte)
+    TVM_FFI_ICHECK(md.lanes == 1 && ((md.bits == 8 && (md.code == kDLInt || md.code == kDLUInt || md.code == kDLBool)) ||
+                                     (md.bits == 1 && (md.code == kDLUInt || md.code == kDLBool))) &&
+                   mask->device().device_type == kDLCUDA)
+        << "qc int_attention: the mask must be a one-byte bool / int8 tensor on the GPU";
+  }
+  if (batch == 0 || sq == 0) return;
+  dim3 grid(static_cast<unsigned>((sq + kRows - 1) / kRows), static_cast<unsigned>(batch * heads));
+  cudaStream_t st = qc_int::stream_of(q);
+  auto qp = static_cast<const int8_t*>(q.data_ptr()), kp = static_cast<const int8_t*>(k.data_ptr()),
+       vp = static_cast<const int8_t*>(v.data_ptr());
+  const int8_t* mp = mask ? static_cast<const int8_t*>(mask->data_ptr()) : nullptr;
+  auto tp = static_cast<const int32_t*>(tab.data_ptr());
+  auto pp = static_cast<const int64_t*>(prm.data_ptr()), m3 = static_cast<const int64_t*>(mult3.data_ptr()),
+       s3 = static_cast<const int64_t*>(shift3.data_ptr());
+  auto go = [&](auto out, auto masked) {
+    using Out = decltype(out);
+    constexpr bool M = decltype(masked)::value;
+    Out* yp = static_cast<Out*>(y.data_ptr());
+    if (d == 32)
+      launch_kt<32, Out, M>(sk, grid, st, qp, kp, vp, mp, tp, tab.size(0), pp, m3, s3, heads, sq, yp);
+    else
+      launch_kt<64, Out, M>(sk, grid, st, qp, kp, vp, mp, tp, tab.size(0), pp, m3, s3, heads, sq, yp);
+  };
+  auto by_mask = [&](auto out) {
+    if (mp)
+      go(out, std::true_type());
+    else
+      go(out, std::false_type());
+  };
+  if (qc_int::is_dtype(y, kDLInt, 8))
+    by_mask(int8_t());
+  else if (qc_int::is_dtype(y, kDLInt, 16))
+    by_mask(int16_t());
+  else
+    TVM_FFI_THROW(TypeError) << "qc int_attention: y must be int8 or int16";
+  TVM_FFI_ICHECK(cudaGetLastError() == cudaSuccess) << "qc int_attention: launch failed";
+}
+
+void attention(TensorView q, TensorView k, TensorView v, TensorView tab, TensorView prm, TensorView mult3,
+               TensorView shift3, int64_t batch, int64_t heads, int64_t sq, int64_t sk, int64_t d, TensorView y) {
+  attention_impl(q, k, v, nullptr, tab, prm, mult3, shift3, batch, heads, sq, sk, d, y);
+}
+
+void attention_masked(TensorView q, TensorView k, TensorView v, TensorView mask, TensorView tab, TensorView prm,
+                      TensorView mult3, TensorView shift3, int64_t batch, int64_t heads, int64_t sq, int64_t sk,
+                      int64_t d, TensorView y) {
+  attention_impl(q, k, v, &mask, tab, prm, mult3, shift3, batch, heads, sq, sk, d, y);
+}
+
+}  // namespace qc_attn
+
+TVM_FFI_STATIC_INIT_BLOCK() {
+  using tvm::ffi::Function;
+  Function::SetGlobal("qc.cuda.int_attention", Function::FromTyped(qc_attn::attention), true);
+  Function::SetGlobal("qc.cuda.int_attention_masked", Function::FromTyped(qc_attn::attention_masked), true);
+}
