@@ -84,7 +84,8 @@ def _affine(ix: torch.Tensor) -> tuple[int, list[int]] | None:
             at[k] = 1
         st = int(ix[tuple(at)]) - off if size > 1 else 0
         strides.append(st)
-        grid = grid + torch.arange(size, dtype=torch.int64).reshape([size if j == k else 1 for j in range(ix.dim())]) * st
+        along = torch.arange(size, dtype=torch.int64).reshape([size if j == k else 1 for j in range(ix.dim())])
+        grid = grid + along * st
     return (off, strides) if torch.equal(grid, ix) else None
 
 

@@ -23,6 +23,8 @@ from qcompiler import int_ops as I
 from qcompiler.errors import QCError
 from qcompiler.ir import Graph
 
+aten = torch.ops.aten
+I64_MIN_HALF = torch.iinfo(torch.int64).min // 2
 
 
 class Fused:
@@ -39,9 +41,6 @@ class Columns:
 
     def __init__(self, value, start: int, width: int):
         self.value, self.start, self.width = value, start, width
-
-aten = torch.ops.aten
-I64_MIN_HALF = torch.iinfo(torch.int64).min // 2
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -1048,11 +1047,15 @@ def _layer_norm_sm90(tr, n):
             A, B = tr.arg(a_), tr.arg(b_)
             if _static_shape(tr, A) == shape == _static_shape(tr, B) and tr.dtype_of(A) == tr.dtype_of(B) in _ROW_IN:
                 add, av, bv = consts, A, B
-    rq = next((u for u in n.users if u.target is I.requant and u.args[0] is n and _ln_requant(tr, u, ch, len(shape))), None)
+    rq = next((u for u in n.users
+               if u.target is I.requant and u.args[0] is n and _ln_requant(tr, u, ch, len(shape))), None)
     keep_sum = add is not None and len(x.users) > 1  # a pre-LN residual: the sum is read again later
     if keep_sum and (rq is not None or tr.dtype_of(xv) != tr.dtype_of(av)):
         add, av, bv, keep_sum = None, xv, xv, False
-    m3, s3, rq_consts = (_ln_requant(tr, rq, ch, len(shape)) if rq is not None else (np.zeros(1, np.int64),) * 2 + ([0] * 4,))
+    if rq is not None:
+        m3, s3, rq_consts = _ln_requant(tr, rq, ch, len(shape))
+    else:
+        m3, s3, rq_consts = np.zeros(1, np.int64), np.zeros(1, np.int64), [0] * 4
     prm = layer_norm_params(add if av is not xv else None, [x_zp, eps, sqrt_bits, shift, out_zp, qmin, qmax], rq_consts)
     args = [tr.emit(tr.R.reshape(v, [rows, ch])) for v in (av, bv)]
     args += [tr.const(prm, "int64"), tr.const(g, "int64"), tr.const(b, "int64"), tr.const(m3, "int64"),
