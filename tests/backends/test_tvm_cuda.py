@@ -626,3 +626,33 @@ def test_pre_norm_add_is_computed_by_the_layer_norm_kernel_exact_on_cpu():
     assert _tir_calls(g).count("int_add") == 1
     for r, o in zip(g(a, b, c), out):
         assert np.array_equal(o, r.numpy())
+
+
+@pytest.mark.gpu
+def test_attention_block_bit_exact_on_gpu():
+    """The fused attention kernel itself, run through the translation (the same graphs as the CPU
+    tests above, but the real qc.cuda.int_attention on the GPU), against the reference."""
+    import ctypes
+
+    from tvm import relax
+
+    from qcompiler.backends.tvm.build import target_for
+    from qcompiler.backends.tvm.cuda_kernels import build_library
+    from qcompiler.backends.tvm.pipeline import pipeline
+    from qcompiler.backends.tvm.translate import to_relax
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    ctypes.CDLL(build_library("sm_90"), mode=ctypes.RTLD_GLOBAL)
+    rng = np.random.default_rng(5)
+    for tokens, d, fused_qkv, masked in ((128, 64, False, True), (197, 64, True, False), (77, 32, False, True)):
+        m = HeadsAttention(heads=3, d=d, fused_qkv=fused_qkv, masked=masked)
+        x = torch.from_numpy(rng.integers(-128, 128, (2, tokens, 9 * d)).astype(np.int8))
+        mask = torch.from_numpy((rng.random((2, tokens)) > 0.3).astype(np.int64))
+        mask[1] = 0
+        g = qcompiler.trace(m, (x, mask), dynamic=None)
+        target = target_for("cuda", "sm_90")
+        with target:
+            ex = tvm.compile(to_relax(g, dot="sm90"), target=target, relax_pipeline=pipeline(target))
+        dev = tvm.cuda()
+        out = relax.VirtualMachine(ex, dev)["main"](*[tvm.runtime.tensor(t.numpy(), dev) for t in (x, mask)])
+        assert np.array_equal(out[0].numpy(), g(x, mask)[0].numpy()), (tokens, d, fused_qkv, masked)
