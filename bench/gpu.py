@@ -526,6 +526,13 @@ def _to_cuda(gm):
     return gm
 
 
+class _Skipped(Exception):
+    pass
+
+
+COMPILE_ONLY = False  # run --baselines compile: bf16 torch.compile alone beside the artifact
+
+
 def model_rows(prebuilt: Path, name: str) -> dict:
     import torch
     import qcompiler
@@ -537,16 +544,19 @@ def model_rows(prebuilt: Path, name: str) -> dict:
     mod = build_module(name, real_weights=False).cuda()
     xs = [torch.from_numpy(feeds[k]).cuda() for k in names]
     with torch.no_grad():
-        row["fp32 eager ms"] = _time_host(lambda: mod(*xs), sync)
         mb = build_module(name, real_weights=False).cuda().to(torch.bfloat16)
         xb = [x.to(torch.bfloat16) if x.is_floating_point() else x for x in xs]
-        row["bf16 eager ms"] = _time_host(lambda: mb(*xb), sync)
+        if not COMPILE_ONLY:
+            row["fp32 eager ms"] = _time_host(lambda: mod(*xs), sync)
+            row["bf16 eager ms"] = _time_host(lambda: mb(*xb), sync)
         try:
             mc = torch.compile(mb)
             row["bf16 torch.compile ms"] = _time_host(lambda: mc(*xb), sync)
         except Exception as e:
             row["bf16 torch.compile error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         try:  # qcompiler's W8A8 fake-quant graph, calibrated here on the seeded model, run by torch on the GPU
+            if COMPILE_ONLY:
+                raise _Skipped
             g = qcompiler.trace(build_module(name, real_weights=False), tuple(torch.from_numpy(model_inputs(name, batch, 2)[k])
                                 for k in names), input_names=names, dynamic=None)
             from qcompiler.calib import CalibData
@@ -554,6 +564,8 @@ def model_rows(prebuilt: Path, name: str) -> dict:
                                                    qcompiler.Config(calib_batch_size=batch))
             gm = _to_cuda(qg.gm)
             row["qcompiler W8A8 fake-quant (torch eager) ms"] = _time_host(lambda: gm(*xs), sync)
+        except _Skipped:
+            pass
         except Exception as e:
             row["fake-quant error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
     del mod, mb
@@ -707,9 +719,13 @@ def main(argv=None) -> int:
     pr.add_argument("--json", default=str(RESULTS / "gpu.json"))
     pr.add_argument("--models", default=",".join(MODELS))
     pr.add_argument("--profile", action="store_true", help="also list each artifact's CUDA kernels by device time")
+    pr.add_argument("--baselines", choices=("all", "compile"), default="all",
+                    help="compile: time only bf16 torch.compile beside the artifact (the ratio's baseline), skipping "
+                         "FP32 eager, bf16 eager and the fake-quant graph, where device time is short")
     args = p.parse_args(argv)
-    global PROFILE
+    global PROFILE, COMPILE_ONLY
     PROFILE = getattr(args, "profile", False)
+    COMPILE_ONLY = getattr(args, "baselines", "all") == "compile"
     return prepare(args) if args.cmd == "prepare" else run(args)
 
 
