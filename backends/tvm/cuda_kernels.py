@@ -5,12 +5,14 @@ Why our own: apache-tvm 0.27.0.post1's int8 tensor-core schedule (dlight
 MatmulInt8Tensorization) segfaults and its wheel has no cuBLAS / CUTLASS offload, so TVM alone
 emits int8 GEMMs as scalar int32 multiply-adds. The kernels here are CUTLASS 3 (headers from
 the `nvidia-cutlass` wheel; TVM's vendored copy lacks the collective builders) TMA +
-WGMMA GEMMs for sm_90a with qc::requant fused into the epilogue. They register themselves
-as tvm_ffi global functions (`qc.cuda.*`) when the library is loaded, and the Relax graph
-calls them with `call_dps_packed`.
+WGMMA GEMMs for sm_90a with qc::requant fused into the epilogue (gemm_s8_sm90.cu). Beside them:
+the fused attention block (int_attention.cu: mma.sync int8, see fuse_attention.py) and the row
+and table kernels (int_rows.cu: LayerNorm with its add and requant, LUT, softmax). They register
+themselves as tvm_ffi global functions (`qc.cuda.*`) when the library is loaded, and the Relax
+graph calls them with `call_dps_packed`.
 
-The library is cached per (source, arch, nvcc) under $QC_CACHE (default
-~/.cache/qcompiler), so a model's build pays the CUTLASS compile (about a minute) once.
+The library is cached per (sources, arch, nvcc) under $QC_CACHE (default ~/.cache/qcompiler), so
+a model's build pays the compile (about 3 minutes on 2 cores, the sources side by side) once.
 """
 from __future__ import annotations
 
