@@ -96,20 +96,17 @@ def _only_user(n: fx.Node, target=None):
     return users[0]
 
 
-def _int_consts(tr, node, per_tensor: bool = True):
-    """A requant's (in_zp, mult, shift, out_zp, qmin, qmax) where the kernel computes it exactly
-    (int32 multiplier and input, 0 <= shift <= 62, an int8 / int16 / int32 range), else None;
-    per_tensor: one multiplier / shift (else they are returned as arrays)."""
-    _x, in_zp, mult, shift, out_zp, qmin, qmax, _axis = node.args
-    m = np.asarray(tr.tensor_const(mult)).astype(np.int64).reshape(-1)
-    c = np.asarray(tr.tensor_const(shift)).astype(np.int64).reshape(-1)
-    if (per_tensor and (m.size != 1 or c.size != 1)) or m.size == 0 or c.size == 0 or np.abs(m).max() >= 2**31 or \
-            c.min() < 0 or c.max() > 62 or not _INT32[0] <= in_zp <= _INT32[1] or \
-            not _INT32[0] <= qmin <= qmax <= _INT32[1]:
+def _int_consts(tr, node, channels: int = 1, nd: int = 1):
+    """translate.requant_consts of a requant whose output range is within int32 (the kernel keeps
+    scores in int32), as a list; one multiplier / shift (plain ints) where channels is 1."""
+    from .translate import requant_consts
+    got = requant_consts(tr, node, channels, nd)
+    if got is None or not _INT32[0] <= got[4] <= got[5] <= _INT32[1]:
         return None
-    if per_tensor:
-        return [int(in_zp), int(m[0]), int(c[0]), int(out_zp), int(qmin), int(qmax)]
-    return [int(in_zp), m, c, int(out_zp), int(qmin), int(qmax)]
+    in_zp, m, c, out_zp, qmin, qmax = got
+    if channels == 1:
+        return [in_zp, int(m[0]), int(c[0]), out_zp, qmin, qmax]
+    return [in_zp, m, c, out_zp, qmin, qmax]
 
 
 def _ancestors_clear(start: list, stop: fx.Node) -> bool:
@@ -269,14 +266,14 @@ def match(tr, m1: fx.Node) -> Plan | None:
     out_node, c3 = end, None
     r3 = _only_user(end, I.requant)
     if r3 is not None:
-        c3 = _int_consts(tr, r3, per_tensor=False)
+        channels = e_shape[-1] if e_shape else 1
+        c3 = _int_consts(tr, r3, channels, max(len(e_shape), 1))
+        if c3 is not None and channels == 1:
+            c3 = [c3[0], np.asarray([c3[1]]), np.asarray([c3[2]]), *c3[3:]]
         if c3 is not None and c3[1].size != 1:
-            channels = e_shape[-1] if e_shape else 1
-            heads = _lead4(lead)[1]
-            per_last = _norm_dim(r3.args[7], max(len(e_shape), 1)) == len(e_shape) - 1 and c3[1].size == channels
-            h_idx = torch.arange(heads).reshape(1, heads, 1, 1)
+            h_idx = torch.arange(_lead4(lead)[1]).reshape(1, -1, 1, 1)
             d_idx = torch.arange(d).reshape(1, 1, 1, d)
-            if not per_last or not torch.equal((pos % channels), (h_idx * d + d_idx).expand_as(pos)):
+            if not torch.equal((pos % channels), (h_idx * d + d_idx).expand_as(pos)):
                 c3 = None  # e's channel is not head * d + d
         if c3 is not None:
             out_node = r3

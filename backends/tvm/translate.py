@@ -1002,15 +1002,11 @@ def _lut_sm90(tr, n, xv, tab: torch.Tensor, offset: int):
     x2 = tr.emit(tr.R.reshape(xv, [math.prod(shape[:-1]), shape[-1]]))
     users = list(n.users)
     req = users[0] if len(users) == 1 and users[0].target is I.requant and users[0].args[0] is n else None
-    if req is not None:
-        _acc, in_zp, mult, shift, out_zp, qmin, qmax, axis = req.args
-        m = _np(tr.tensor_const(mult)).astype(np.int64).reshape(-1)
-        c = _np(tr.tensor_const(shift)).astype(np.int64).reshape(-1)
+    got = requant_consts(tr, req, shape[-1], len(shape)) if req is not None else None
+    if got is not None:
+        in_zp, m, c, out_zp, qmin, qmax = got
         out_dt = _dt(I.int_dtype(qmin, qmax))
-        per_tensor = m.size == 1 and c.size == 1
-        per_last = m.size == c.size == shape[-1] and _norm_dim(axis, len(shape)) == len(shape) - 1
-        if (per_tensor or per_last) and out_dt in _ROW_OUT and np.abs(m).max() < 2**31 and c.min() >= 0 and \
-                c.max() <= 62 and abs(int(in_zp)) < 2**31:
+        if out_dt in _ROW_OUT:
             tr.env[req] = _row_call(tr, LUT_REQUANT_FUNC, x2, [t, int(offset), int(in_zp), tr.const(m, "int64"),
                                                                tr.const(c, "int64"), int(out_zp), int(qmin), int(qmax)],
                                     shape, out_dt)
@@ -1083,16 +1079,29 @@ def layer_norm_params(add: list | None, ln: list, rq: list) -> np.ndarray:
     return out
 
 
-def _ln_requant(tr, rq, ch: int, nd: int):
-    """(mult [C], shift [C], [in_zp, out_zp, qmin, qmax]) of a LayerNorm's requant that the kernel
-    computes as its second output (int8, per tensor or per last-dim channel), else None."""
+def requant_consts(tr, rq, channels: int, nd: int):
+    """A requant's (in_zp, mult, shift, out_zp, qmin, qmax) as qcompiler's CUDA kernels compute it
+    (the LUT's, the LayerNorm's and the attention kernel's requants): mult / shift int64 arrays of
+    one entry (per tensor) or `channels` (per channel of the last of nd dims), |mult| and |in_zp|
+    below 2^31, 0 <= shift <= 62; None otherwise. Callers add their output-range conditions."""
     _x, in_zp, mult, shift, out_zp, qmin, qmax, axis = rq.args
     m = _np(tr.tensor_const(mult)).astype(np.int64).reshape(-1)
     c = _np(tr.tensor_const(shift)).astype(np.int64).reshape(-1)
-    if not (-128 <= qmin <= qmax <= 127) or m.size != c.size or c.min() < 0 or c.max() > 62 or \
-            not (m.size == 1 or (m.size == ch and _norm_dim(axis, nd) == nd - 1)):
+    if m.size == 0 or m.size != c.size or not (m.size == 1 or (m.size == channels and _norm_dim(axis, nd) == nd - 1)):
         return None
-    return np.broadcast_to(m, (ch,)).copy(), np.broadcast_to(c, (ch,)).copy(), [int(in_zp), int(out_zp), qmin, qmax]
+    if np.abs(m).max() >= 2**31 or c.min() < 0 or c.max() > 62 or abs(int(in_zp)) >= 2**31:
+        return None
+    return int(in_zp), m, c, int(out_zp), int(qmin), int(qmax)
+
+
+def _ln_requant(tr, rq, ch: int, nd: int):
+    """(mult [C], shift [C], [in_zp, out_zp, qmin, qmax]) of a LayerNorm's requant that the kernel
+    computes as its second output (int8), else None."""
+    got = requant_consts(tr, rq, ch, nd)
+    if got is None or not (-128 <= got[4] <= got[5] <= 127):
+        return None
+    in_zp, m, c, out_zp, qmin, qmax = got
+    return np.broadcast_to(m, (ch,)).copy(), np.broadcast_to(c, (ch,)).copy(), [in_zp, out_zp, qmin, qmax]
 
 
 QC = {I.quantize: _quantize, I.dequantize: _dequantize, I.requant: _requant, I.int_linear: _int_linear,

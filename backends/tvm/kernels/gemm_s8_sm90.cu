@@ -35,6 +35,8 @@
 #include <tvm/ffi/extra/c_env_api.h>
 #include <tvm/ffi/function.h>
 
+#include "qc_int.cuh"
+
 namespace qc {
 
 using namespace cute;
@@ -167,32 +169,26 @@ struct GemmS8Requant {
   }
 };
 
-template <class Out>
-using Tile128 = GemmS8Requant<Shape<_128, _128, _128>, Shape<_1, _1, _1>,
-                              cutlass::gemm::KernelTmaWarpSpecializedCooperative,
-                              cutlass::epilogue::TmaWarpSpecializedCooperative, Out>;
-template <class Out>
-using Tile256 = GemmS8Requant<Shape<_128, _256, _128>, Shape<_2, _1, _1>,
-                              cutlass::gemm::KernelTmaWarpSpecializedCooperative,
-                              cutlass::epilogue::TmaWarpSpecializedCooperative, Out>;
-// candidates measured by bench/gpu.py's kernel table (pick_tile uses what wins there)
-template <class Out>
-using Tile256x128 = GemmS8Requant<Shape<_256, _128, _128>, Shape<_2, _1, _1>,
-                                  cutlass::gemm::KernelTmaWarpSpecializedCooperative,
+template <class Tile, class Cluster, class Out>
+using Cooperative = GemmS8Requant<Tile, Cluster, cutlass::gemm::KernelTmaWarpSpecializedCooperative,
                                   cutlass::epilogue::TmaWarpSpecializedCooperative, Out>;
 template <class Out>
-using Tile128x64 = GemmS8Requant<Shape<_128, _64, _128>, Shape<_1, _1, _1>,
-                                 cutlass::gemm::KernelTmaWarpSpecializedCooperative,
-                                 cutlass::epilogue::TmaWarpSpecializedCooperative, Out>;
+using Tile128 = Cooperative<Shape<_128, _128, _128>, Shape<_1, _1, _1>, Out>;
+template <class Out>
+using Tile256 = Cooperative<Shape<_128, _256, _128>, Shape<_2, _1, _1>, Out>;
+// candidates measured by bench/gpu.py's kernel table (pick_tile uses what wins there)
+template <class Out>
+using Tile256x128 = Cooperative<Shape<_256, _128, _128>, Shape<_2, _1, _1>, Out>;
+template <class Out>
+using Tile128x64 = Cooperative<Shape<_128, _64, _128>, Shape<_1, _1, _1>, Out>;
 template <class Out>
 using TilePp128 = GemmS8Requant<Shape<_64, _128, _128>, Shape<_1, _1, _1>,
                                 cutlass::gemm::KernelTmaWarpSpecializedPingpong,
                                 cutlass::epilogue::TmaWarpSpecialized, Out>;
 
 void check(const tvm::ffi::TensorView& t, int ndim, DLDataTypeCode code, int bits, const char* what) {
-  TVM_FFI_ICHECK(t.ndim() == ndim && t.dtype().code == code && t.dtype().bits == bits && t.dtype().lanes == 1)
-      << "qc int8 GEMM: " << what << " has the wrong rank or dtype";
-  TVM_FFI_ICHECK(t.device().device_type == kDLCUDA) << "qc int8 GEMM: " << what << " is not on a CUDA device";
+  TVM_FFI_ICHECK(t.ndim() == ndim) << "qc int8 GEMM: " << what << " has the wrong rank";
+  qc_int::check(t, code, bits, "qc int8 GEMM", what);
 }
 
 template <class G>
@@ -224,24 +220,24 @@ void gemm(tvm::ffi::TensorView x, tvm::ffi::TensorView w, tvm::ffi::TensorView b
 
 }  // namespace qc
 
+namespace qc {
+// qc.cuda.gemm_s8_requant_<tile> (int8 out) and qc.cuda.gemm_s8_requant_i16_<tile> (int16 out, written as
+// uint16_t: the same bits, TMA stores having no signed 16-bit format)
+template <template <class> class Tile>
+void register_tile(const char* tile) {
+  using tvm::ffi::Function;
+  Function::SetGlobal(std::string("qc.cuda.gemm_s8_requant_") + tile, Function::FromTyped(gemm<Tile<int8_t>>), true);
+  Function::SetGlobal(std::string("qc.cuda.gemm_s8_requant_i16_") + tile, Function::FromTyped(gemm<Tile<uint16_t>>),
+                      true);
+}
+}  // namespace qc
+
 // Registered on load. Override: two artifacts loaded into one process each carry a copy of
 // this library, and the names must not collide (the functions are the same code).
 TVM_FFI_STATIC_INIT_BLOCK() {
-  using tvm::ffi::Function;
-  Function::SetGlobal("qc.cuda.gemm_s8_requant_128x128", Function::FromTyped(qc::gemm<qc::Tile128<int8_t>>), true);
-  Function::SetGlobal("qc.cuda.gemm_s8_requant_128x256", Function::FromTyped(qc::gemm<qc::Tile256<int8_t>>), true);
-  // int16 out: written as uint16_t (the same bits), TMA stores having no signed 16-bit format
-  Function::SetGlobal("qc.cuda.gemm_s8_requant_i16_128x128", Function::FromTyped(qc::gemm<qc::Tile128<uint16_t>>),
-                      true);
-  Function::SetGlobal("qc.cuda.gemm_s8_requant_i16_128x256", Function::FromTyped(qc::gemm<qc::Tile256<uint16_t>>),
-                      true);
-  Function::SetGlobal("qc.cuda.gemm_s8_requant_256x128", Function::FromTyped(qc::gemm<qc::Tile256x128<int8_t>>), true);
-  Function::SetGlobal("qc.cuda.gemm_s8_requant_i16_256x128",
-                      Function::FromTyped(qc::gemm<qc::Tile256x128<uint16_t>>), true);
-  Function::SetGlobal("qc.cuda.gemm_s8_requant_128x64", Function::FromTyped(qc::gemm<qc::Tile128x64<int8_t>>), true);
-  Function::SetGlobal("qc.cuda.gemm_s8_requant_i16_128x64", Function::FromTyped(qc::gemm<qc::Tile128x64<uint16_t>>),
-                      true);
-  Function::SetGlobal("qc.cuda.gemm_s8_requant_pp64x128", Function::FromTyped(qc::gemm<qc::TilePp128<int8_t>>), true);
-  Function::SetGlobal("qc.cuda.gemm_s8_requant_i16_pp64x128", Function::FromTyped(qc::gemm<qc::TilePp128<uint16_t>>),
-                      true);
+  qc::register_tile<qc::Tile128>("128x128");
+  qc::register_tile<qc::Tile256>("128x256");
+  qc::register_tile<qc::Tile256x128>("256x128");
+  qc::register_tile<qc::Tile128x64>("128x64");
+  qc::register_tile<qc::TilePp128>("pp64x128");
 }
