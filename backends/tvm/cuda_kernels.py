@@ -5,7 +5,8 @@ Why our own: apache-tvm 0.27.0.post1's int8 tensor-core schedule (dlight
 MatmulInt8Tensorization) segfaults and its wheel has no cuBLAS / CUTLASS offload, so TVM alone
 emits int8 GEMMs as scalar int32 multiply-adds. The kernels here are CUTLASS 3 (headers from
 the `nvidia-cutlass` wheel; TVM's vendored copy lacks the collective builders) TMA +
-WGMMA GEMMs for sm_90a with qc::requant fused into the epilogue (gemm_s8_sm90.cu). Beside them:
+WGMMA GEMMs for sm_90a with qc::requant fused into the epilogue (gemm_s8_sm90.cuh; two
+epilogues, general and `hi`, compiled side by side in gemm_s8_sm90.cu and gemm_s8_hi_sm90.cu). Beside them:
 the fused attention block (int_attention.cu: mma.sync int8, see fuse_attention.py) and the row
 and table kernels (int_rows.cu: LayerNorm with its add and requant, LUT, softmax). They register
 themselves as tvm_ffi global functions (`qc.cuda.*`) when the library is loaded, and the Relax
@@ -25,13 +26,15 @@ import tempfile
 from qcompiler.errors import QCError
 
 LIB_NAME = "libqc_kernels_cuda.so"
-SOURCES = ("gemm_s8_sm90.cu", "int_rows.cu", "int_attention.cu")
-HEADERS = ("qc_int.cuh",)  # included by the sources: part of the cache key
+SOURCES = ("gemm_s8_sm90.cu", "gemm_s8_hi_sm90.cu", "int_rows.cu", "int_attention.cu")
+HEADERS = ("qc_int.cuh", "gemm_s8_sm90.cuh")  # included by the sources: part of the cache key
 # tile configurations compiled into the library: name -> (tile M, tile N)
 GEMM_TILES = {"128x128": (128, 128), "128x256": (128, 256), "256x128": (256, 128), "128x64": (128, 64),
               "pp64x128": (64, 128)}
-GEMM_FUNC = "qc.cuda.gemm_s8_requant{out}_{tile}"
+GEMM_FUNC = "qc.cuda.gemm_s8_requant{out}_{hi}{tile}"
 GEMM_OUTS = {"int8": "", "int16": "_i16"}  # output dtype -> name suffix
+# the epilogue in int32 words (kernels/qc_int.cuh requant_hi), for calls whose every shift is 32..62
+HI_SHIFTS = (32, 62)
 # kernels/int_rows.cu: qc::int_softmax, qc::int_lut (+ the requant after it), qc::int_layer_norm
 SOFTMAX_FUNC = "qc.cuda.int_softmax"
 SOFTMAX_MASKED_FUNC = "qc.cuda.int_softmax_masked"
@@ -47,15 +50,34 @@ ATTENTION_FUNC = "qc.cuda.int_attention"
 ATTENTION_MASKED_FUNC = "qc.cuda.int_attention_masked"
 
 
-def gemm_func(tile: str, out_dtype: str = "int8") -> str:
-    """The registered name of the GEMM + requant kernel for a tile and an output dtype."""
-    return GEMM_FUNC.format(out=GEMM_OUTS[out_dtype], tile=tile)
+def gemm_func(tile: str, out_dtype: str = "int8", hi: bool = False) -> str:
+    """The registered name of the GEMM + requant kernel for a tile, an output dtype and an epilogue
+    (hi: every shift within HI_SHIFTS)."""
+    return GEMM_FUNC.format(out=GEMM_OUTS[out_dtype], hi="hi_" if hi else "", tile=tile)
 
 
-def pick_tile(n: int, k: int) -> str:
-    """The tile configuration for an [M, K] x [K, N] GEMM: 128x256 only where N and K are large
-    (bench/gpu.py's kernel table: 128x256 wins at 4096^3 and 8192^3, 128x128 at the models' shapes)."""
-    return "128x256" if n >= 4096 and k >= 2048 else "128x128"
+SMS = 132  # an H100 SXM's SMs: one wave of output tiles
+
+
+def pick_tile(m: int | None, n: int, k: int) -> str:
+    """The tile configuration for an [M, K] x [K, N] GEMM (M None: not known when building), from
+    bench/gpu.py's kernel table on an H100 (2026-12-07, device time):
+    - N and K >= 2048: 256x128 (4096^3: 1161 TOP/s against 1149 for 128x256 and 947 for 128x128);
+    - K >= 2048: ping-pong 64x128, whose epilogue overlaps the other warp group's main loop
+      (4096 x 768 x 3072: 814 against 689);
+    - N >= 2048: 256x128 (4096 x 3072 x 768: 433 against 397);
+    - N <= 768 where 128x128 tiles would fill more than one wave: 128x64, more tiles for the
+      last wave (4096 x 768 x 768: 306 against 271; 12608 x 384 x 1536: 518 against 491);
+    - otherwise 128x128 (one wave at 4096 x 384 x 384: 130 against 120 for 128x64)."""
+    if n >= 2048 and k >= 2048:
+        return "256x128"
+    if k >= 2048:
+        return "pp64x128"
+    if n >= 2048:
+        return "256x128"
+    if n <= 768 and (m is None or -(-m // 128) * -(-n // 128) > SMS):
+        return "128x64"
+    return "128x128"
 
 
 def supported_arch(arch: str) -> bool:

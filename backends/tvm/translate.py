@@ -599,14 +599,16 @@ def _static(d) -> bool:
 
 def _gemm_requant(tr, n, xv, x_zp: int, n_out: int, k_in: int, w_dtype):
     """The requant that the CUDA GEMM kernel can compute in its epilogue for `n`, or None:
-    `n`'s only user, int8 or int16 out (the full range), input zero point 0, per tensor or per
-    output channel; int8 operands with K and N multiples of 16 (TMA's 16-byte rows)."""
+    `n`'s only user, int8 or int16 out (the full range), input zero point 0, |out_zp| <= 2^16,
+    per tensor or per output channel; int8 operands with K and N multiples of 16 (TMA's 16-byte
+    rows)."""
     users = list(n.users)
     if len(users) != 1 or users[0].target is not I.requant or w_dtype != torch.int8 or tr.dtype_of(xv) != "int8":
         return None
     r = users[0]
-    _acc, in_zp, mult, shift, _out_zp, qmin, qmax, axis = r.args
-    if in_zp != 0 or (qmin, qmax) not in ((-128, 127), (-32768, 32767)) or k_in % 16 or n_out % 16:
+    _acc, in_zp, mult, shift, out_zp, qmin, qmax, axis = r.args
+    if in_zp != 0 or (qmin, qmax) not in ((-128, 127), (-32768, 32767)) or k_in % 16 or n_out % 16 or \
+            abs(int(out_zp)) > 2**16:  # the epilogue adds out_zp in int32 to a value of at most 2^30
         return None
     m, c = tr.tensor_const(mult), tr.tensor_const(shift)
     if m.numel() != 1 and (axis % max(1, tr.ndim(xv)) != tr.ndim(xv) - 1 or m.numel() != n_out):
@@ -629,7 +631,7 @@ def _gemm_sm90_call(tr, xv, wv, bias: np.ndarray, mult: np.ndarray, shift: np.nd
                     qmax: int, batched: bool):
     """clamp(rshift_round((x @ w^T + bias) * mult, shift) + out_zp, qmin, qmax) (mult, shift per
     output column) as one call of the CUTLASS kernel, shaped [*x's leading dims, N]."""
-    from .cuda_kernels import gemm_func, pick_tile
+    from .cuda_kernels import HI_SHIFTS, gemm_func, pick_tile
     n_out = int(tr.shape_of(wv)[-2])
     k_in = int(tr.shape_of(wv)[-1])
     lead = tr.shape_of(xv)[:-1]
@@ -652,7 +654,9 @@ def _gemm_sm90_call(tr, xv, wv, bias: np.ndarray, mult: np.ndarray, shift: np.nd
     args = [x3, w3, tr.const(bias, "int32"), tr.const(mult.astype(np.int32), "int32"),
             tr.const(shift.astype(np.int32), "int32"), tr.relax.prim_value(int(out_zp)),
             tr.relax.prim_value(int(qmin)), tr.relax.prim_value(int(qmax))]
-    y = tr.emit(tr.relax.call_dps_packed(gemm_func(pick_tile(n_out, k_in), out_dt), args, out_ty))
+    m_rows = math.prod(int(d) for d in lead) if all(_static(d) for d in lead) else None
+    hi = HI_SHIFTS[0] <= int(shift.min()) and int(shift.max()) <= HI_SHIFTS[1]
+    y = tr.emit(tr.relax.call_dps_packed(gemm_func(pick_tile(m_rows, n_out, k_in), out_dt, hi), args, out_ty))
     return tr.emit(tr.R.reshape(y, [*lead, n_out]))
 
 

@@ -52,16 +52,35 @@ def _translate(m, ex):
     return to_relax(qcompiler.trace(m, ex, dynamic="batch"), dot="sm90")
 
 
+# the batch is dynamic: M unknown, so pick_tile takes 128x64 for these narrow N
 def test_int8_linear_and_matmul_with_requant_become_one_kernel_call():
+    """The linear's shifts (38) take the int32 (hi) epilogue; the matmul's (30) the general one."""
     ex = (torch.zeros(2, 16, 32, dtype=torch.int8), torch.zeros(2, 32, 48, dtype=torch.int8))
     calls = _translate(LinearRequant(), ex)
-    assert calls and sorted(_externs(calls)) == ["qc.cuda.gemm_s8_requant_128x128"] * 2
+    assert calls and sorted(_externs(calls)) == ["qc.cuda.gemm_s8_requant_128x64",
+                                                 "qc.cuda.gemm_s8_requant_hi_128x64"]
 
 
 def test_int16_out_requant_uses_the_int16_kernel():
     ex = (torch.zeros(2, 16, 32, dtype=torch.int8), torch.zeros(2, 32, 48, dtype=torch.int8))
     assert sorted(_externs(_translate(LinearRequant(out_int16=True), ex))) == \
-        ["qc.cuda.gemm_s8_requant_128x128", "qc.cuda.gemm_s8_requant_i16_128x128"]
+        ["qc.cuda.gemm_s8_requant_128x64", "qc.cuda.gemm_s8_requant_i16_hi_128x64"]
+
+
+def test_one_shift_below_32_takes_the_general_epilogue():
+    m = LinearRequant()
+    m.s[5] = 31
+    ex = (torch.zeros(2, 16, 32, dtype=torch.int8), torch.zeros(2, 32, 48, dtype=torch.int8))
+    assert sorted(_externs(_translate(m, ex))) == ["qc.cuda.gemm_s8_requant_128x64"] * 2
+
+
+def test_pick_tile_follows_the_kernel_table():
+    from qcompiler.backends.tvm.cuda_kernels import pick_tile
+    assert pick_tile(4096, 4096, 4096) == pick_tile(8192, 8192, 8192) == "256x128"
+    assert pick_tile(4096, 768, 3072) == "pp64x128"
+    assert pick_tile(4096, 3072, 768) == pick_tile(4096, 2304, 768) == "256x128"
+    assert pick_tile(4096, 768, 768) == pick_tile(12608, 384, 1536) == pick_tile(None, 384, 384) == "128x64"
+    assert pick_tile(4096, 384, 384) == pick_tile(4096, 1536, 384) == pick_tile(12608, 1152, 384) == "128x128"
 
 
 def test_kernel_call_declines_what_the_kernel_does_not_compute():
@@ -69,7 +88,7 @@ def test_kernel_call_declines_what_the_kernel_does_not_compute():
     narrow = LinearRequant()
     narrow.q = (-100, 100)  # a clamp narrower than the output dtype: not the kernel's saturation
     # the linear declines; the matmul's N = 40 is zero-padded to 48 (its requant is per tensor)
-    assert _externs(_translate(narrow, ex)) == ["qc.cuda.gemm_s8_requant_128x128"]
+    assert _externs(_translate(narrow, ex)) == ["qc.cuda.gemm_s8_requant_128x64"]
 
 
 @pytest.mark.slow
@@ -85,7 +104,8 @@ def test_kernel_library_builds_and_registers_its_functions():
     ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)  # loads without a GPU: registration only
     for t in GEMM_TILES:
         for out in GEMM_OUTS:
-            assert tvm_ffi.get_global_func(gemm_func(t, out)) is not None
+            for hi in (False, True):
+                assert tvm_ffi.get_global_func(gemm_func(t, out, hi)) is not None
 
 
 def test_kernel_library_refuses_other_architectures():
@@ -121,6 +141,120 @@ def test_gemm_kernel_bit_exact_on_gpu():
                     *[tvm_ffi.from_dlpack(a) for a in (x, w, bias, mult, shift)], -5, lo, hi, tvm_ffi.from_dlpack(y))
                 torch.cuda.synchronize()
                 assert torch.equal(y, ref), (out, t, m, n, k, int((y != ref).sum()))
+
+
+_REQUANT_HI = r"""
+#include "qc_int.cuh"
+extern "C" void rq_hi(const int32_t* a, const int32_t* m, const int32_t* c, int64_t n, int32_t zp, int32_t lo,
+                     int32_t hi, int32_t* y) {
+  for (int64_t i = 0; i < n; ++i) y[i] = qc_int::requant_hi(a[i], m[i], c[i], zp, lo, hi);
+}
+"""
+
+
+def _host_lib(tmp_path, name: str, src: str):
+    """`src` (which includes kernels/qc_int.cuh) compiled by nvcc for the host, loaded by ctypes."""
+    import ctypes
+    import subprocess
+
+    from qcompiler.backends.tvm.cuda_kernels import _ffi_dirs, _src_dir
+    (tmp_path / f"{name}.cu").write_text(src)
+    subprocess.run(["nvcc", "-O2", "-shared", "-Xcompiler", "-fPIC", "-I", _src_dir(), "-I", _ffi_dirs()[0],
+                    str(tmp_path / f"{name}.cu"), "-o", str(tmp_path / f"{name}.so")], check=True, capture_output=True)
+    return ctypes.CDLL(str(tmp_path / f"{name}.so"))
+
+
+_SOFTMAX_Q = r"""
+#include "qc_int.cuh"
+extern "C" void sq(const int32_t* ev, const int64_t* s, int64_t n, int64_t m, int64_t c, int64_t* q, int8_t* ok) {
+  for (int64_t i = 0; i < n; ++i) {
+    ok[i] = qc_int::softmax_fast_ok(m, c, s[i]);
+    if (!ok[i]) continue;
+    const int64_t dn = s[i] << c, hs = c > 0 ? s[i] << (c - 1) : 0;
+    q[i] = qc_int::softmax_quotient(ev[i], m, hs, dn, 1.0 / static_cast<double>(dn));
+  }
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+def test_attention_softmax_quotient_is_floor_then_rshift_round(tmp_path):
+    """The fused attention's one-estimate softmax division (kernels/qc_int.cuh softmax_quotient,
+    compiled for the host) against int_ops' floor(ev m / s) then rshift_round(., c), in Python
+    integers: random rows, quotients that are exact integers and exact halves, every shift it takes."""
+    import ctypes
+    lib = _host_lib(tmp_path, "sq", _SOFTMAX_Q)
+    rng = np.random.default_rng(0)
+    for c in range(0, 61, 3):
+        for tmax in (2**10, 2**16, 2**24):
+            m_hi = min(2**53 // tmax, 2**(c + 40)) - 1
+            for m in (int(rng.integers(1, m_hi)), 2**c * 255, (2 * 37 + 1) * 2**max(c - 1, 0), 0):
+                if m > m_hi:
+                    continue
+                n = 4000
+                s = rng.integers(1, 256 * tmax, n).astype(np.int64)
+                ev = np.minimum(rng.integers(0, tmax + 1, n), s).astype(np.int32)
+                ev[: n // 4] = np.minimum(s[: n // 4], 2**31 - 1)  # ev = s: exact halves / integers
+                q = np.zeros(n, np.int64)
+                ok = np.zeros(n, np.int8)
+                ptr = lambda a: ctypes.c_void_p(a.ctypes.data)  # noqa: E731
+                lib.sq(ptr(ev), ptr(s), ctypes.c_int64(n), ctypes.c_int64(m), ctypes.c_int64(c), ptr(q), ptr(ok))
+                for i in np.flatnonzero(ok):
+                    t = int(ev[i]) * m // int(s[i])
+                    want = t if c == 0 else (t + (1 << (c - 1))) >> c
+                    assert min(q[i], 2**30 - 1) == min(want, 2**30 - 1), (c, tmax, m, int(ev[i]), int(s[i]))
+                if c <= 27:  # s < 2^32 here: every row takes the one-estimate form
+                    assert ok.all(), (c, tmax, m)
+    # quotients 1/s below an integer near 2^24 (where the estimate may round up to it): ev m = k s - 1
+    ev0 = 2**24 - 1
+    for s0 in rng.integers(2**25, 2**28, 200):
+        s0 = int(s0) | 1
+        if np.gcd(ev0, s0) != 1:
+            continue
+        m = (-pow(ev0, -1, s0)) % s0
+        q = np.zeros(1, np.int64)
+        ok = np.zeros(1, np.int8)
+        ev, sv = np.array([ev0], np.int32), np.array([s0], np.int64)
+        lib.sq(ptr(ev), ptr(sv), ctypes.c_int64(1), ctypes.c_int64(m), ctypes.c_int64(0), ptr(q), ptr(ok))
+        assert ok[0] and q[0] == ev0 * m // s0, (s0, m)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+def test_gemm_hi_epilogue_is_qc_requant(tmp_path):
+    """The GEMM's hi epilogue (kernels/qc_int.cuh requant_hi, compiled here for the host by nvcc)
+    against qc::requant: every shift 32..62, multipliers of both signs, products at exact ties and
+    at multiples of 2^32 (the low word zero), saturation at int8 and int16."""
+    import ctypes
+
+    from qcompiler.backends.tvm.cuda_kernels import HI_SHIFTS
+    rq_hi = _host_lib(tmp_path, "rq_hi", _REQUANT_HI).rq_hi
+    g = torch.Generator().manual_seed(0)
+    n = 200_000
+    lo_c, hi_c = HI_SHIFTS
+    a = torch.randint(-2**31, 2**31, (n,), dtype=torch.int64, generator=g)
+    m = torch.randint(-2**31 + 1, 2**31, (n,), dtype=torch.int64, generator=g)
+    c = torch.randint(lo_c, hi_c + 1, (n,), dtype=torch.int64, generator=g)
+    # small operands: shifts that keep results in range (not all saturated)
+    a[: n // 4] = torch.randint(-2**24, 2**24, (n // 4,), generator=g)
+    m[: n // 4] = torch.randint(2**30, 2**31, (n // 4,), generator=g)
+    c[: n // 4] = torch.randint(lo_c, 56, (n // 4,), generator=g)
+    # exact ties: a m = odd 2^(c-1) = (odd 2^(c-31)) 2^30; and products that are multiples of 2^32
+    k = torch.arange(n // 4, n // 2)
+    c[k] = torch.randint(lo_c, 52, (len(k),), generator=g)
+    odd = torch.randint(-64, 64, (len(k),), generator=g) * 2 + 1
+    m[k], a[k] = 2**30 * torch.where(k % 2 == 0, 1, -1), odd * 2**(c[k] - 31)
+    lowzero = torch.arange(n // 2, n // 2 + n // 8)
+    m[lowzero], a[lowzero] = 2**30, torch.randint(-2**20, 2**20, (len(lowzero),), generator=g) * 4
+    a = a.clamp(-2**31, 2**31 - 1)
+    for zp, lo, hi in ((0, -128, 127), (-3, -128, 127), (5, -32768, 32767)):
+        ref = I.requant(a, 0, m, c, zp, lo, hi, -1).to(torch.int64)
+        ai, mi, ci = (t.to(torch.int32).contiguous() for t in (a, m, c))
+        y = torch.empty(n, dtype=torch.int32)
+        ptr = lambda t: ctypes.c_void_p(t.data_ptr())  # noqa: E731
+        rq_hi(ptr(ai), ptr(mi), ptr(ci), ctypes.c_int64(n), zp, lo, hi, ptr(y))
+        bad = (y.to(torch.int64) != ref).nonzero().flatten()
+        assert len(bad) == 0, [(int(a[i]), int(m[i]), int(c[i]), int(y[i]), int(ref[i])) for i in bad[:5]]
+        assert len(set(ref.tolist())) > 100  # not everything saturates
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
@@ -273,8 +407,10 @@ def _emulate_kernels():
     from qcompiler.backends.tvm import cuda_kernels as K
     T = lambda a: torch.from_dlpack(a)  # noqa: E731
 
-    def gemm(out):
+    def gemm(out, hi):
         def f(x, w, bias, mult, shift, out_zp, qmin, qmax, y):
+            if hi:  # the Hi epilogue's contract: every shift in HI_SHIFTS
+                assert K.HI_SHIFTS[0] <= int(T(shift).min()) and int(T(shift).max()) <= K.HI_SHIFTS[1]
             x, w = T(x).long(), T(w).long()
             acc = (x @ w.transpose(-1, -2) + T(bias).long()).to(torch.int32)
             r = I.requant(acc, 0, T(mult).long(), T(shift).long(), out_zp, qmin, qmax, -1)
@@ -332,7 +468,8 @@ def _emulate_kernels():
     tvm_ffi.register_global_func(K.ATTENTION_MASKED_FUNC, attention_masked, override=True)
     for tile in K.GEMM_TILES:
         for out in K.GEMM_OUTS:
-            tvm_ffi.register_global_func(K.gemm_func(tile, out), gemm(out), override=True)
+            for hi in (False, True):
+                tvm_ffi.register_global_func(K.gemm_func(tile, out, hi), gemm(out, hi), override=True)
     for name, f in ((K.SOFTMAX_FUNC, softmax), (K.SOFTMAX_MASKED_FUNC, softmax_masked), (K.LUT_FUNC, lut),
                     (K.LUT_REQUANT_FUNC, lut_requant), (K.LAYER_NORM_FUNC, layer_norm),
                     (K.LAYER_NORM_REQUANT_FUNC, layer_norm)):
