@@ -75,12 +75,6 @@ __device__ __forceinline__ int key_slot(int key) {  // key in [0, 32) -> its slo
   return (key & 16) + 4 * ((r & 7) >> 1) + 2 * (r >> 3) + (r & 1);
 }
 
-// requant_hi's conditions for a per-tensor requant of an int32 value (block-uniform constants; the
-// translation keeps |mult| < 2^31 and qmin, qmax within int32)
-__device__ __forceinline__ bool hi_ok(int64_t in_zp, int64_t shift, int64_t out_zp) {
-  return in_zp == 0 && shift >= 32 && shift <= 62 && out_zp >= -65536 && out_zp <= 65536;
-}
-
 __device__ __forceinline__ uint32_t pack4(int a, int b, int c, int d) {
   return (uint32_t(uint8_t(a))) | (uint32_t(uint8_t(b)) << 8) | (uint32_t(uint8_t(c)) << 16) |
          (uint32_t(uint8_t(d)) << 24);
@@ -109,7 +103,6 @@ __global__ void __launch_bounds__(kWarps * 32)
     const int8_t* vb = v + __ldg(prm + P_V) + b * __ldg(prm + P_V + 1) + h * __ldg(prm + P_V + 2);
     const int8_t* qb = q + __ldg(prm + P_Q) + b * __ldg(prm + P_Q + 1) + h * __ldg(prm + P_Q + 2);
     const int64_t kss = __ldg(prm + P_K + 3), vss = __ldg(prm + P_V + 3), qss = __ldg(prm + P_Q + 3);
-#pragma unroll
     for (int i = tid; i < NK * PR; i += kWarps * 32) {
       int j = i / PR, p = i % PR;
       uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
@@ -123,7 +116,6 @@ __global__ void __launch_bounds__(kWarps * 32)
 #pragma unroll
       for (int x = 0; x < 16; ++x) svt[(16 * p + x) * LDV + slot] = vbytes[x];
     }
-#pragma unroll
     for (int i = tid; i < kRows * PR; i += kWarps * 32) {
       int r = i / PR, p = i % PR;
       uint4 qv = make_uint4(0, 0, 0, 0);
@@ -159,10 +151,7 @@ __global__ void __launch_bounds__(kWarps * 32)
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e)
-        acc[nt][e] = hi_ok(zi, c1, zo) ? qc_int::requant_hi(acc[nt][e], int32_t(m1), int32_t(c1), int32_t(zo),
-                                                            int32_t(lo), int32_t(hi))
-                                       : int(requant(acc[nt][e], zi, m1, c1, zo, lo, hi));
+      for (int e = 0; e < 4; ++e) acc[nt][e] = int(requant(acc[nt][e], zi, m1, c1, zo, lo, hi));
   }
   // keep bit of (tile nt, entry e) at 2 nt + (e & 1) in kept[e >> 1]: the key is inside sk and, with
   // a mask, not masked (query rows past sq are computed unmasked and never stored)
@@ -215,44 +204,24 @@ __global__ void __launch_bounds__(kWarps * 32)
     }
   const int64_t sm_mult = __ldg(prm + P_SM), sm_shift = __ldg(prm + P_SM + 1), sm_zp = __ldg(prm + P_SM + 2),
                 sm_lo = __ldg(prm + P_SM + 3), sm_hi = __ldg(prm + P_SM + 4);
-  double inv[2], rdn[2];
-  int64_t hs[2], dn[2];
-  bool fast = true;
+  double inv[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], 1);
     sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], 2);
     sum[r] = sum[r] < 1 ? 1 : sum[r];
     inv[r] = static_cast<double>(sm_mult) / static_cast<double>(sum[r]);
-    fast = fast && qc_int::softmax_fast_ok(sm_mult, sm_shift, sum[r]);
-    dn[r] = sum[r] << (sm_shift & 63);
-    hs[r] = sm_shift > 0 ? sum[r] << ((sm_shift - 1) & 63) : 0;
-    rdn[r] = 1.0 / static_cast<double>(dn[r]);
   }
-  // the whole warp takes one path (its rows' sums all allow the one-estimate form, or not)
-  fast = __all_sync(0xffffffffu, fast);
-  if (fast) {
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
+  for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = e >> 1;
-        const int64_t qv = qc_int::softmax_quotient(acc[nt][e], sm_mult, hs[r], dn[r], rdn[r]);
-        const int j = 8 * nt + 2 * t + (e & 1);
-        acc[nt][e] = j < sk ? int(clamp64(qv + sm_zp, sm_lo, sm_hi)) : 0;
-      }
-  } else {
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int64_t ev = acc[nt][e], s = sum[e >> 1];
-        const int64_t tq = qc_int::floordiv_est(ev * sm_mult, s, static_cast<double>(ev) * inv[e >> 1]);
-        const int64_t j = 8 * nt + 2 * t + (e & 1);
-        // keys past sk multiply v's zero rows; they are set to 0 all the same
-        acc[nt][e] = j < sk ? int(clamp64(rshift_round(tq, sm_shift) + sm_zp, sm_lo, sm_hi)) : 0;
-      }
-  }
+    for (int e = 0; e < 4; ++e) {
+      const int64_t ev = acc[nt][e], s = sum[e >> 1];
+      const int64_t tq = qc_int::floordiv_est(ev * sm_mult, s, static_cast<double>(ev) * inv[e >> 1]);
+      const int64_t j = 8 * nt + 2 * t + (e & 1);
+      // keys past sk multiply v's zero rows; they are set to 0 all the same
+      acc[nt][e] = j < sk ? int(clamp64(rshift_round(tq, sm_shift) + sm_zp, sm_lo, sm_hi)) : 0;
+    }
 
   // ---- o = p @ v: p's A fragments straight from the registers (slot order), v^T from shared memory
   int o[D / 8][4];
@@ -290,9 +259,7 @@ __global__ void __launch_bounds__(kWarps * 32)
       const int64_t row = e < 2 ? ra : rb;
       if (row >= sq) continue;
       const int64_t dd = 8 * dn + 2 * t + (e & 1);
-      int64_t val = hi_ok(z2, c2, zo2) ? qc_int::requant_hi(o[dn][e], int32_t(m2), int32_t(c2), int32_t(zo2),
-                                                            int32_t(lo2), int32_t(hi2))
-                                       : requant(o[dn][e], z2, m2, c2, zo2, lo2, hi2);
+      int64_t val = requant(o[dn][e], z2, m2, c2, zo2, lo2, hi2);
       if (r3) {
         const int64_t ch = per_ch ? h * D + dd : 0;
         val = requant(val, z3, __ldg(mult3 + ch), __ldg(shift3 + ch), zo3, lo3, hi3);

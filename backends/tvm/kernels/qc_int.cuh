@@ -38,25 +38,6 @@ __host__ __device__ __forceinline__ int32_t requant_hi(int32_t a, int32_t m, int
   return r < qmin ? qmin : (r > qmax ? qmax : r);
 }
 
-// The softmax's division and rounding in one: rshift_round(floor(ev m / s), c) for ev >= 0, m >= 0,
-// s >= 1, which is floor((ev m + hs) / dn) with hs = s 2^(c-1) (0 for c = 0) and dn = s 2^c (floor of
-// a floor by a power of two). `rdn` is 1 / dn in float64; `softmax_fast_ok` says where the estimate
-// below is within 1 of the quotient (relative error under 2^-51 on a quotient under 2^40 + 1) and
-// nothing overflows (ev m < 2^53 is the translation's condition): then one fix-up each way is exact.
-__host__ __device__ __forceinline__ bool softmax_fast_ok(int64_t m, int64_t c, int64_t s) {
-  return m >= 0 && c >= 0 && c <= 60 && s < (int64_t(1) << (60 - c)) && (m >> c) < (int64_t(1) << 40);
-}
-
-__host__ __device__ __forceinline__ int64_t softmax_quotient(int32_t ev, int64_t m, int64_t hs, int64_t dn, double rdn) {
-  const int64_t num = int64_t(ev) * m + hs;  // < 2^53 + 2^59
-  double est = fma(static_cast<double>(ev), static_cast<double>(m), static_cast<double>(hs)) * rdn;
-  est = est < 1073741824.0 ? est : 1073741824.0;  // beyond 2^30 every output saturates alike
-  int64_t q = static_cast<int64_t>(floor(est));
-  q -= q * dn > num ? 1 : 0;
-  q += (q + 1) * dn <= num ? 1 : 0;
-  return q;
-}
-
 __device__ __forceinline__ int64_t clamp64(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
 // qc::requant of one value: clamp(rshift_round((v - in_zp) * mult, shift) + out_zp, qmin, qmax)
