@@ -170,12 +170,21 @@ __global__ void __launch_bounds__(kLutThreads)
              const int64_t* __restrict__ shift, bool per_channel, int64_t out_zp, int64_t qmin, int64_t qmax,
              Out* __restrict__ y) {
   extern __shared__ __align__(16) int16_t st[];
-  for (int64_t i = threadIdx.x; i < tlen; i += kLutThreads) st[i] = tab[i];
+  // the table: 16 bytes a load where it is whole 16-byte pieces at a 16-byte address, then the tail
+  int64_t done = 0;
+  if (reinterpret_cast<uintptr_t>(tab) % 16 == 0) {
+    done = tlen / 8 * 8;
+    for (int i = threadIdx.x; i < int(tlen / 8); i += kLutThreads)
+      reinterpret_cast<int4*>(st)[i] = __ldg(reinterpret_cast<const int4*>(tab) + i);
+  }
+  for (int64_t i = done + threadIdx.x; i < tlen; i += kLutThreads) st[i] = tab[i];
   __syncthreads();
+  // columns in 32 bits where every element index fits (a 64-bit remainder is a long software routine)
+  const bool narrow = chunks * 8 < (int64_t(1) << 32);
   for (int64_t ch = int64_t(blockIdx.x) * kLutThreads + threadIdx.x; ch < chunks; ch += int64_t(gridDim.x) * kLutThreads) {
     const int4 raw = __ldg(reinterpret_cast<const int4*>(x) + ch);
     const int16_t* xv = reinterpret_cast<const int16_t*>(&raw);
-    const int64_t c0 = (ch * 8) % cols;
+    const int64_t c0 = narrow ? int64_t(uint32_t(ch * 8) % uint32_t(cols)) : (ch * 8) % cols;
     __align__(16) Out out[8];
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
