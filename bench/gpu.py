@@ -46,6 +46,9 @@ GEMM_SHAPES = {
 EDGE_SHAPES = [(77, 384, 384), (1, 128, 256), (1000, 1536, 384), (0, 384, 384)]
 
 
+CHECK_ONLY = False
+
+
 def _device_ms(fn, iters: int = 30, warmup: int = 5) -> float:
     """Device milliseconds of one fn(): the summed duration of the CUDA kernels it launches
     (CUPTI, through torch.profiler) over `iters` calls, divided by `iters`. Unlike events around a
@@ -53,6 +56,8 @@ def _device_ms(fn, iters: int = 30, warmup: int = 5) -> float:
     small GEMM): it is the time a kernel takes where the host runs ahead of the GPU, as in a model."""
     import torch
     from torch.profiler import ProfilerActivity, profile
+    if CHECK_ONLY:  # under ncu or compute-sanitizer, which hold CUPTI themselves
+        return float("nan")
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -745,8 +750,11 @@ def main(argv=None) -> int:
     pr.add_argument("--baselines", choices=("all", "compile"), default="all",
                     help="compile: time only bf16 torch.compile beside the artifact (the ratio's baseline), skipping "
                          "FP32 eager, bf16 eager and the fake-quant graph, where device time is short")
+    pr.add_argument("--check-only", action="store_true",
+                    help="check bit-exactness, time nothing (for running under ncu or compute-sanitizer)")
     args = p.parse_args(argv)
-    global PROFILE, COMPILE_ONLY
+    global PROFILE, COMPILE_ONLY, CHECK_ONLY
+    CHECK_ONLY = getattr(args, "check_only", False)
     PROFILE = getattr(args, "profile", False)
     COMPILE_ONLY = getattr(args, "baselines", "all") == "compile"
     return prepare(args) if args.cmd == "prepare" else run(args)

@@ -160,7 +160,9 @@ __global__ void __launch_bounds__(kWarps * 32) softmax_rows(const In* __restrict
 // The table is int16 (every table dtype the translation passes, int8 / uint8 / int16, fits).
 // lut_smem: the whole table in shared memory (a 65536-entry table of an int16 input is 128 KiB,
 // which L1 would not hold beside the streamed data), one block of 1024 threads per SM, each thread
-// 8 entries per step (16-byte loads of x). lut_kernel: any shape, the table through L1.
+// 8 entries per step (16-byte loads of x and of the 8 columns' requant constants: with 8-byte
+// loads of these, ncu on an H200 found the kernel bound by L1 throughput). lut_kernel: any shape,
+// the table through L1.
 constexpr int kLutThreads = 1024;
 
 template <class Out, bool Rq>
@@ -186,13 +188,24 @@ __global__ void __launch_bounds__(kLutThreads)
     const int16_t* xv = reinterpret_cast<const int16_t*>(&raw);
     const int64_t c0 = narrow ? int64_t(uint32_t(ch * 8) % uint32_t(cols)) : (ch * 8) % cols;
     __align__(16) Out out[8];
+    // the 8 columns' constants in 16-byte loads (c0 is a multiple of 8; the host checks alignment)
+    __align__(16) int64_t mv[8], sv[8];
+    if (Rq) {
+#pragma unroll
+      for (int e = 0; e < 8; e += 2) {
+        if (per_channel) {
+          *reinterpret_cast<int4*>(mv + e) = __ldg(reinterpret_cast<const int4*>(mult + c0 + e));
+          *reinterpret_cast<int4*>(sv + e) = __ldg(reinterpret_cast<const int4*>(shift + c0 + e));
+        } else {
+          mv[e] = mv[e + 1] = __ldg(mult);
+          sv[e] = sv[e + 1] = __ldg(shift);
+        }
+      }
+    }
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
       int64_t v = st[clamp64(int64_t(xv[e]) - offset, 0, tlen - 1)];
-      if (Rq) {
-        const int64_t c = per_channel ? c0 + e : 0;
-        v = qc_int::requant(v, in_zp, __ldg(mult + c), __ldg(shift + c), out_zp, qmin, qmax);
-      }
+      if (Rq) v = qc_int::requant(v, in_zp, mv[e], sv[e], out_zp, qmin, qmax);
       out[e] = static_cast<Out>(v);
     }
     if constexpr (sizeof(Out) == 2)
@@ -437,7 +450,8 @@ bool lut_smem_launch(const TensorView& x, const int16_t* tp, int64_t tlen, int64
   constexpr int64_t kMaxBytes = 160 * 1024;
   const size_t bytes = size_t(tlen) * sizeof(int16_t);
   if (cols % 8 || bytes > kMaxBytes || reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 ||
-      reinterpret_cast<uintptr_t>(yp) % 16)
+      reinterpret_cast<uintptr_t>(yp) % 16 || (Rq && per_channel && (reinterpret_cast<uintptr_t>(mp) % 16 ||
+                                                                      reinterpret_cast<uintptr_t>(sp) % 16)))
     return false;
   static bool attr = false;  // per instantiation
   if (!attr) {
