@@ -6,14 +6,14 @@ MatmulInt8Tensorization) segfaults and its wheel has no cuBLAS / CUTLASS offload
 emits int8 GEMMs as scalar int32 multiply-adds. The kernels here are CUTLASS 3 (headers from
 the `nvidia-cutlass` wheel; TVM's vendored copy lacks the collective builders) TMA +
 WGMMA GEMMs for sm_90a with qc::requant fused into the epilogue (gemm_s8_sm90.cuh; two
-epilogues, general and `hi`, compiled side by side in gemm_s8_sm90.cu and gemm_s8_hi_sm90.cu). Beside them:
-the fused attention block (int_attention.cu: mma.sync int8, see fuse_attention.py) and the row
+epilogues, general and `hi`, compiled side by side in gemm_s8_sm90.cu and gemm_s8_hi_sm90.cu).
+Beside them: the fused attention block (int_attention.cu: mma.sync int8, see fuse_attention.py) and the row
 and table kernels (int_rows.cu: LayerNorm with its add and requant, LUT, softmax). They register
 themselves as tvm_ffi global functions (`qc.cuda.*`) when the library is loaded, and the Relax
 graph calls them with `call_dps_packed`.
 
 The library is cached per (sources, arch, nvcc) under $QC_CACHE (default ~/.cache/qcompiler), so
-a model's build pays the compile (about 3 minutes on 2 cores, the sources side by side) once.
+a model's build pays the compile (4 to 5 minutes on 2 cores, the sources side by side) once.
 """
 from __future__ import annotations
 
