@@ -49,15 +49,11 @@ EDGE_SHAPES = [(77, 384, 384), (1, 128, 256), (1000, 1536, 384), (0, 384, 384)]
 CHECK_ONLY = False
 
 
-def _device_ms(fn, iters: int = 30, warmup: int = 5) -> float:
-    """Device milliseconds of one fn(): the summed duration of the CUDA kernels it launches
-    (CUPTI, through torch.profiler) over `iters` calls, divided by `iters`. Unlike events around a
-    lone launch, this leaves out the launch latency (a few microseconds, the whole story for a
-    small GEMM): it is the time a kernel takes where the host runs ahead of the GPU, as in a model."""
+def _kernels_per_call(fn, iters: int, warmup: int) -> list[dict]:
+    """The CUDA kernels fn() launches (CUPTI, through torch.profiler: TVM's, ours and torch's alike),
+    each with its device milliseconds and launches per call of fn, over `iters` calls."""
     import torch
     from torch.profiler import ProfilerActivity, profile
-    if CHECK_ONLY:  # under ncu or compute-sanitizer, which hold CUPTI themselves
-        return float("nan")
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -65,10 +61,25 @@ def _device_ms(fn, iters: int = 30, warmup: int = 5) -> float:
         for _ in range(iters):
             fn()
         torch.cuda.synchronize()
-    us = sum(getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0) for e in prof.key_averages())
-    if us <= 0:
+    rows = []
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if us > 0:
+            rows.append({"kernel": e.key[:120], "ms per run": us / 1e3 / iters, "calls per run": e.count / iters})
+    return rows
+
+
+def _device_ms(fn, iters: int = 30, warmup: int = 5) -> float:
+    """Device milliseconds of one fn(): the summed duration of the CUDA kernels it launches. Unlike
+    events around a lone launch, this leaves out the launch latency (a few microseconds, the whole
+    story for a small GEMM): it is the time a kernel takes where the host runs ahead of the GPU, as
+    in a model."""
+    if CHECK_ONLY:  # under ncu or compute-sanitizer, which hold CUPTI themselves
+        return float("nan")
+    ms = sum(r["ms per run"] for r in _kernels_per_call(fn, iters, warmup))
+    if ms <= 0:
         raise RuntimeError("the profiler saw no CUDA kernel")
-    return us / 1e3 / iters
+    return ms
 
 
 def load_kernels(prebuilt: Path):
@@ -157,8 +168,9 @@ def kernel_table(prebuilt: Path, peak: float) -> list[dict]:
             for tag, hi in (("", False), (" hi", True)):
                 best = max((row.get(f"qc {name(t, hi)} TOP/s", 0.0), t) for t in GEMM_TILES)
                 row[f"qc{tag} best tile"], row[f"qc{tag} best TOP/s"] = best[1], best[0]
-            row["qc % of int8 peak"] = 100 * max(row["qc best TOP/s"], row["qc hi best TOP/s"]) / peak
-            row["qc / _int_mm"] = max(row["qc best TOP/s"], row["qc hi best TOP/s"]) / row["torch._int_mm TOP/s"]
+            top = max(row["qc best TOP/s"], row["qc hi best TOP/s"])
+            row["qc % of int8 peak"] = 100 * top / peak
+            row["qc / _int_mm"] = top / row["torch._int_mm TOP/s"]
         rows.append(row)
         torch.cuda.empty_cache()
     return rows
@@ -499,24 +511,8 @@ PROFILE = False  # run --profile: where the artifact's time goes, per CUDA kerne
 
 
 def _kernel_profile(fn, runs: int = 10, top: int = 12) -> list[dict]:
-    """The CUDA kernels fn() launches (CUPTI, through torch.profiler: TVM's and ours alike), by
-    total device time per run, largest first."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(runs):
-            fn()
-        torch.cuda.synchronize()
-    rows = []
-    for e in prof.key_averages():
-        us = getattr(e, "device_time_total", None)
-        if us is None:
-            us = getattr(e, "cuda_time_total", 0)
-        if us > 0:
-            rows.append({"kernel": e.key[:120], "ms per run": us / 1e3 / runs, "calls per run": e.count / runs})
-    rows.sort(key=lambda r: -r["ms per run"])
+    """fn()'s CUDA kernels by device time per run, largest first, after their total."""
+    rows = sorted(_kernels_per_call(fn, runs, warmup=1), key=lambda r: -r["ms per run"])
     total = sum(r["ms per run"] for r in rows)
     print(f"    kernels: {total:.2f} ms of device time per run; the largest:")
     for r in rows[:top]:
@@ -603,9 +599,11 @@ def model_rows(prebuilt: Path, name: str) -> dict:
                                                          for k in got))
             dev = [r.to_device(feeds[k]) for k in names]
             row["qcompiler tvm-cuda integer ms"] = _time_host(lambda: r.fn(*dev), sync)
-            row["qcompiler tvm-cuda integer device ms"] = _device_ms(lambda: r.fn(*dev), iters=10)
-            if PROFILE:
+            if PROFILE:  # one profile gives both the kernel list and the device time
                 row["tvm-cuda kernels"] = _kernel_profile(lambda: r.fn(*dev))
+                row["qcompiler tvm-cuda integer device ms"] = row["tvm-cuda kernels"][0]["total device ms per run"]
+            else:
+                row["qcompiler tvm-cuda integer device ms"] = _device_ms(lambda: r.fn(*dev), iters=10)
         except Exception as e:
             row["tvm-cuda error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
     base = row.get("bf16 torch.compile ms")
