@@ -204,6 +204,16 @@ template <class Out, bool Hi>
 using TilePp128 = GemmS8Requant<Shape<_64, _128, _128>, Shape<_1, _1, _1>,
                                 cutlass::gemm::KernelTmaWarpSpecializedPingpong,
                                 cutlass::epilogue::TmaWarpSpecialized, Out, Hi>;
+// ping-pong with a warp group per 128-row tile: one group's epilogue under the other's main loop,
+// for the short main loops (K = 384 .. 768) of the models' GEMMs
+template <class Out, bool Hi>
+using TilePp128x128 = GemmS8Requant<Shape<_128, _128, _128>, Shape<_1, _1, _1>,
+                                    cutlass::gemm::KernelTmaWarpSpecializedPingpong,
+                                    cutlass::epilogue::TmaWarpSpecialized, Out, Hi>;
+template <class Out, bool Hi>
+using TilePp128x64 = GemmS8Requant<Shape<_128, _64, _128>, Shape<_1, _1, _1>,
+                                   cutlass::gemm::KernelTmaWarpSpecializedPingpong,
+                                   cutlass::epilogue::TmaWarpSpecialized, Out, Hi>;
 
 inline void check(const tvm::ffi::TensorView& t, int ndim, DLDataTypeCode code, int bits, const char* what) {
   TVM_FFI_ICHECK(t.ndim() == ndim) << "qc int8 GEMM: " << what << " has the wrong rank";
@@ -262,5 +272,7 @@ void register_tiles() {
   register_tile<Tile256x128, Hi>("256x128");
   register_tile<Tile128x64, Hi>("128x64");
   register_tile<TilePp128, Hi>("pp64x128");
+  register_tile<TilePp128x128, Hi>("pp128x128");
+  register_tile<TilePp128x64, Hi>("pp128x64");
 }
 }  // namespace qc
