@@ -238,6 +238,22 @@ def row_kernel_checks(prebuilt: Path) -> list[dict]:
         call()
         torch.cuda.synchronize()
         record("int_lut + requant", f"{m}x{c}", torch.equal(y.cpu(), ref), call)
+        # the hi variant (every shift 32..62, as cuda_kernels.lut_hi_ok admits): per channel and per tensor
+        for per_channel in (True, False):
+            sh_hi = torch.randint(32, 46, (c if per_channel else 1,), dtype=torch.int64, generator=g)
+            sh_hi[:2] = torch.tensor([32, 62])[:sh_hi.numel()]
+            mu_hi = mu if per_channel else mu[:1].clone()
+            assert K.lut_hi_ok(3, mu_hi.numpy(), sh_hi.numpy(), -2)
+            ref = I.requant(I.int_lut(x, table, -32768), 3, mu_hi, sh_hi, -2, -128, 127, -1)
+            mg2, sg2 = mu_hi.cuda(), sh_hi.cuda()
+            y.fill_(99)
+            call = lambda: f(K.row_func(K.LUT_REQUANT_FUNC, True))(d(xg), d(tg), -32768, 3, d(mg2), d(sg2), -2,  # noqa
+                                                                   -128, 127, d(y))
+            call()
+            torch.cuda.synchronize()
+            if per_channel or not torch.equal(y.cpu(), ref):
+                record(f"int_lut + requant (hi{'' if per_channel else ', per tensor'})", f"{m}x{c}",
+                       torch.equal(y.cpu(), ref), call)
         y16 = torch.empty(m, c, dtype=torch.int16, device="cuda")
         call = lambda: f(K.LUT_FUNC)(d(xg), d(tg), -32768, d(y16))  # noqa: E731
         call()
@@ -257,6 +273,13 @@ def row_kernel_checks(prebuilt: Path) -> list[dict]:
         call()
         torch.cuda.synchronize()
         record("int_layer_norm", f"{m}x{c} -> {y.dtype}".replace("torch.", ""), torch.equal(y.cpu(), ref), call)
+        assert K.ln_hi_ok(prm.cpu().numpy(), gamma.numpy(), c)
+        y.fill_(99)
+        call = lambda: f(K.row_func(K.LAYER_NORM_FUNC, True))(d(xg), d(xg), d(prm), d(gg), d(bg), d(none),  # noqa
+                                                              d(none), d(y))
+        call()
+        torch.cuda.synchronize()
+        record("int_layer_norm (hi)", f"{m}x{c} -> {y.dtype}".replace("torch.", ""), torch.equal(y.cpu(), ref), call)
         # with the residual int_add before it and the per-channel int8 requant after it
         b = torch.randint(-32768, 32768, (m, c), dtype=torch.int16, generator=g)
         add = [3, 1439302324, -2, -881062436, 31, 1, -32768, 32767]
@@ -275,6 +298,31 @@ def row_kernel_checks(prebuilt: Path) -> list[dict]:
         torch.cuda.synchronize()
         record("int_add + int_layer_norm + requant", f"{m}x{c} -> {y.dtype}, int8".replace("torch.", ""),
                torch.equal(y.cpu(), ref) and torch.equal(y2.cpu(), ref2), call)
+        # the hi variant: every shift 32..62 (cuda_kernels.ln_hi_ok), with and without the sum stored
+        add_hi = [3, 1439302324, -2, -881062436, 33, 1, -32768, 32767]
+        x3 = I.int_add(x, add_hi[0], add_hi[1], b, *add_hi[2:])
+        ref = I.int_layer_norm(x3, 5, eps, k, gamma, beta, shift, 0, *out)
+        sh3 = torch.randint(32, 50, (c,), dtype=torch.int64, generator=g)
+        sh3[:2] = torch.tensor([32, 62])
+        ref2 = I.requant(ref, 1, mu, sh3, -3, -128, 127, -1)
+        prm3 = torch.from_numpy(layer_norm_params(add_hi, [5, eps, k, shift, 0, *out], [1, -3, -128, 127])).cuda()
+        assert K.ln_hi_ok(prm3.cpu().numpy(), gamma.numpy(), c, mu.numpy(), sh3.numpy())
+        sg3 = sh3.cuda()
+        y.fill_(99), y2.fill_(99)
+        call = lambda: f(K.row_func(K.LAYER_NORM_REQUANT_FUNC, True))(d(xg), d(bg2), d(prm3), d(gg), d(bg), d(mg),  # noqa
+                                                                      d(sg3), d(y), d(y2))
+        call()
+        torch.cuda.synchronize()
+        record("int_add + int_layer_norm + requant (hi)", f"{m}x{c} -> {y.dtype}, int8".replace("torch.", ""),
+               torch.equal(y.cpu(), ref) and torch.equal(y2.cpu(), ref2), call)
+        xs = torch.empty(m, c, dtype=torch.int16, device="cuda")
+        y.fill_(99)
+        call = lambda: f(K.row_func(K.ADD_LAYER_NORM_FUNC, True))(d(xg), d(bg2), d(prm3), d(gg), d(bg), d(none),  # noqa
+                                                                  d(none), d(xs), d(y))
+        call()
+        torch.cuda.synchronize()
+        record("int_add (stored) + int_layer_norm (hi)", f"{m}x{c} -> {y.dtype}".replace("torch.", ""),
+               torch.equal(y.cpu(), ref) and torch.equal(xs.cpu(), x3), call)
     return rows
 
 
@@ -288,7 +336,7 @@ def attention_checks(prebuilt: Path) -> list[dict]:
     ffi = load_kernels(prebuilt)
     from qcompiler import int_ops as I
     from qcompiler.backends.tvm import cuda_kernels as K
-    from qcompiler.backends.tvm.fuse_attention import params
+    from qcompiler.backends.tvm.fuse_attention import hi_ok, params, table16
     from qcompiler.backends.tvm.translate import softmax_table
     f, d = ffi.get_global_func, ffi.from_dlpack
     g = torch.Generator().manual_seed(0)
@@ -324,41 +372,56 @@ def attention_checks(prebuilt: Path) -> list[dict]:
         else:
             mstr = [0, 0, 0, 0]
         tab = I.exp_table(0.004, 65536)
-        c1 = [3, 1518500250, 22 if r1_range[1] > 127 else 27, -1, *r1_range]
-        sm = [2130706440, 24, 0, -128, 127]
-        c2 = [0, 1398101333, 28 if with_r3 else 24, 0, -32768, 32767]
-        m3 = torch.randint(2**29, 2**31 - 1, (c,), dtype=torch.int64, generator=g)
-        s3 = torch.randint(28, 36, (c,), dtype=torch.int64, generator=g)
-        s3[:2] = torch.tensor([0, 1])  # saturating, exact ties
-        c3 = [1, m3, s3, -3, -128, 127] if with_r3 else None
-        sc = I.requant(I.int_matmul(q4, 0, k4.transpose(-2, -1), 0), c1[0], torch.tensor(c1[1]), torch.tensor(c1[2]),
-                       *c1[3:], -1)
-        p = I.int_softmax(sc, mask, tab, -1, *sm[:3], *sm[3:])
-        o = I.requant(I.int_matmul(p, 0, v4, 0), c2[0], torch.tensor(c2[1]), torch.tensor(c2[2]), *c2[3:], -1)
-        ref = o.transpose(1, 2).reshape(b, s, c)
-        if with_r3:
-            ref = I.requant(ref, 1, m3, s3, -3, -128, 127, -1)
-        prm = torch.from_numpy(params(*views, [0, s * c, dh, c], mstr, c1, sm, c2, c3))
-        dev = [t.cuda() for t in srcs]
-        y = torch.full((b, s, c), 77, dtype=ref.dtype, device="cuda")
         tg = torch.from_numpy(softmax_table(tab.numpy())).cuda()
-        m3g = (m3 if with_r3 else torch.zeros(1, dtype=torch.int64)).cuda()
-        s3g = (s3 if with_r3 else torch.zeros(1, dtype=torch.int64)).cuda()
-        pg = prm.cuda()
-        tail = [d(tg), d(pg), d(m3g), d(s3g), b, h, s, s, dh, d(y)]
-        if mask is not None:
-            mg = mask.cuda()
-            call = lambda: f(K.ATTENTION_MASKED_FUNC)(*[d(t) for t in dev], d(mg), *tail)  # noqa: E731
-        else:
-            call = lambda: f(K.ATTENTION_FUNC)(*[d(t) for t in dev], *tail)  # noqa: E731
-        call()
-        torch.cuda.synchronize()
-        ok = torch.equal(y.cpu(), ref)
-        shape = f"{b}x{h}x{s}x{dh}" + (" qkv" if fused else "") + (f" mask/{masked}" if mask is not None else "")
-        ms = _device_ms(call) if timed else None
-        rows.append({"kernel": f"int_attention {name}", "shape": shape, "bit-exact": bool(ok), "ms": ms})
-        print(f"  int_attention {name:<20} {shape:<30} bit-exact {str(bool(ok)):<5}"
-              + (f"  {ms * 1e3:8.1f} us" if ms is not None else ""))
+        dev = [t.cuda() for t in srcs]
+        mg = mask.cuda() if mask is not None else None
+        for hi in (False, True):
+            # hi: constants as fuse_attention.hi_ok admits them (in_zp 0, shifts 32..62), the kernel
+            # attention_hi; otherwise requant1 with in_zp 3 and shifts below 32, attention_kernel
+            if hi:
+                c1 = [0, 1518500250, 36 if r1_range[1] > 127 else 40, -1, *r1_range]
+                c2 = [0, 1398101333, 36 if with_r3 else 33, 0, -32768, 32767]
+                s3 = torch.randint(32, 40, (c,), dtype=torch.int64, generator=g)
+                s3[:2] = torch.tensor([32, 62])
+            else:
+                c1 = [3, 1518500250, 22 if r1_range[1] > 127 else 27, -1, *r1_range]
+                c2 = [0, 1398101333, 28 if with_r3 else 24, 0, -32768, 32767]
+                s3 = torch.randint(28, 36, (c,), dtype=torch.int64, generator=g)
+                s3[:2] = torch.tensor([0, 1])  # saturating, exact ties
+            sm = [2130706440, 24, 0, -128, 127]
+            m3 = torch.randint(2**29, 2**31 - 1, (c,), dtype=torch.int64, generator=g)
+            c3 = [1, m3, s3, -3, -128, 127] if with_r3 else None
+            sc = I.requant(I.int_matmul(q4, 0, k4.transpose(-2, -1), 0), c1[0], torch.tensor(c1[1]),
+                           torch.tensor(c1[2]), *c1[3:], -1)
+            p = I.int_softmax(sc, mask, tab, -1, *sm[:3], *sm[3:])
+            o = I.requant(I.int_matmul(p, 0, v4, 0), c2[0], torch.tensor(c2[1]), torch.tensor(c2[2]), *c2[3:], -1)
+            ref = o.transpose(1, 2).reshape(b, s, c)
+            if with_r3:
+                ref = I.requant(ref, c3[0], m3, s3, -3, -128, 127, -1)
+            t16 = table16(tab.numpy()) if hi else None  # attention_hi's table: e - base in 16 bits
+            prm = torch.from_numpy(params(*views, [0, s * c, dh, c], mstr, c1, sm, c2, c3,
+                                          t16[1:] if hi else (0, 0)))
+            m3c = m3 if with_r3 else torch.zeros(1, dtype=torch.int64)
+            s3c = s3 if with_r3 else torch.zeros(1, dtype=torch.int64)
+            assert hi_ok(prm.numpy(), m3c.numpy(), s3c.numpy()) == hi
+            y = torch.full((b, s, c), 77, dtype=ref.dtype, device="cuda")
+            pg, m3g, s3g = prm.cuda(), m3c.cuda(), s3c.cuda()
+            tgk = torch.from_numpy(t16[0]).cuda() if hi else tg
+            tail = [d(tgk), d(pg), d(m3g), d(s3g), b, h, s, s, dh, d(y)]
+            fn = f(K.attention_func(mask is not None, hi))
+            if mask is not None:
+                call = lambda: fn(*[d(t) for t in dev], d(mg), *tail)  # noqa: E731
+            else:
+                call = lambda: fn(*[d(t) for t in dev], *tail)  # noqa: E731
+            call()
+            torch.cuda.synchronize()
+            ok = torch.equal(y.cpu(), ref)
+            shape = f"{b}x{h}x{s}x{dh}" + (" qkv" if fused else "") + (f" mask/{masked}" if mask is not None else "")
+            ms = _device_ms(call) if timed else None
+            label = f"int_attention {name}" + (" (hi)" if hi else "")
+            rows.append({"kernel": label, "shape": shape, "bit-exact": bool(ok), "ms": ms})
+            print(f"  {label:<34} {shape:<30} bit-exact {str(bool(ok)):<5}"
+                  + (f"  {ms * 1e3:8.1f} us" if ms is not None else ""))
     return rows
 
 

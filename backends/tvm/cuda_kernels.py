@@ -23,6 +23,8 @@ import shutil
 import subprocess
 import tempfile
 
+import numpy as np
+
 from qcompiler.errors import QCError
 
 LIB_NAME = "libqc_kernels_cuda.so"
@@ -30,7 +32,7 @@ SOURCES = ("gemm_s8_sm90.cu", "gemm_s8_hi_sm90.cu", "int_rows.cu", "int_attentio
 HEADERS = ("qc_int.cuh", "gemm_s8_sm90.cuh")  # included by the sources: part of the cache key
 # tile configurations compiled into the library: name -> (tile M, tile N)
 GEMM_TILES = {"128x128": (128, 128), "128x256": (128, 256), "256x128": (256, 128), "128x64": (128, 64),
-              "pp64x128": (64, 128)}
+              "pp64x128": (64, 128), "pp128x128": (128, 128), "pp128x64": (128, 64)}
 GEMM_FUNC = "qc.cuda.gemm_s8_requant{out}_{hi}{tile}"
 GEMM_OUTS = {"int8": "", "int16": "_i16"}  # output dtype -> name suffix
 # the epilogue in int32 words (kernels/qc_int.cuh requant_hi), for calls whose every shift is 32..62
@@ -45,15 +47,80 @@ LAYER_NORM_REQUANT_FUNC = "qc.cuda.int_layer_norm_requant"
 ADD_LAYER_NORM_FUNC = "qc.cuda.int_add_layer_norm"  # also writes the add's sum (a pre-LN residual)
 ROW_FUNCS = (SOFTMAX_FUNC, SOFTMAX_MASKED_FUNC, LUT_FUNC, LUT_REQUANT_FUNC, LAYER_NORM_FUNC, LAYER_NORM_REQUANT_FUNC,
              ADD_LAYER_NORM_FUNC)
+# row kernels with a `hi` variant (name + "_hi"): the same arithmetic in 32-bit words, for calls
+# whose constants pass lut_hi_ok / ln_hi_ok (int_rows.cu lut_smem<.., Hi>, layer_norm_hi)
+ROW_HI_FUNCS = (LUT_REQUANT_FUNC, LAYER_NORM_FUNC, LAYER_NORM_REQUANT_FUNC, ADD_LAYER_NORM_FUNC)
 # kernels/int_attention.cu: q k^T, requant, int_softmax, p v, requant(s) as one kernel
 ATTENTION_FUNC = "qc.cuda.int_attention"
 ATTENTION_MASKED_FUNC = "qc.cuda.int_attention_masked"
+
+
+def attention_func(masked: bool, hi: bool = False) -> str:
+    """The attention kernel's registered name; hi: attention_hi (fuse_attention.hi_ok)."""
+    return (ATTENTION_MASKED_FUNC if masked else ATTENTION_FUNC) + ("_hi" if hi else "")
 
 
 def gemm_func(tile: str, out_dtype: str = "int8", hi: bool = False) -> str:
     """The registered name of the GEMM + requant kernel for a tile, an output dtype and an epilogue
     (hi: every shift within HI_SHIFTS)."""
     return GEMM_FUNC.format(out=GEMM_OUTS[out_dtype], hi="hi_" if hi else "", tile=tile)
+
+
+def row_func(name: str, hi: bool = False) -> str:
+    """The registered name of a row kernel, its hi variant where asked (ROW_HI_FUNCS only)."""
+    if hi and name not in ROW_HI_FUNCS:
+        raise ValueError(f"{name} has no hi variant")
+    return name + "_hi" if hi else name
+
+
+def _shifts_hi(shift) -> bool:
+    c = np.asarray(shift, np.int64).reshape(-1)
+    return c.size > 0 and HI_SHIFTS[0] <= int(c.min()) and int(c.max()) <= HI_SHIFTS[1]
+
+
+ZP_HI = 2**16  # zero points the hi kernels take: x - zp stays within int32 for int16 x
+ADD_MULT_BITS_HI = 44  # layer_norm_hi's add: |x - zp| <= 2^17 times |mult| < 2^44, two of them, < 2^62
+
+
+def scale_shift_up(mults: list, shift: int, limit_bits: int):
+    """(mults * 2^s, shift + s) with s = 32 - shift for a shift below 32, the same rounding shift of
+    the same products (rshift_round(p 2^s, c + s) == rshift_round(p, c)), so that a hi kernel takes
+    it; None where a scaled multiplier would reach 2^limit_bits. Shifts of 32 and more unchanged."""
+    if shift >= HI_SHIFTS[0]:
+        return [np.asarray(m, np.int64) for m in mults], shift
+    s = HI_SHIFTS[0] - shift
+    if any(int(np.abs(np.asarray(m, np.int64)).max(initial=0)) >= 2 ** (limit_bits - s) for m in mults):
+        return None
+    return [np.asarray(m, np.int64) << s for m in mults], HI_SHIFTS[0]
+
+
+def lut_hi_ok(in_zp: int, mult, shift, out_zp: int) -> bool:
+    """Whether int_lut + requant may take int_rows.cu's hi path (qc_int::requant_hi on the table
+    value, an int16): every shift 32..62, |mult| < 2^31, |in_zp|, |out_zp| <= 2^16."""
+    m = np.asarray(mult, np.int64).reshape(-1)
+    return _shifts_hi(shift) and int(np.abs(m).max()) < 2**31 and abs(in_zp) <= ZP_HI and abs(out_zp) <= ZP_HI
+
+
+def ln_hi_ok(prm, gamma, channels: int, rq_mult=None, rq_shift=None) -> bool:
+    """Whether int_layer_norm (prm in int_rows.cu's L_* layout, as translate.layer_norm_params
+    writes it; rq_mult / rq_shift: its per-channel requant, None without one) may take
+    int_rows.cu's layer_norm_hi: the add's, the LayerNorm's and the requant's shifts 32..62,
+    sqrt_bits even and <= 16 (the normalisation's shift 40 - k/2 is then 32..40), zero points within
+    2^16, gamma and the requant's multipliers within int32, the add's within 2^44, C a multiple of 8
+    up to 1024 (|C x'| < 2^28). Under these the kernel computes layer_norm_rows' integers; it falls
+    back to that kernel where the buffers are not aligned for its 16-byte loads."""
+    p = [int(v) for v in np.asarray(prm, np.int64).reshape(-1)]
+    a_zp, a_mult, b_zp, b_mult, a_shift, a_zo, _lo, _hi, x_zp, _eps, k, shift, ozp, _qmin, _qmax, rzi, rzo = p[:17]
+    small = lambda *v: all(abs(x) <= ZP_HI for x in v)  # noqa: E731
+    i32 = lambda a: int(np.abs(np.asarray(a, np.int64)).max(initial=0)) < 2**31  # noqa: E731
+    if channels % 8 or not 8 <= channels <= 1024 or not small(x_zp, ozp) or not (0 <= k <= 16 and k % 2 == 0):
+        return False
+    if not (_shifts_hi([shift]) and i32(gamma)):
+        return False
+    if p[19] and not (_shifts_hi([a_shift]) and small(a_zp, b_zp, a_zo) and
+                      max(abs(a_mult), abs(b_mult)) < 2**ADD_MULT_BITS_HI):
+        return False
+    return rq_mult is None or (_shifts_hi(rq_shift) and i32(rq_mult) and small(rzi, rzo))
 
 
 SMS = 132  # an H100 SXM's SMs: one wave of output tiles

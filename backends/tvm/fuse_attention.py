@@ -168,16 +168,71 @@ def _lead4(lead: list) -> list:
 
 
 def params(q: list, k: list, v: list, y: list, mask: list, r1: list, softmax: list, r2: list,
-           r3: list | None) -> np.ndarray:
+           r3: list | None, table16: tuple = (0, 0)) -> np.ndarray:
     """The kernel's int64 params (int_attention.cu's P_* layout): the views of q, k, v and y as
     [offset, batch, head, row] strides (unit stride along d), the mask's [batch, head, row, key]
     strides, requant1 and requant2 as [in_zp, mult, shift, out_zp, qmin, qmax], the softmax's
     [mult, shift, out_zp, qmin, qmax], requant3 as [in_zp, mult(s), shift(s), out_zp, qmin, qmax]
-    or None (its multipliers and shifts go to the kernel as tensors of 1 or heads * d entries)."""
+    or None (its multipliers and shifts go to the kernel as tensors of 1 or heads * d entries), and
+    attention_hi's (base, e0): what it adds to its uint16 table's entries, and the entry at d = 0
+    (see table16)."""
     r3_row = [0] * 6 if r3 is None else [1, int(np.asarray(r3[1]).size != 1), r3[0], r3[3], r3[4], r3[5]]
-    out = np.asarray([*q, *k, *v, *y, *mask, *r1, *softmax, *r2, *r3_row], np.int64)
-    assert out.size == 43, out.size  # int_attention.cu: P_LEN
+    out = np.asarray([*q, *k, *v, *y, *mask, *r1, *softmax, *r2, *r3_row, *table16], np.int64)
+    assert out.size == 45, out.size  # int_attention.cu: P_LEN
     return out
+
+
+def table16(tab: np.ndarray) -> tuple[np.ndarray, int, int] | None:
+    """The softmax table as attention_hi reads it: (uint16 entries e - base for d >= 1, base, e at
+    d = 0), half the bytes of the int32 table that every entry gathers from (the kernel's
+    bottleneck: a 65536-entry table does not fit L1 as int32). Entry 0 (the row maximum's, 2^16 for
+    int_ops.exp_table) is kept apart so the rest fits 16 bits; None where it does not."""
+    t = np.asarray(tab, np.int64).reshape(-1)
+    rest = t[1:] if t.size > 1 else t
+    base = int(rest.min())
+    if int(rest.max()) - base > 0xFFFF:
+        return None
+    out = (t - base).clip(0, 0xFFFF).astype(np.uint16)
+    out[0] = 0  # not read: d = 0 takes e0
+    return out, base, int(t[0])
+
+
+MULT_BITS_HI = 39  # attention_hi's requant1 / requant2: |acc| < 2^23 (sk <= 256) times |m| < 2^39
+
+
+def hi_params(prm: np.ndarray) -> np.ndarray:
+    """prm with requant1's and requant2's shifts below 32 scaled up to 32, their multipliers times
+    the same power of two (the same integers: cuda_kernels.scale_shift_up), where they stay within
+    2^MULT_BITS_HI; else unchanged."""
+    from .cuda_kernels import scale_shift_up
+    out = np.asarray(prm, np.int64).copy()
+    for at in (20, 31):  # P_R1, P_R2: in_zp, mult, shift, ...
+        up = scale_shift_up([out[at + 1:at + 2]], int(out[at + 2]), MULT_BITS_HI)
+        if up is not None:
+            out[at + 1], out[at + 2] = int(up[0][0][0]), up[1]
+    return out
+
+
+def hi_ok(prm: np.ndarray, mult3: np.ndarray, shift3: np.ndarray) -> bool:
+    """Whether the block may take int_attention.cu's attention_hi (params in the P_* layout):
+    requant1 and requant2 with in_zp 0, multipliers within 2^39 and shifts 32..62 (hi_params),
+    requant1's output within int16 (the scores kept as int16 pairs), the softmax's multiplier M > 0
+    with M / 2^c <= 2^20 (its division as one float64 FMA: see the kernel), requant3's (if any)
+    shifts 32..62, multipliers within int32 and zero points within 2^16."""
+    from .cuda_kernels import HI_SHIFTS, ZP_HI
+    p = [int(v) for v in prm]
+    r1, (smult, sshift), r2, r3 = p[20:26], p[26:28], p[31:37], p[37:43]
+    shifts_ok = lambda c: all(HI_SHIFTS[0] <= int(x) <= HI_SHIFTS[1] for x in np.asarray(c).reshape(-1))  # noqa
+    for zi, m, c, zo, _lo, _hi in (r1, r2):
+        if zi != 0 or abs(m) >= 2**MULT_BITS_HI or not shifts_ok(c) or abs(zo) > ZP_HI:
+            return False
+    if not (-2**15 <= r1[4] <= r1[5] < 2**15) or not (0 < smult <= 2**(sshift + 20)):
+        return False
+    if r3[0]:
+        m3 = np.abs(np.asarray(mult3, np.int64))
+        if not shifts_ok(shift3) or int(m3.max()) >= 2**31 or abs(r3[2]) > ZP_HI or abs(r3[3]) > ZP_HI:
+            return False
+    return True
 
 
 @dataclass
@@ -301,16 +356,23 @@ def match(tr, m1: fx.Node) -> Plan | None:
 def fuse(tr, m1: fx.Node):
     """Translate the attention block that starts at int_matmul m1 as one kernel call: the Fused
     value of m1, or None (nothing emitted) where match() declines."""
-    from .cuda_kernels import ATTENTION_FUNC, ATTENTION_MASKED_FUNC
+    from .cuda_kernels import attention_func
     plan = match(tr, m1)
     if plan is None:
         return None
+    # attention_hi where its constants allow, with the table in 16 bits (e - base, base in params)
+    t16 = table16(plan.table)
+    scaled = hi_params(plan.params)
+    hi = t16 is not None and hi_ok(scaled, plan.mult3, plan.shift3)
+    table, prm = (t16[0], scaled) if hi else (plan.table, plan.params)
+    if hi:
+        prm[-2:] = t16[1:]
     args = list(plan.sources) + ([tr.cast(plan.mask, "bool")] if plan.mask is not None else [])
-    args += [tr.const(plan.table, "int32"), tr.const(plan.params, "int64"), tr.const(plan.mult3, "int64"),
+    args += [tr.const(table, "uint16" if hi else "int32"), tr.const(prm, "int64"), tr.const(plan.mult3, "int64"),
              tr.const(plan.shift3, "int64")]
     args += [tr.relax.prim_value(int(v)) for v in plan.sizes]
     out_ty = tr.relax.TensorType(plan.out_shape, plan.out_dtype)
-    func = ATTENTION_MASKED_FUNC if plan.mask is not None else ATTENTION_FUNC
+    func = attention_func(plan.mask is not None, hi)
     tr.env[plan.out] = tr.emit(tr.relax.call_dps_packed(func, args, out_ty))
     # what the kernel computed has no value of its own (the views of q / k / v that only the
     # block read become dead bindings, which the pipeline's dead-code elimination drops)

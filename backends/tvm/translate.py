@@ -997,7 +997,7 @@ def _softmax_sm90(tr, node, xv, mask, tab, dim, mult, shift, out_zp, qmin, qmax)
 def _lut_sm90(tr, n, xv, tab: torch.Tensor, offset: int):
     """int_lut as one qc.cuda.int_lut call, with the requant after it (n's only user, per tensor or
     per last-dim channel) in the same kernel. Returns (done, value of n)."""
-    from .cuda_kernels import LUT_FUNC, LUT_REQUANT_FUNC
+    from .cuda_kernels import LUT_FUNC, LUT_REQUANT_FUNC, lut_hi_ok, row_func
     shape = _static_shape(tr, xv)
     tab_dt = _dt(tab.dtype)
     if not shape or tr.dtype_of(xv) not in _ROW_IN or tab_dt not in _ROW_OUT or tab.numel() == 0:
@@ -1011,7 +1011,8 @@ def _lut_sm90(tr, n, xv, tab: torch.Tensor, offset: int):
         in_zp, m, c, out_zp, qmin, qmax = got
         out_dt = _dt(I.int_dtype(qmin, qmax))
         if out_dt in _ROW_OUT:
-            tr.env[req] = _row_call(tr, LUT_REQUANT_FUNC, x2, [t, int(offset), int(in_zp), tr.const(m, "int64"),
+            func = row_func(LUT_REQUANT_FUNC, lut_hi_ok(int(in_zp), m, c, int(out_zp)))
+            tr.env[req] = _row_call(tr, func, x2, [t, int(offset), int(in_zp), tr.const(m, "int64"),
                                                                tr.const(c, "int64"), int(out_zp), int(qmin), int(qmax)],
                                     shape, out_dt)
             return True, None
@@ -1024,7 +1025,8 @@ def _layer_norm_sm90(tr, n):
       post-LN block: its sum is never stored), and
     - a per-channel int8 requant after it (the next linears' input) as a second output, beside
       the LayerNorm's own output that the residual path reads."""
-    from .cuda_kernels import ADD_LAYER_NORM_FUNC, LAYER_NORM_FUNC, LAYER_NORM_REQUANT_FUNC
+    from .cuda_kernels import (ADD_LAYER_NORM_FUNC, ADD_MULT_BITS_HI, LAYER_NORM_FUNC, LAYER_NORM_REQUANT_FUNC,
+                               ln_hi_ok, row_func, scale_shift_up)
     x, x_zp, eps, sqrt_bits, gamma, beta, shift, out_zp, qmin, qmax = n.args
     xv = tr.arg(x)
     shape = _static_shape(tr, xv)
@@ -1056,19 +1058,34 @@ def _layer_norm_sm90(tr, n):
         m3, s3, rq_consts = _ln_requant(tr, rq, ch, len(shape))
     else:
         m3, s3, rq_consts = np.zeros(1, np.int64), np.zeros(1, np.int64), [0] * 4
-    prm = layer_norm_params(add if av is not xv else None, [x_zp, eps, sqrt_bits, shift, out_zp, qmin, qmax], rq_consts)
+    add = add if av is not xv else None
+    rq_arrays = (m3, s3) if rq is not None else ()
+    prm = layer_norm_params(add, [x_zp, eps, sqrt_bits, shift, out_zp, qmin, qmax], rq_consts)
+    # the kernel in 32-bit words where every constant allows it, after scaling the add's and the
+    # LayerNorm's shifts below 32 up to 32 (the same integers: see scale_shift_up)
+    hi = ln_hi_ok(prm, g, ch, *rq_arrays)
+    if not hi:
+        up_add = scale_shift_up([add[1], add[3]], add[4], ADD_MULT_BITS_HI) if add else ([], None)
+        up_g = scale_shift_up([g], int(shift), 31)
+        up_b = scale_shift_up([b], int(shift), 62)
+        if up_add is not None and up_g is not None and up_b is not None:
+            add2 = [add[0], int(up_add[0][0]), add[2], int(up_add[0][1]), up_add[1], *add[5:]] if add else None
+            prm2 = layer_norm_params(add2, [x_zp, eps, sqrt_bits, up_g[1], out_zp, qmin, qmax], rq_consts)
+            if ln_hi_ok(prm2, up_g[0][0], ch, *rq_arrays):
+                prm, g, b, hi = prm2, up_g[0][0], up_b[0][0], True
     args = [tr.emit(tr.R.reshape(v, [rows, ch])) for v in (av, bv)]
     args += [tr.const(prm, "int64"), tr.const(g, "int64"), tr.const(b, "int64"), tr.const(m3, "int64"),
              tr.const(s3, "int64")]
     y_ty = tr.relax.TensorType([rows, ch], out_dt)
     if keep_sum:  # x's other readers get the kernel's copy of the sum (the add's own kernel is then dead)
-        both = tr.emit(tr.relax.call_dps_packed(ADD_LAYER_NORM_FUNC, args,
+        both = tr.emit(tr.relax.call_dps_packed(row_func(ADD_LAYER_NORM_FUNC, hi), args,
                                                 [tr.relax.TensorType([rows, ch], tr.dtype_of(xv)), y_ty]))
         tr.env[x] = tr.emit(tr.R.reshape(tr.emit(tr.relax.TupleGetItem(both, 0)), shape))
         return tr.emit(tr.R.reshape(tr.emit(tr.relax.TupleGetItem(both, 1)), shape))
     if rq is None:
-        return tr.emit(tr.R.reshape(tr.emit(tr.relax.call_dps_packed(LAYER_NORM_FUNC, args, y_ty)), shape))
-    both = tr.emit(tr.relax.call_dps_packed(LAYER_NORM_REQUANT_FUNC, args,
+        return tr.emit(tr.R.reshape(tr.emit(tr.relax.call_dps_packed(row_func(LAYER_NORM_FUNC, hi), args, y_ty)),
+                                    shape))
+    both = tr.emit(tr.relax.call_dps_packed(row_func(LAYER_NORM_REQUANT_FUNC, hi), args,
                                             [y_ty, tr.relax.TensorType([rows, ch], "int8")]))
     tr.env[rq] = tr.emit(tr.R.reshape(tr.emit(tr.relax.TupleGetItem(both, 1)), shape))
     return tr.emit(tr.R.reshape(tr.emit(tr.relax.TupleGetItem(both, 0)), shape))

@@ -203,6 +203,77 @@ def test_gemm_hi_epilogue_is_qc_requant(tmp_path):
         assert len(set(ref.tolist())) > 100  # not everything saturates
 
 
+_RSHIFT_HI = r"""
+#include "qc_int.cuh"
+extern "C" void rs_hi(const int64_t* p, const int32_t* c, int64_t n, int32_t* y) {
+  for (int64_t i = 0; i < n; ++i) y[i] = qc_int::rshift_round_hi(p[i], c[i]);
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+def test_rshift_round_hi_is_rshift_round(tmp_path):
+    """qc_int.cuh rshift_round_hi (the hi row kernels' rounding shift of int64 sums: the LayerNorm's
+    add, its normalisation and its n gamma + beta) against int_ops.rshift_round on int64 values of
+    every size, both signs, exact ties and low words of zero, every shift 32..62."""
+    import ctypes
+
+    from qcompiler.backends.tvm.cuda_kernels import HI_SHIFTS
+    rs_hi = _host_lib(tmp_path, "rs_hi", _RSHIFT_HI).rs_hi
+    g = torch.Generator().manual_seed(1)
+    n = 200_000
+    c = torch.randint(HI_SHIFTS[0], HI_SHIFTS[1] + 1, (n,), dtype=torch.int64, generator=g)
+    bits = torch.randint(0, 63, (n,), generator=g)  # magnitudes of every size below 2^62
+    p = torch.randint(0, 2**62, (n,), dtype=torch.int64, generator=g) >> bits
+    p = torch.where(torch.rand(n, generator=g) < 0.5, -p, p)
+    k = torch.arange(n // 4)  # exact ties: odd multiples of 2^(c-1)
+    c[k] = c[k].clamp(max=51)
+    p[k] = (torch.randint(-2**10, 2**10, (len(k),), generator=g) * 2 + 1) << (c[k] - 1)
+    low = torch.arange(n // 4, n // 2)  # low word zero, both signs
+    p[low] = torch.randint(-2**29, 2**29, (len(low),), generator=g) << 32
+    ref = I.rshift_round(p, c)
+    y = torch.empty(n, dtype=torch.int32)
+    ptr = lambda t: ctypes.c_void_p(t.data_ptr())  # noqa: E731
+    ci = c.to(torch.int32).contiguous()
+    rs_hi(ptr(p), ptr(ci), ctypes.c_int64(n), ptr(y))
+    bad = (y.to(torch.int64) != ref).nonzero().flatten()
+    assert len(bad) == 0, [(int(p[i]), int(c[i]), int(y[i]), int(ref[i])) for i in bad[:5]]
+    assert len(set(ref.tolist())) > 1000
+
+
+def test_hi_row_kernels_take_only_constants_they_compute():
+    """ln_hi_ok / lut_hi_ok: each constant the hi kernels narrow to 32 bits, out of range, sends the
+    call to the general kernel."""
+    from qcompiler.backends.tvm.cuda_kernels import ZP_HI, ln_hi_ok, lut_hi_ok
+    from qcompiler.backends.tvm.translate import layer_norm_params
+    eps, k, gamma, beta, shift = I.layer_norm_consts(torch.rand(768) + 0.5, torch.randn(768), 768, 1e-5, 0.01, 0.05,
+                                                     in_levels=65536)
+    gamma = gamma.numpy()
+    add = [3, 1439302324, -2, -881062436, 33, 1, -32768, 32767]
+    ln = [5, eps, k, shift, 0, -128, 127]
+    rq = [1, -3, -128, 127]
+    m, c = np.full(768, 2**30, np.int64), np.full(768, 40, np.int64)
+    prm = lambda add=add, ln=ln, rq=rq: layer_norm_params(add, ln, rq)  # noqa: E731
+    assert shift >= 32 and ln_hi_ok(prm(), gamma, 768, m, c) and ln_hi_ok(prm(add=None), gamma, 768)
+    assert not ln_hi_ok(prm(), gamma, 768, m, np.where(np.arange(768) == 7, 31, c))  # one channel's shift
+    assert not ln_hi_ok(prm(), gamma, 768, np.where(np.arange(768) == 7, 2**31, m), c)
+    assert not ln_hi_ok(prm(add=[*add[:4], 31, *add[5:]]), gamma, 768, m, c)  # the add's shift
+    assert ln_hi_ok(prm(add=None), gamma, 768, m, c) and not ln_hi_ok(prm(add=[*add[:4], 31, *add[5:]]), gamma, 768)
+    assert not ln_hi_ok(prm(add=[ZP_HI + 1, *add[1:]]), gamma, 768)
+    assert not ln_hi_ok(prm(add=[add[0], 2**44, *add[2:]]), gamma, 768) and ln_hi_ok(prm(add=[add[0], 2**43, *add[2:]]), gamma, 768)
+    assert not ln_hi_ok(prm(ln=[5, eps, k, 31, 0, -128, 127]), gamma, 768)  # the LayerNorm's shift
+    assert not ln_hi_ok(prm(ln=[5, eps, 18, shift, 0, -128, 127]), gamma, 768)  # sqrt_bits > 16
+    assert not ln_hi_ok(prm(ln=[-ZP_HI - 1, eps, k, shift, 0, -128, 127]), gamma, 768)
+    assert not ln_hi_ok(prm(rq=[ZP_HI + 1, -3, -128, 127]), gamma, 768, m, c)
+    assert not ln_hi_ok(prm(), gamma * 2**8, 768, m, c)  # gamma beyond int32
+    assert not ln_hi_ok(prm(), gamma[:764], 764, m[:764], c[:764]) and not ln_hi_ok(prm(), gamma, 1032)
+    assert lut_hi_ok(3, m, c, -2) and lut_hi_ok(0, m[:1], c[:1], 0)
+    assert not lut_hi_ok(3, m, np.where(np.arange(768) == 0, 62 + 1, c), -2)
+    assert not lut_hi_ok(3, m, np.where(np.arange(768) == 0, 31, c), -2)
+    assert not lut_hi_ok(ZP_HI + 1, m, c, 0) and not lut_hi_ok(0, m, c, -ZP_HI - 1)
+    assert not lut_hi_ok(0, m * 2, c, 0)
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
 def test_cuda_kernels_compile_with_ieee_float_and_no_fma(monkeypatch):
     """TVM's CUDA kernels are built with CUDA_EXACT_FLOAT: quantize's x / s is IEEE division
@@ -246,12 +317,22 @@ _ROW_EX = (torch.zeros(2, 3, 8, 16, dtype=torch.int16), torch.ones(2, 1, 1, 16, 
 
 def test_softmax_lut_layer_norm_become_kernel_calls():
     from qcompiler.backends.tvm.cuda_kernels import (LAYER_NORM_FUNC, LUT_FUNC, LUT_REQUANT_FUNC, SOFTMAX_FUNC,
-                                                     SOFTMAX_MASKED_FUNC)
+                                                     SOFTMAX_MASKED_FUNC, row_func)
     from qcompiler.backends.tvm.translate import to_relax
     g = qcompiler.trace(_row_ops(), _ROW_EX, dynamic=None)
     calls = sorted(_externs(to_relax(g, dot="sm90")))
-    assert calls == sorted([SOFTMAX_MASKED_FUNC, SOFTMAX_FUNC, LUT_REQUANT_FUNC, LUT_FUNC, LAYER_NORM_FUNC])
+    # the LayerNorm's shift is >= 32: its hi kernel; the LUT's requant has shifts 0..31: the general one
+    assert calls == sorted([SOFTMAX_MASKED_FUNC, SOFTMAX_FUNC, LUT_REQUANT_FUNC, LUT_FUNC,
+                            row_func(LAYER_NORM_FUNC, True)])
     assert _externs(to_relax(g, dot=None)) == []  # tvm-llvm (and non-Hopper CUDA) keep the generic kernels
+    ops = _row_ops()
+    ops.c = torch.arange(32, 64, dtype=torch.int64)  # every LUT requant shift 32..63: 63 is one too many
+    assert row_func(LUT_REQUANT_FUNC, True) not in _externs(to_relax(qcompiler.trace(ops, _ROW_EX, dynamic=None),
+                                                                     dot="sm90"))
+    ops.c = torch.arange(31, 63, dtype=torch.int64)
+    ops.c[0] = 62
+    assert row_func(LUT_REQUANT_FUNC, True) in _externs(to_relax(qcompiler.trace(ops, _ROW_EX, dynamic=None),
+                                                                 dot="sm90"))
 
 
 def test_row_kernels_decline_what_they_do_not_compute():
@@ -410,22 +491,49 @@ def _emulate_kernels():
     def attention_masked(q, k, v, mask, tab, prm, mult3, shift3, b, h, sq, sk, d, y):
         attention(q, k, v, tab, prm, mult3, shift3, b, h, sq, sk, d, y, mask)
 
-    tvm_ffi.register_global_func(K.ATTENTION_FUNC, attention, override=True)
-    tvm_ffi.register_global_func(K.ATTENTION_MASKED_FUNC, attention_masked, override=True)
+    def attention_hi(f):
+        def g(q, k, v, *rest):
+            tab, prm, mult3, shift3 = rest[-10:-6]
+            assert hi_ok(T(prm).numpy(), T(mult3).numpy(), T(shift3).numpy())  # attention_hi's contract
+            assert T(tab).dtype == torch.uint16  # its table: e - base for d >= 1, e at d = 0 in params
+            rest = list(rest)
+            base, e0 = (int(v) for v in T(prm)[-2:])
+            rest[-10] = torch.cat([torch.tensor([e0]), T(tab).to(torch.int64)[1:] + base])
+            f(q, k, v, *rest)
+        return g
+
+    from qcompiler.backends.tvm.fuse_attention import hi_ok
+    for masked, f in ((False, attention), (True, attention_masked)):
+        tvm_ffi.register_global_func(K.attention_func(masked), f, override=True)
+        tvm_ffi.register_global_func(K.attention_func(masked, True), attention_hi(f), override=True)
     for tile in K.GEMM_TILES:
         for out in K.GEMM_OUTS:
             for hi in (False, True):
                 tvm_ffi.register_global_func(K.gemm_func(tile, out, hi), gemm(out, hi), override=True)
-    for name, f in ((K.SOFTMAX_FUNC, softmax), (K.SOFTMAX_MASKED_FUNC, softmax_masked), (K.LUT_FUNC, lut),
-                    (K.LUT_REQUANT_FUNC, lut_requant), (K.LAYER_NORM_FUNC, layer_norm),
-                    (K.LAYER_NORM_REQUANT_FUNC, layer_norm)):
-        tvm_ffi.register_global_func(name, f, override=True)
-
     def add_layer_norm(a, b, prm, gamma, beta, rq_mult, rq_shift, xs, y):
         p = T(prm).tolist()
         T(xs).copy_(I.int_add(T(a), p[0], p[1], T(b), *p[2:8]))
         layer_norm(a, b, prm, gamma, beta, rq_mult, rq_shift, y)
-    for name, f in ((K.ADD_LAYER_NORM_FUNC, add_layer_norm),):
+
+    # the hi variants' contracts (cuda_kernels.lut_hi_ok / ln_hi_ok), then the same integers
+    def lut_requant_hi(x, tab, offset, in_zp, mult, shift, out_zp, qmin, qmax, y):
+        assert K.lut_hi_ok(in_zp, T(mult).numpy(), T(shift).numpy(), out_zp)
+        lut_requant(x, tab, offset, in_zp, mult, shift, out_zp, qmin, qmax, y)
+
+    def ln_hi(f, with_rq):
+        def g(a, b, prm, gamma, beta, rq_mult, rq_shift, *ys):
+            rq = (T(rq_mult).numpy(), T(rq_shift).numpy()) if with_rq else ()
+            assert K.ln_hi_ok(T(prm).numpy(), T(gamma).numpy(), T(a).shape[-1], *rq)
+            f(a, b, prm, gamma, beta, rq_mult, rq_shift, *ys)
+        return g
+
+    for name, f in ((K.SOFTMAX_FUNC, softmax), (K.SOFTMAX_MASKED_FUNC, softmax_masked), (K.LUT_FUNC, lut),
+                    (K.LUT_REQUANT_FUNC, lut_requant), (K.LAYER_NORM_FUNC, layer_norm),
+                    (K.LAYER_NORM_REQUANT_FUNC, layer_norm), (K.ADD_LAYER_NORM_FUNC, add_layer_norm),
+                    (K.row_func(K.LUT_REQUANT_FUNC, True), lut_requant_hi),
+                    (K.row_func(K.LAYER_NORM_FUNC, True), ln_hi(layer_norm, False)),
+                    (K.row_func(K.LAYER_NORM_REQUANT_FUNC, True), ln_hi(layer_norm, True)),
+                    (K.row_func(K.ADD_LAYER_NORM_FUNC, True), ln_hi(add_layer_norm, False))):
         tvm_ffi.register_global_func(name, f, override=True)
 
 
@@ -577,23 +685,69 @@ def _run_sm90_on_cpu(g, *inputs):
     return _externs(mod), [o.numpy() for o in out]
 
 
-@pytest.mark.parametrize("tokens,d,fused_qkv,masked,per_channel", [
-    (20, 32, False, True, True), (37, 64, True, False, True), (16, 32, True, True, False), (70, 64, False, True, True)])
-def test_attention_block_is_one_kernel_call_exact_on_cpu(tokens, d, fused_qkv, masked, per_channel):
+@pytest.mark.parametrize("tokens,d,fused_qkv,masked,per_channel,hi", [
+    (20, 32, False, True, True, False), (37, 64, True, False, True, True), (16, 32, True, True, False, False),
+    (70, 64, False, True, True, True), (16, 32, True, True, False, True)])
+def test_attention_block_is_one_kernel_call_exact_on_cpu(tokens, d, fused_qkv, masked, per_channel, hi):
     """The block becomes one qc.cuda.int_attention call that reads q / k / v through the views'
     strides and writes the merged heads after the per-channel requant; its contract, emulated in
     torch, reproduces the op-by-op reference bit for bit (the kernel itself is checked against
-    the same contract on the GPU by bench/gpu.py)."""
+    the same contract on the GPU by bench/gpu.py). hi: every shift 32..62, the kernel's hi variant;
+    otherwise one of requant3's shifts is 31 and the block takes the general one."""
     rng = np.random.default_rng(tokens)
     m = HeadsAttention(heads=3, d=d, fused_qkv=fused_qkv, masked=masked, per_channel=per_channel)
+    m.s3 = torch.randint(32, 40, m.s3.shape, dtype=torch.int64) if hi else m.s3.clamp(max=31)
+    if hi and tokens == 70:
+        m.s2 = torch.tensor([30])  # requant2's shift scaled up to 32 for the hi kernel (hi_params)
     x = torch.from_numpy(rng.integers(-128, 128, (2, tokens, 3 * 3 * d)).astype(np.int8))
     mask = torch.from_numpy((rng.random((2, tokens)) > 0.3).astype(np.int64))
     mask[1] = 0
     g = qcompiler.trace(m, (x, mask), dynamic=None)
     ext, out = _run_sm90_on_cpu(g, x, mask)
-    assert [e for e in ext if "attention" in e] == ["qc.cuda.int_attention" + ("_masked" if masked else "")]
+    assert [e for e in ext if "attention" in e] == ["qc.cuda.int_attention" + ("_masked" if masked else "") +
+                                                    ("_hi" if hi else "")]
     assert not any("softmax" in e or "gemm" in e for e in ext), ext
     assert np.array_equal(out[0], g(x, mask)[0].numpy())
+
+
+def test_attention_hi_table_is_16_bits_and_the_maximum_apart():
+    from qcompiler.backends.tvm.fuse_attention import table16
+    from qcompiler.backends.tvm.translate import softmax_table
+    for scale in (0.02, 0.0001):  # decays to 0 (cut), or stays above 0 over 65536 entries
+        t = softmax_table(I.exp_table(scale, 65536).numpy()).astype(np.int64)
+        t16, base, e0 = table16(t)
+        assert t16.dtype == np.uint16 and e0 == t[0] == 2**16
+        assert np.array_equal(t16[1:].astype(np.int64) + base, t[1:])
+    assert table16(np.array([70000, 65536, 0])) is None and table16(np.array([70000, 65535, 0])) is not None
+
+
+def test_attention_hi_takes_only_constants_it_computes():
+    """fuse_attention.hi_ok: each constant attention_hi narrows or bounds, out of range, sends the
+    block to the general kernel."""
+    from qcompiler.backends.tvm.fuse_attention import hi_ok, hi_params, params
+    view, mstr = [0, 4096, 64, 768], [0, 0, 0, 0]
+    r1, sm, r2 = [0, 2**30, 36, -1, -32768, 32767], [2130706440, 24, 0, -128, 127], [0, 2**30, 33, 0, -128, 127]
+    m3, s3 = np.full(768, 2**30, np.int64), np.full(768, 35, np.int64)
+    r3 = [1, m3, s3, -3, -128, 127]
+
+    def ok(r1=r1, sm=sm, r2=r2, r3=r3, m3=m3, s3=s3):
+        rr3 = None if r3 is None else [r3[0], m3, s3, *r3[3:]]
+        return hi_ok(params(view, view, view, view, mstr, r1, sm, r2, rr3), m3, s3)
+    assert ok() and ok(r3=None)
+    assert not ok(r1=[1, *r1[1:]]) and not ok(r2=[1, *r2[1:]])  # in_zp
+    assert not ok(r1=[0, 2**39, *r1[2:]]) and not ok(r2=[0, 2**39, *r2[2:]]) and ok(r1=[0, 2**38, *r1[2:]])
+    assert not ok(r1=[0, 2**30, 31, *r1[3:]]) and not ok(r2=[0, 2**30, 63, *r2[3:]])  # shifts
+    assert not ok(r1=[*r1[:4], -32769, 32767]) and not ok(r1=[*r1[:5], 32768])  # scores beyond int16
+    assert not ok(sm=[0, *sm[1:]]) and not ok(sm=[2**45 + 1, 24, *sm[2:]]) and ok(sm=[2**44, 24, *sm[2:]])
+    assert not ok(s3=np.where(np.arange(768) == 5, 31, s3)) and not ok(m3=np.where(np.arange(768) == 5, 2**31, m3))
+    assert not ok(r3=[2**16 + 1, *r3[1:]]) and ok(r3=None, s3=np.full(1, 0, np.int64))
+    # hi_params scales requant1's / requant2's shifts below 32 up to 32, multipliers with them
+    prm = params(view, view, view, view, mstr, [0, 2**30, 30, -1, -32768, 32767], sm, [0, 3 * 2**29, 31, 0, -128, 127],
+                 None)
+    assert not hi_ok(prm, m3, s3) and hi_ok(hi_params(prm), m3, s3)
+    assert list(hi_params(prm)[20:23]) == [0, 2**32, 32] and list(hi_params(prm)[31:34]) == [0, 3 * 2**30, 32]
+    prm[21], prm[22] = 2**30, 5  # 2^30 2^27 would reach 2^39: left as it is
+    assert list(hi_params(prm)[20:23]) == [0, 2**30, 5] and not hi_ok(hi_params(prm), m3, s3)
 
 
 def test_attention_kernel_declines_blocks_it_does_not_compute():
@@ -609,16 +763,16 @@ class AddNormRequant(nn.Module):
     """A post-LN residual: int_add -> int_layer_norm (int16), read by the next residual add and,
     through a per-channel int8 requant, by the next linears."""
 
-    def __init__(self, c=64, add_users=1):
+    def __init__(self, c=64, add_users=1, s_y=0.05, rq_shifts=(20, 34)):
         super().__init__()
         g = torch.Generator().manual_seed(5)
         self.add_users = add_users
         self.ln = I.layer_norm_consts(torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g), c, 1e-5, 0.01,
-                                      0.05, in_levels=65536)
+                                      s_y, in_levels=65536)
         self.register_buffer("gamma", self.ln[2])
         self.register_buffer("beta", self.ln[3])
         self.register_buffer("m", torch.randint(1 << 29, 1 << 31, (c,), dtype=torch.int64, generator=g))
-        self.register_buffer("s", torch.randint(20, 34, (c,), dtype=torch.int64, generator=g))
+        self.register_buffer("s", torch.randint(*rq_shifts, (c,), dtype=torch.int64, generator=g))
 
     def forward(self, a, b):
         eps, k, _g, _b, shift = self.ln
@@ -641,6 +795,40 @@ def test_add_layer_norm_requant_is_one_kernel_call_exact_on_cpu(add_users):
     assert _tir_calls(g).count("int_add") == add_users  # the residual's own add stays; the fused one is gone
     for r, o in zip(g(a, b), out):
         assert np.array_equal(o, r.numpy())
+
+
+@pytest.mark.parametrize("s_y", [0.05, 0.0001])
+def test_add_layer_norm_requant_hi_scales_shifts_below_32_exact_on_cpu(s_y):
+    """With the requant's shifts 32..39, the add's shift 31 (and, at s_y 0.0001, the LayerNorm's
+    shift 31) are scaled up to 32 with their multipliers (the same integers), and the call takes
+    the hi kernel; the emulation checks its contract, the outputs match the reference."""
+    rng = np.random.default_rng(7)
+    a, b = (torch.from_numpy(rng.integers(-32768, 32768, (2, 24, 64)).astype(np.int16)) for _ in range(2))
+    m = AddNormRequant(s_y=s_y, rq_shifts=(32, 40))
+    assert (m.ln[4] < 32) == (s_y < 0.01)
+    g = qcompiler.trace(m, (a, b), dynamic=None)
+    ext, out = _run_sm90_on_cpu(g, a, b)
+    assert ext.count("qc.cuda.int_layer_norm_requant_hi") == 1, ext
+    for r, o in zip(g(a, b), out):
+        assert np.array_equal(o, r.numpy())
+    # with one requant shift of 31 it cannot: the general kernel, the constants as they were
+    m.s[3] = 31
+    ext, out = _run_sm90_on_cpu(qcompiler.trace(m, (a, b), dynamic=None), a, b)
+    assert ext.count("qc.cuda.int_layer_norm_requant") == 1 and not any(e.endswith("_hi") and "layer_norm" in e
+                                                                         for e in ext), ext
+
+
+def test_scale_shift_up_keeps_the_rounding_shift():
+    from qcompiler.backends.tvm.cuda_kernels import scale_shift_up
+    g = torch.Generator().manual_seed(2)
+    p = torch.randint(-2**30, 2**30, (10000,), generator=g)  # p 2^32 stays within int64
+    p[:100] = (torch.arange(100) * 2 + 1 - 100) << 16  # ties at shift 17
+    for c in (0, 1, 17, 30, 31):
+        (m,), c2 = scale_shift_up([np.ones(1, np.int64)], c, 40)
+        assert c2 == 32 and int(m[0]) == 2 ** (32 - c)
+        assert torch.equal(I.rshift_round(p * int(m[0]), c2), I.rshift_round(p, c))
+    assert scale_shift_up([np.full(3, 2**30)], 31, 31) is None and scale_shift_up([np.full(3, 2**30)], 31, 32)
+    assert scale_shift_up([np.full(3, 5)], 40, 31)[1] == 40
 
 
 class LinearsAttention(nn.Module):
@@ -705,7 +893,7 @@ def test_pre_norm_add_is_computed_by_the_layer_norm_kernel_exact_on_cpu():
     a, b, c = (torch.from_numpy(rng.integers(-32768, 32768, (2, 24, 64)).astype(np.int16)) for _ in range(3))
     g = qcompiler.trace(PreNorm(), (a, b, c), dynamic=None)
     ext, out = _run_sm90_on_cpu(g, a, b, c)
-    assert ext == ["qc.cuda.int_add_layer_norm"], ext
+    assert ext == ["qc.cuda.int_add_layer_norm_hi"], ext  # the add's shift 31 scaled to 32: the hi kernel
     assert _tir_calls(g).count("int_add") == 1
     for r, o in zip(g(a, b, c), out):
         assert np.array_equal(o, r.numpy())

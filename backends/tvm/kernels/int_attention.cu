@@ -16,6 +16,8 @@
 //                         shift3 [C] int64, batch, heads, sq, sk, d, y)
 //   qc.cuda.int_attention_masked(q, k, v, mask, table, params, mult3, shift3, batch, heads, sq, sk,
 //                                d, y)
+//   qc.cuda.int_attention[_masked]_hi(...): the same, in 32-bit words and a float64 FMA per
+//     probability, for the constants fuse_attention.hi_ok admits (see attention_hi)
 // q, k, v: int8 buffers that the views in `params` index (element (b, h, i, j) of q at
 // q[off + b sb + h sh + i ss + j]); mask: bool / int8, indexed the same way (strides, 0 where it
 // broadcasts); y: int8 or int16. `params` (see the P_* offsets) holds the views and the requant /
@@ -54,7 +56,9 @@ enum : int {
   P_SM = 26,                                            // mult, shift, out_zp, qmin, qmax
   P_R2 = 31,                                            // in_zp, mult, shift, out_zp, qmin, qmax
   P_R3 = 37,                                            // present, per_channel, in_zp, out_zp, qmin, qmax
-  P_LEN = 43
+  P_TBASE = 43,                                         // attention_hi: its uint16 table holds e - base
+  P_TE0 = 44,                                           // for d >= 1, and e at d = 0 is this
+  P_LEN = 45
 };
 
 __device__ __forceinline__ void mma_s8(int (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
@@ -80,6 +84,40 @@ __device__ __forceinline__ uint32_t pack4(int a, int b, int c, int d) {
          (uint32_t(uint8_t(d)) << 24);
 }
 
+// q's kRows rows of the block and all of k in shared memory as rows of D bytes (zero rows past sq
+// and sk), v transposed with its keys in slot order (key_slot) for the second mma's B fragments
+template <int D, int NK, int LDQ, int LDV>
+__device__ __forceinline__ void load_qkv(const int8_t* __restrict__ q, const int8_t* __restrict__ k,
+                                         const int8_t* __restrict__ v, const int64_t* __restrict__ prm, int64_t b,
+                                         int64_t h, int64_t q0, int64_t sq, int64_t sk, int8_t* sq_, int8_t* sk_,
+                                         int8_t* svt) {
+  constexpr int PR = D / 16;  // 16-byte pieces per row of q / k / v
+  const int tid = threadIdx.x;
+  const int8_t* kb = k + __ldg(prm + P_K) + b * __ldg(prm + P_K + 1) + h * __ldg(prm + P_K + 2);
+  const int8_t* vb = v + __ldg(prm + P_V) + b * __ldg(prm + P_V + 1) + h * __ldg(prm + P_V + 2);
+  const int8_t* qb = q + __ldg(prm + P_Q) + b * __ldg(prm + P_Q + 1) + h * __ldg(prm + P_Q + 2);
+  const int64_t kss = __ldg(prm + P_K + 3), vss = __ldg(prm + P_V + 3), qss = __ldg(prm + P_Q + 3);
+  for (int i = tid; i < NK * PR; i += kWarps * 32) {
+    int j = i / PR, p = i % PR;
+    uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
+    if (j < sk) {
+      kv = *reinterpret_cast<const uint4*>(kb + j * kss + 16 * p);
+      vv = *reinterpret_cast<const uint4*>(vb + j * vss + 16 * p);
+    }
+    *reinterpret_cast<uint4*>(sk_ + j * LDQ + 16 * p) = kv;
+    const int slot = (j & ~31) + key_slot(j & 31);
+    const int8_t* vbytes = reinterpret_cast<const int8_t*>(&vv);
+#pragma unroll
+    for (int x = 0; x < 16; ++x) svt[(16 * p + x) * LDV + slot] = vbytes[x];
+  }
+  for (int i = tid; i < kRows * PR; i += kWarps * 32) {
+    int r = i / PR, p = i % PR;
+    uint4 qv = make_uint4(0, 0, 0, 0);
+    if (q0 + r < sq) qv = *reinterpret_cast<const uint4*>(qb + (q0 + r) * qss + 16 * p);
+    *reinterpret_cast<uint4*>(sq_ + r * LDQ + 16 * p) = qv;
+  }
+}
+
 template <int D, int KT, class Out, bool Masked>
 __global__ void __launch_bounds__(kWarps * 32)
     attention_kernel(const int8_t* __restrict__ q, const int8_t* __restrict__ k, const int8_t* __restrict__ v,
@@ -90,7 +128,6 @@ __global__ void __launch_bounds__(kWarps * 32)
   constexpr int NT = 4 * KT;   // 8-key tiles
   constexpr int LDQ = D + 16;  // bytes per shared row of q and k (the pad spreads a fragment's rows over banks)
   constexpr int LDV = NK + 16; // bytes per shared row of v^T
-  constexpr int PR = D / 16;   // 16-byte pieces per row of q / k / v
   __shared__ __align__(16) int8_t sq_[kRows * LDQ];
   __shared__ __align__(16) int8_t sk_[NK * LDQ];
   __shared__ __align__(16) int8_t svt[D * LDV];
@@ -98,35 +135,12 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int64_t b = blockIdx.y / heads, h = blockIdx.y % heads;
   const int64_t q0 = int64_t(blockIdx.x) * kRows;
   const int tid = threadIdx.x;
-  {
-    const int8_t* kb = k + __ldg(prm + P_K) + b * __ldg(prm + P_K + 1) + h * __ldg(prm + P_K + 2);
-    const int8_t* vb = v + __ldg(prm + P_V) + b * __ldg(prm + P_V + 1) + h * __ldg(prm + P_V + 2);
-    const int8_t* qb = q + __ldg(prm + P_Q) + b * __ldg(prm + P_Q + 1) + h * __ldg(prm + P_Q + 2);
-    const int64_t kss = __ldg(prm + P_K + 3), vss = __ldg(prm + P_V + 3), qss = __ldg(prm + P_Q + 3);
-    for (int i = tid; i < NK * PR; i += kWarps * 32) {
-      int j = i / PR, p = i % PR;
-      uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
-      if (j < sk) {
-        kv = *reinterpret_cast<const uint4*>(kb + j * kss + 16 * p);
-        vv = *reinterpret_cast<const uint4*>(vb + j * vss + 16 * p);
-      }
-      *reinterpret_cast<uint4*>(sk_ + j * LDQ + 16 * p) = kv;
-      const int slot = (j & ~31) + key_slot(j & 31);
-      const int8_t* vbytes = reinterpret_cast<const int8_t*>(&vv);
-#pragma unroll
-      for (int x = 0; x < 16; ++x) svt[(16 * p + x) * LDV + slot] = vbytes[x];
-    }
-    for (int i = tid; i < kRows * PR; i += kWarps * 32) {
-      int r = i / PR, p = i % PR;
-      uint4 qv = make_uint4(0, 0, 0, 0);
-      if (q0 + r < sq) qv = *reinterpret_cast<const uint4*>(qb + (q0 + r) * qss + 16 * p);
-      *reinterpret_cast<uint4*>(sq_ + r * LDQ + 16 * p) = qv;
-    }
-  }
+  load_qkv<D, NK, LDQ, LDV>(q, k, v, prm, b, h, q0, sq, sk, sq_, sk_, svt);
   __syncthreads();
 
   const int warp = tid / 32, lane = tid & 31, g = lane >> 2, t = lane & 3;
   const int r0 = warp * 16;
+  if (q0 + r0 >= sq) return;  // a warp whose 16 rows are all past sq (DeiT's 197: 3 of the last block's 4)
   // ---- scores: acc[nt] is the C fragment of keys 8 nt .. 8 nt + 7
   int acc[NT][4];
 #pragma unroll
@@ -268,19 +282,250 @@ __global__ void __launch_bounds__(kWarps * 32)
     }
 }
 
+// ---- the hi variant ---------------------------------------------------------------------------
+// The same integers as attention_kernel, for blocks whose constants the translation checked
+// (fuse_attention.hi_ok): requant1 and requant2 with in_zp 0 and shifts 32..62 (smaller ones
+// scaled up by the translation, their multipliers with them, within 2^39), requant3's per-channel
+// shifts 32..62 (qc_int::requant_hi), requant1's output within int16, the softmax's
+// multiplier M > 0 with M / 2^c <= 2^20, the table in 16 bits (fuse_attention.table16: e - base
+// for d >= 1, e at d = 0 in params). Then
+// - the scores are kept as int16 pairs (half the registers), the row max taken on the way, and
+//   replaced by their table entries (one gather each: a 65536-entry table is read from L2, the
+//   kernel's bottleneck, so the uint16 table halves the bytes and each entry is gathered once);
+// - the softmax's y - out_zp = rshift_round(floor(e M / S), c) = floor(e M / (S 2^c) + 1/2) (c >= 1;
+//   without the 1/2 for c = 0; e >= 0, M > 0) is floor of one float64 FMA e F + 1/2 with
+//   F = M / (S 2^c) per row: its error is below 2^-31 for values up to 2^20, so the floors of the
+//   FMA's value -/+ 2^-30 agree and are the answer unless an integer lies within 2^-30 of it; those
+//   (rare) entries take the int64 division of attention_kernel. e = 0 gives 0.
+// Floors in float64 without a conversion: adding 2^52 rounding down leaves floor(x) in the low word.
+__device__ __forceinline__ uint32_t pack16(int a, int b) { return (uint32_t(uint16_t(a))) | (uint32_t(b) << 16); }
+__device__ __forceinline__ int lo16(uint32_t w) { return int(int16_t(uint16_t(w & 0xffffu))); }
+__device__ __forceinline__ int hi16(uint32_t w) { return int(w) >> 16; }
+
+template <int D, int KT, class Out, bool Masked>
+__global__ void __launch_bounds__(kWarps * 32)
+    attention_hi(const int8_t* __restrict__ q, const int8_t* __restrict__ k, const int8_t* __restrict__ v,
+                 const int8_t* __restrict__ mask, const uint16_t* __restrict__ tab, int64_t tlen,
+                 const int64_t* __restrict__ prm, const int64_t* __restrict__ mult3, const int64_t* __restrict__ shift3,
+                 int64_t heads, int64_t sq, int64_t sk, Out* __restrict__ y) {
+  using qc_int::requant_hi;
+  constexpr int NK = 32 * KT;
+  constexpr int NT = 4 * KT;
+  constexpr int LDQ = D + 16;
+  constexpr int LDV = NK + 16;
+  __shared__ __align__(16) int8_t sq_[kRows * LDQ];
+  __shared__ __align__(16) int8_t sk_[NK * LDQ];
+  __shared__ __align__(16) int8_t svt[D * LDV];
+
+  const int64_t b = blockIdx.y / heads, h = blockIdx.y % heads;
+  const int64_t q0 = int64_t(blockIdx.x) * kRows;
+  load_qkv<D, NK, LDQ, LDV>(q, k, v, prm, b, h, q0, sq, sk, sq_, sk_, svt);
+  __syncthreads();
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  const int r0 = warp * 16;
+  if (q0 + r0 >= sq) return;  // no row of this warp is stored (no barrier follows)
+  const int64_t ra = q0 + r0 + g, rb = ra + 8;
+  const int sk32 = int(sk);
+  // keep bits as in attention_kernel: (tile nt, entry e) at 2 nt + (e & 1) of kept[e >> 1]
+  uint64_t kept[2] = {0, 0};
+  {
+    const int8_t* mrow[2] = {nullptr, nullptr};
+    int64_t msk = 0;
+    if constexpr (Masked) {
+      const int64_t base = b * __ldg(prm + P_MASK) + h * __ldg(prm + P_MASK + 1);
+      const int64_t msq = __ldg(prm + P_MASK + 2);
+      msk = __ldg(prm + P_MASK + 3);
+      mrow[0] = ra < sq ? mask + base + ra * msq : nullptr;
+      mrow[1] = rb < sq ? mask + base + rb * msq : nullptr;
+    }
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int j = 8 * nt + 2 * t + (e & 1);
+        bool keep = j < sk32;
+        if constexpr (Masked) {
+          const int8_t* mr = mrow[e >> 1];
+          if (keep && mr) keep = mr[j * msk] != 0;
+        }
+        if (keep) kept[e >> 1] |= uint64_t(1) << (2 * nt + (e & 1));
+      }
+  }
+  auto is_kept = [&](int nt, int e) { return ((kept[e >> 1] >> (2 * nt + (e & 1))) & 1) != 0; };
+
+  // ---- scores: q k^T, requant1 (hi), as int16 pairs; the row max over kept keys
+  uint32_t sc[NT][2];
+  int mx[2] = {INT_MIN, INT_MIN};
+  {
+    // requant1 / requant2: in_zp 0, the shift 32..62 (the translation scales one below 32 up with
+    // its multiplier: fuse_attention.hi_params), |acc| < 2^23 times |m| < 2^39
+    const int64_t m1 = __ldg(prm + P_R1 + 1);
+    const int32_t c1 = int32_t(__ldg(prm + P_R1 + 2)), zo1 = int32_t(__ldg(prm + P_R1 + 3)),
+                  lo1 = int32_t(__ldg(prm + P_R1 + 4)), hi1 = int32_t(__ldg(prm + P_R1 + 5));
+    uint32_t qa[D / 32][4];
+#pragma unroll
+    for (int kk = 0; kk < D / 32; ++kk) {
+      const int8_t* qp = sq_ + (r0 + g) * LDQ + kk * 32 + 4 * t;
+      qa[kk][0] = *reinterpret_cast<const uint32_t*>(qp);
+      qa[kk][1] = *reinterpret_cast<const uint32_t*>(qp + 8 * LDQ);
+      qa[kk][2] = *reinterpret_cast<const uint32_t*>(qp + 16);
+      qa[kk][3] = *reinterpret_cast<const uint32_t*>(qp + 8 * LDQ + 16);
+    }
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      int acc[4] = {0, 0, 0, 0};
+#pragma unroll
+      for (int kk = 0; kk < D / 32; ++kk) {
+        const int8_t* kr = sk_ + (8 * nt + g) * LDQ + kk * 32 + 4 * t;
+        mma_s8(acc, qa[kk], *reinterpret_cast<const uint32_t*>(kr), *reinterpret_cast<const uint32_t*>(kr + 16));
+      }
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        acc[e] = qc_int::clamp32(qc_int::rshift_round_hi(int64_t(acc[e]) * m1, c1) + zo1, lo1, hi1);
+        if (is_kept(nt, e)) mx[e >> 1] = max(mx[e >> 1], acc[e]);
+      }
+      sc[nt][0] = pack16(acc[0], acc[1]);
+      sc[nt][1] = pack16(acc[2], acc[3]);
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    mx[r] = max(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+    mx[r] = max(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+  }
+  // ---- e = table[min(d, T - 1)] (0 where not kept), one gather per entry: the uint16 table holds
+  // e - base (the translation checked max - min < 2^16), which replaces the score in sc
+  const int top = int(tlen - 1);
+  const int32_t tbase = int32_t(__ldg(prm + P_TBASE)), te0 = int32_t(__ldg(prm + P_TE0));
+  int64_t sum[2] = {0, 0};
+  uint64_t at_max[2] = {0, 0};  // d = 0 (e = te0), bits as kept's
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int w = 0; w < 2; ++w) {
+      uint32_t out = 0;
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        const int e = 2 * w + u;
+        if (is_kept(nt, e)) {
+          const int sv = u ? hi16(sc[nt][w]) : lo16(sc[nt][w]);
+          const int d = mx[w] - sv;
+          // e - base in 16 bits; the row maximum's (d = 0) is te0, which may not fit: a bit of its own
+          if (d == 0) {
+            at_max[w] |= uint64_t(1) << (2 * nt + u);
+            sum[w] += te0;
+          } else {
+            const uint32_t tv = __ldg(tab + (d < top ? d : top));
+            out |= tv << (16 * u);
+            sum[w] += int64_t(tv) + tbase;
+          }
+        }
+      }
+      sc[nt][w] = out;
+    }
+  auto expv = [&](int nt, int e) -> int32_t {
+    if (!is_kept(nt, e)) return 0;
+    if ((at_max[e >> 1] >> (2 * nt + (e & 1))) & 1) return te0;
+    return int32_t((sc[nt][e >> 1] >> (16 * (e & 1))) & 0xffffu) + tbase;
+  };
+  const int64_t sm_mult = __ldg(prm + P_SM), sm_shift = __ldg(prm + P_SM + 1);
+  const int32_t sm_zp = int32_t(__ldg(prm + P_SM + 2)), sm_lo = int32_t(__ldg(prm + P_SM + 3)),
+                sm_hi = int32_t(__ldg(prm + P_SM + 4));
+  const double half = sm_shift >= 1 ? 0.5 : 0.0;
+  constexpr double kTwo52 = 4503599627370496.0, kEps = 9.313225746154785e-10;  // 2^52, 2^-30
+  double f[2], inv[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], 1);
+    sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], 2);
+    sum[r] = sum[r] < 1 ? 1 : sum[r];
+    inv[r] = static_cast<double>(sm_mult) / static_cast<double>(sum[r]);  // the exact path's estimate
+    f[r] = ldexp(inv[r], -int(sm_shift));                                  // M / (S 2^c), one rounding
+  }
+  // y of entry (nt, e): the softmax's int8 output (0 for keys past sk)
+  auto prob = [&](int nt, int e) -> int {
+    const int j = 8 * nt + 2 * t + (e & 1);
+    if (j >= sk32) return 0;
+    const int32_t ev = expv(nt, e);
+    int qv = 0;
+    if (ev != 0) {
+      const double ed = __hiloint2double(0x43300000, ev) - kTwo52;  // ev as a double (0 <= ev < 2^31)
+      const double u = __fma_rn(ed, f[e >> 1], half - kEps), w = __fma_rn(ed, f[e >> 1], half + kEps);
+      const int fu = __double2loint(__dadd_rd(u, kTwo52)), fw = __double2loint(__dadd_rd(w, kTwo52));
+      if (fu == fw) {
+        qv = fu;
+      } else {  // within 2^-30 of an integer: the int64 division
+        const int64_t s = sum[e >> 1];
+        const int64_t tq = qc_int::floordiv_est(int64_t(ev) * sm_mult, s, static_cast<double>(ev) * inv[e >> 1]);
+        qv = int(rshift_round(tq, sm_shift));
+      }
+    }
+    return qc_int::clamp32(qv + sm_zp, sm_lo, sm_hi);
+  };
+
+  // ---- o = p @ v, a 32-key chunk at a time (p's A fragments in slot order, as attention_kernel)
+  int o[D / 8][4];
+#pragma unroll
+  for (int dn = 0; dn < D / 8; ++dn) o[dn][0] = o[dn][1] = o[dn][2] = o[dn][3] = 0;
+#pragma unroll
+  for (int c = 0; c < KT; ++c) {
+    uint32_t a[4];
+#pragma unroll
+    for (int half_ = 0; half_ < 2; ++half_) {
+      const int lt = 4 * c + 2 * half_, ht = lt + 1;
+      a[2 * half_] = pack4(prob(lt, 0), prob(lt, 1), prob(ht, 0), prob(ht, 1));      // row g
+      a[2 * half_ + 1] = pack4(prob(lt, 2), prob(lt, 3), prob(ht, 2), prob(ht, 3));  // row g + 8
+    }
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn) {
+      const int8_t* vr = svt + (8 * dn + g) * LDV + 32 * c + 4 * t;
+      mma_s8(o[dn], a, *reinterpret_cast<const uint32_t*>(vr), *reinterpret_cast<const uint32_t*>(vr + 16));
+    }
+  }
+
+  // ---- requant2 (and requant3), hi, stored through y's view
+  const int64_t m2 = __ldg(prm + P_R2 + 1);
+  const int32_t c2 = int32_t(__ldg(prm + P_R2 + 2)), zo2 = int32_t(__ldg(prm + P_R2 + 3)),
+                lo2 = int32_t(__ldg(prm + P_R2 + 4)), hi2 = int32_t(__ldg(prm + P_R2 + 5));
+  const bool r3 = __ldg(prm + P_R3) != 0, per_ch = __ldg(prm + P_R3 + 1) != 0;
+  const int32_t z3 = int32_t(__ldg(prm + P_R3 + 2)), zo3 = int32_t(__ldg(prm + P_R3 + 3)),
+                lo3 = int32_t(__ldg(prm + P_R3 + 4)), hi3 = int32_t(__ldg(prm + P_R3 + 5));
+  Out* yb = y + __ldg(prm + P_Y) + b * __ldg(prm + P_Y + 1) + h * __ldg(prm + P_Y + 2);
+  const int64_t yss = __ldg(prm + P_Y + 3);
+#pragma unroll
+  for (int dn = 0; dn < D / 8; ++dn)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int64_t row = e < 2 ? ra : rb;
+      if (row >= sq) continue;
+      const int dd = 8 * dn + 2 * t + (e & 1);
+      int32_t val = qc_int::clamp32(qc_int::rshift_round_hi(int64_t(o[dn][e]) * m2, c2) + zo2, lo2, hi2);
+      if (r3) {
+        const int64_t ch = per_ch ? h * D + dd : 0;
+        val = requant_hi(val - z3, int32_t(__ldg(mult3 + ch)), int32_t(__ldg(shift3 + ch)), zo3, lo3, hi3);
+      }
+      yb[row * yss + dd] = static_cast<Out>(val);
+    }
+}
+
 // ---- host side --------------------------------------------------------------------------------
 
 void check_int8(const TensorView& t, const char* what) { qc_int::check(t, kDLInt, 8, "qc int_attention", what); }
 
-template <int D, class Out, bool Masked>
+template <int D, class Out, bool Masked, bool Hi>
 void launch_kt(int64_t sk, dim3 grid, cudaStream_t st, const int8_t* q, const int8_t* k, const int8_t* v,
-               const int8_t* m, const int32_t* tab, int64_t tlen, const int64_t* prm, const int64_t* m3,
+               const int8_t* m, const void* tab, int64_t tlen, const int64_t* prm, const int64_t* m3,
                const int64_t* s3, int64_t heads, int64_t sq, Out* y) {
   // key chunks: 2, 4, 7 (DeiT's 197 tokens) or 8, the fewest that cover sk
   int64_t chunks = (sk + 31) / 32;
-#define QC_ATTN_LAUNCH(KT)                                                                                     \
-  attention_kernel<D, KT, Out, Masked><<<grid, kWarps * 32, 0, st>>>(q, k, v, m, tab, tlen, prm, m3, s3, heads, sq, \
-                                                              sk, y)
+#define QC_ATTN_LAUNCH(KT)                                                                                       \
+  if constexpr (Hi)                                                                                              \
+    attention_hi<D, KT, Out, Masked><<<grid, kWarps * 32, 0, st>>>(                                              \
+        q, k, v, m, static_cast<const uint16_t*>(tab), tlen, prm, m3, s3, heads, sq, sk, y);                     \
+  else                                                                                                           \
+    attention_kernel<D, KT, Out, Masked><<<grid, kWarps * 32, 0, st>>>(                                          \
+        q, k, v, m, static_cast<const int32_t*>(tab), tlen, prm, m3, s3, heads, sq, sk, y)
   if (chunks <= 2)
     QC_ATTN_LAUNCH(2);
   else if (chunks <= 4)
@@ -292,13 +537,17 @@ void launch_kt(int64_t sk, dim3 grid, cudaStream_t st, const int8_t* q, const in
 #undef QC_ATTN_LAUNCH
 }
 
+template <bool Hi>
 void attention_impl(TensorView q, TensorView k, TensorView v, const TensorView* mask, TensorView tab, TensorView prm,
                     TensorView mult3, TensorView shift3, int64_t batch, int64_t heads, int64_t sq, int64_t sk,
                     int64_t d, TensorView y) {
   check_int8(q, "q");
   check_int8(k, "k");
   check_int8(v, "v");
-  qc_int::check(tab, kDLInt, 32, "qc int_attention", "table");
+  if (Hi)  // attention_hi's table: e - params[P_TBASE] in 16 bits
+    qc_int::check(tab, kDLUInt, 16, "qc int_attention", "table");
+  else
+    qc_int::check(tab, kDLInt, 32, "qc int_attention", "table");
   qc_int::check(prm, kDLInt, 64, "qc int_attention", "params");
   qc_int::check(mult3, kDLInt, 64, "qc int_attention", "mult3");
   qc_int::check(shift3, kDLInt, 64, "qc int_attention", "shift3");
@@ -322,7 +571,7 @@ void attention_impl(TensorView q, TensorView k, TensorView v, const TensorView* 
   auto qp = static_cast<const int8_t*>(q.data_ptr()), kp = static_cast<const int8_t*>(k.data_ptr()),
        vp = static_cast<const int8_t*>(v.data_ptr());
   const int8_t* mp = mask ? static_cast<const int8_t*>(mask->data_ptr()) : nullptr;
-  auto tp = static_cast<const int32_t*>(tab.data_ptr());
+  const void* tp = tab.data_ptr();
   auto pp = static_cast<const int64_t*>(prm.data_ptr()), m3 = static_cast<const int64_t*>(mult3.data_ptr()),
        s3 = static_cast<const int64_t*>(shift3.data_ptr());
   auto go = [&](auto out, auto masked) {
@@ -330,9 +579,9 @@ void attention_impl(TensorView q, TensorView k, TensorView v, const TensorView* 
     constexpr bool M = decltype(masked)::value;
     Out* yp = static_cast<Out*>(y.data_ptr());
     if (d == 32)
-      launch_kt<32, Out, M>(sk, grid, st, qp, kp, vp, mp, tp, tab.size(0), pp, m3, s3, heads, sq, yp);
+      launch_kt<32, Out, M, Hi>(sk, grid, st, qp, kp, vp, mp, tp, tab.size(0), pp, m3, s3, heads, sq, yp);
     else
-      launch_kt<64, Out, M>(sk, grid, st, qp, kp, vp, mp, tp, tab.size(0), pp, m3, s3, heads, sq, yp);
+      launch_kt<64, Out, M, Hi>(sk, grid, st, qp, kp, vp, mp, tp, tab.size(0), pp, m3, s3, heads, sq, yp);
   };
   auto by_mask = [&](auto out) {
     if (mp)
@@ -349,21 +598,26 @@ void attention_impl(TensorView q, TensorView k, TensorView v, const TensorView* 
   TVM_FFI_ICHECK(cudaGetLastError() == cudaSuccess) << "qc int_attention: launch failed";
 }
 
+// Hi: the translation checked the constants as attention_hi needs them (fuse_attention.hi_ok)
+template <bool Hi>
 void attention(TensorView q, TensorView k, TensorView v, TensorView tab, TensorView prm, TensorView mult3,
                TensorView shift3, int64_t batch, int64_t heads, int64_t sq, int64_t sk, int64_t d, TensorView y) {
-  attention_impl(q, k, v, nullptr, tab, prm, mult3, shift3, batch, heads, sq, sk, d, y);
+  attention_impl<Hi>(q, k, v, nullptr, tab, prm, mult3, shift3, batch, heads, sq, sk, d, y);
 }
 
+template <bool Hi>
 void attention_masked(TensorView q, TensorView k, TensorView v, TensorView mask, TensorView tab, TensorView prm,
                       TensorView mult3, TensorView shift3, int64_t batch, int64_t heads, int64_t sq, int64_t sk,
                       int64_t d, TensorView y) {
-  attention_impl(q, k, v, &mask, tab, prm, mult3, shift3, batch, heads, sq, sk, d, y);
+  attention_impl<Hi>(q, k, v, &mask, tab, prm, mult3, shift3, batch, heads, sq, sk, d, y);
 }
 
 }  // namespace qc_attn
 
 TVM_FFI_STATIC_INIT_BLOCK() {
   using tvm::ffi::Function;
-  Function::SetGlobal("qc.cuda.int_attention", Function::FromTyped(qc_attn::attention), true);
-  Function::SetGlobal("qc.cuda.int_attention_masked", Function::FromTyped(qc_attn::attention_masked), true);
+  Function::SetGlobal("qc.cuda.int_attention", Function::FromTyped(qc_attn::attention<false>), true);
+  Function::SetGlobal("qc.cuda.int_attention_masked", Function::FromTyped(qc_attn::attention_masked<false>), true);
+  Function::SetGlobal("qc.cuda.int_attention_hi", Function::FromTyped(qc_attn::attention<true>), true);
+  Function::SetGlobal("qc.cuda.int_attention_masked_hi", Function::FromTyped(qc_attn::attention_masked<true>), true);
 }

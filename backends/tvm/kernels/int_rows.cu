@@ -18,6 +18,9 @@
 //   qc.cuda.int_layer_norm_requant(... the same ..., y [R, C], y2 [R, C] int8)
 //   qc.cuda.int_add_layer_norm(... the same ..., x [R, C], y [R, C])   x: the int_add's sum (a's dtype)
 //     LayerNorm of a, or of int_add(a, b) (params[L_ADD]); y2: the per-channel requant of y
+//   qc.cuda.int_lut_requant_hi, qc.cuda.int_layer_norm_hi, qc.cuda.int_layer_norm_requant_hi,
+//   qc.cuda.int_add_layer_norm_hi: the same functions in 32-bit words, for constants that
+//     cuda_kernels.lut_hi_ok / ln_hi_ok admit (every shift 32..62, ...): see layer_norm_hi
 // x: int8 / int16; y: int8 / uint8 / int16 (the translation declines other dtypes).
 //
 // What the translation (backends/tvm/translate.py) guarantees before calling them:
@@ -165,7 +168,7 @@ __global__ void __launch_bounds__(kWarps * 32) softmax_rows(const In* __restrict
 // the table through L1.
 constexpr int kLutThreads = 1024;
 
-template <class Out, bool Rq>
+template <class Out, bool Rq, bool Hi>
 __global__ void __launch_bounds__(kLutThreads)
     lut_smem(const int16_t* __restrict__ x, const int16_t* __restrict__ tab, int64_t tlen, int64_t offset,
              int64_t chunks, int64_t cols, int64_t in_zp, const int64_t* __restrict__ mult,
@@ -181,6 +184,7 @@ __global__ void __launch_bounds__(kLutThreads)
   }
   for (int64_t i = done + threadIdx.x; i < tlen; i += kLutThreads) st[i] = tab[i];
   __syncthreads();
+  const int32_t off32 = int32_t(offset), top32 = int32_t(tlen - 1);  // the host checked |offset| < 2^30
   // columns in 32 bits where every element index fits (a 64-bit remainder is a long software routine)
   const bool narrow = chunks * 8 < (int64_t(1) << 32);
   for (int64_t ch = int64_t(blockIdx.x) * kLutThreads + threadIdx.x; ch < chunks; ch += int64_t(gridDim.x) * kLutThreads) {
@@ -204,8 +208,12 @@ __global__ void __launch_bounds__(kLutThreads)
     }
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
-      int64_t v = st[clamp64(int64_t(xv[e]) - offset, 0, tlen - 1)];
-      if (Rq) v = qc_int::requant(v, in_zp, mv[e], sv[e], out_zp, qmin, qmax);
+      int64_t v = st[qc_int::clamp32(int32_t(xv[e]) - off32, 0, top32)];
+      if (Rq && Hi)  // every shift 32..62, |in_zp| <= 2^16 (the translation checked): 32-bit words
+        v = qc_int::requant_hi(int32_t(v) - int32_t(in_zp), int32_t(mv[e]), int32_t(sv[e]), int32_t(out_zp),
+                               int32_t(qmin), int32_t(qmax));
+      else if (Rq)
+        v = qc_int::requant(v, in_zp, mv[e], sv[e], out_zp, qmin, qmax);
       out[e] = static_cast<Out>(v);
     }
     if constexpr (sizeof(Out) == 2)
@@ -339,6 +347,165 @@ __global__ void __launch_bounds__(kWarps * 32)
 }
 #undef QC_FOR_ROW
 
+// ---- int_layer_norm, hi variant ---------------------------------------------------------------
+// The same values as layer_norm_rows, in 32-bit words, for calls whose constants the translation
+// has checked (cuda_kernels.ln_hi_ok): every shift (the add's, the LayerNorm's, the requant's per
+// channel) in 32..62, sqrt_bits <= 16 (so the normalisation's shift 40 - k/2 is 32..40), the zero
+// points within 2^16, the multipliers and gamma within int32, C <= 32 * 8 * NCH. Then
+//   the add's products are int32 x int64 (its multipliers within 2^44: the translation scales a
+//   shift below 32 up to 32, multipliers times the same power of two) and its rounding shift
+//   qc_int::rshift_round_hi;
+//   x - x_zp, d = C x' - sum(x') and the row sum are int32 (|d| < 2 C 2^17 <= 2^28);
+//   n = rshift_round(d inv, 40 - k/2) and y = rshift_round(n gamma + beta, shift) shift words;
+//   y2 = qc_int::requant_hi(y - rq_in_zp, ...).
+// The row's two divisions (sum(d^2) / C and 2^56 / r) are a float64 estimate with integer
+// fix-ups. A lane owns NCH chunks of 8 consecutive channels (chunk lane + 32 c): 16-byte loads and
+// stores of x, y, and of the per-channel constants. Blocks loop over rows (a grid of what fits).
+template <class T>
+__device__ __forceinline__ void load8(const T* __restrict__ p, int32_t (&v)[8]) {
+  static_assert(sizeof(T) <= 2, "int8 / int16 rows");
+  if constexpr (sizeof(T) == 2) {
+    const int4 r = __ldg(reinterpret_cast<const int4*>(p));
+    const T* e = reinterpret_cast<const T*>(&r);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = e[i];
+  } else {
+    const int2 r = __ldg(reinterpret_cast<const int2*>(p));
+    const T* e = reinterpret_cast<const T*>(&r);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = e[i];
+  }
+}
+
+template <class T>
+__device__ __forceinline__ void store8(T* __restrict__ p, const int32_t (&v)[8]) {
+  __align__(16) T o[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) o[i] = static_cast<T>(v[i]);
+  if constexpr (sizeof(T) == 2)
+    *reinterpret_cast<int4*>(p) = *reinterpret_cast<const int4*>(o);
+  else
+    *reinterpret_cast<int2*>(p) = *reinterpret_cast<const int2*>(o);
+}
+
+// 8 int64 constants from a 16-byte aligned address, as int32 (the translation checked they fit)
+__device__ __forceinline__ void load8_i64_as_i32(const int64_t* __restrict__ p, int32_t (&v)[8]) {
+#pragma unroll
+  for (int i = 0; i < 8; i += 2) {
+    const int4 r = __ldg(reinterpret_cast<const int4*>(p + i));
+    v[i] = r.x;      // low words (little-endian)
+    v[i + 1] = r.z;
+  }
+}
+
+__device__ __forceinline__ int32_t warp_sum32(int32_t v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+constexpr int kLnHiWarps = 8;
+
+template <class In, class Out, int NCH>
+__global__ void __launch_bounds__(kLnHiWarps * 32)
+    layer_norm_hi(const In* __restrict__ a, const In* __restrict__ b, const int64_t* __restrict__ prm, int64_t rows,
+                  int32_t ch, const int64_t* __restrict__ gamma, const int64_t* __restrict__ beta,
+                  const int64_t* __restrict__ rq_mult, const int64_t* __restrict__ rq_shift, Out* __restrict__ y,
+                  int8_t* __restrict__ y2, In* __restrict__ xs) {
+  using qc_int::clamp32;
+  using qc_int::rshift_round_hi;
+  const int lane = threadIdx.x & 31;
+  const bool add = __ldg(prm + L_ADD) != 0;
+  const int64_t amult = __ldg(prm + L_AMULT), bmult = __ldg(prm + L_BMULT);  // |m| < 2^44: products < 2^61
+  const int32_t azp = int32_t(__ldg(prm + L_AZP)), bzp = int32_t(__ldg(prm + L_BZP)),
+                ashift = int32_t(__ldg(prm + L_ASHIFT)), azo = int32_t(__ldg(prm + L_AZO)),
+                alo = int32_t(__ldg(prm + L_ALO)), ahi = int32_t(__ldg(prm + L_AHI));
+  const int32_t x_zp = int32_t(__ldg(prm + L_XZP)), sqrt_bits = int32_t(__ldg(prm + L_SQRT_BITS)),
+                shift = int32_t(__ldg(prm + L_SHIFT)), ozp = int32_t(__ldg(prm + L_OZP)),
+                qmin = int32_t(__ldg(prm + L_QMIN)), qmax = int32_t(__ldg(prm + L_QMAX));
+  const int32_t rzi = int32_t(__ldg(prm + L_RZI)), rzo = int32_t(__ldg(prm + L_RZO)), rlo = int32_t(__ldg(prm + L_RLO)),
+                rhi = int32_t(__ldg(prm + L_RHI));
+  const int64_t eps = __ldg(prm + L_EPS);
+  const int32_t nshift = 40 - sqrt_bits / 2;  // LN_RECIP_BITS - k/2 - LN_NORM_BITS: 32..40
+  const double inv_ch = 1.0 / static_cast<double>(ch);  // the estimate of s2 / C (fixed up exactly below)
+  for (int64_t row = int64_t(blockIdx.x) * kLnHiWarps + threadIdx.x / 32; row < rows;
+       row += int64_t(gridDim.x) * kLnHiWarps) {
+    const int64_t base = row * ch;
+    int32_t xv[NCH][8];
+    int32_t s1 = 0;
+#pragma unroll
+    for (int c = 0; c < NCH; ++c) {
+      const int j0 = (lane + 32 * c) * 8;
+      if (j0 < ch) {
+        load8(a + base + j0, xv[c]);
+        if (add) {
+          int32_t bv[8];
+          load8(b + base + j0, bv);
+#pragma unroll
+          for (int i = 0; i < 8; ++i)
+            xv[c][i] = clamp32(rshift_round_hi(int64_t(xv[c][i] - azp) * amult + int64_t(bv[i] - bzp) * bmult, ashift) +
+                                   azo, alo, ahi);
+        }
+        if (xs) store8(xs + base + j0, xv[c]);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) s1 += xv[c][i] - x_zp;
+      }
+    }
+    s1 = warp_sum32(s1);
+    int64_t s2 = 0;
+#pragma unroll
+    for (int c = 0; c < NCH; ++c) {
+      if ((lane + 32 * c) * 8 < ch) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const int32_t d = ch * (xv[c][i] - x_zp) - s1;
+          s2 += int64_t(d) * d;
+        }
+      }
+    }
+    s2 = warp_sum(s2);
+    // V = (floor(s2 / C) + eps) 2^k (s2 >= 0), r = isqrt(V), inv = floor(2^56 / r)
+    const int64_t var = qc_int::floordiv_est(s2, ch, static_cast<double>(s2) * inv_ch);
+    const int64_t v = (var + eps) * (int64_t(1) << sqrt_bits);
+    int64_t r = static_cast<int64_t>(floor(sqrt(static_cast<double>(v))));
+#pragma unroll
+    for (int it = 0; it < 2; ++it) {
+      if ((r + 1) * (r + 1) <= v) r += 1;
+      if (r * r > v) r -= 1;
+    }
+    const int64_t inv =
+        r > 0 ? qc_int::floordiv_est(int64_t(1) << 56, r, 72057594037927936.0 / static_cast<double>(r)) : 0;
+#pragma unroll
+    for (int c = 0; c < NCH; ++c) {
+      const int j0 = (lane + 32 * c) * 8;
+      if (j0 >= ch) continue;
+      int32_t g[8], o[8];
+      load8_i64_as_i32(gamma + j0, g);
+#pragma unroll
+      for (int i = 0; i < 8; i += 2) {
+        const int4 bb = __ldg(reinterpret_cast<const int4*>(beta + j0 + i));
+        const int64_t be[2] = {(int64_t(uint32_t(bb.y)) << 32) | uint32_t(bb.x),
+                               (int64_t(uint32_t(bb.w)) << 32) | uint32_t(bb.z)};
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+          const int32_t d = ch * (xv[c][i + u] - x_zp) - s1;
+          const int32_t n = rshift_round_hi(int64_t(d) * inv, nshift);
+          o[i + u] = clamp32(rshift_round_hi(int64_t(n) * g[i + u] + be[u], shift) + ozp, qmin, qmax);
+        }
+      }
+      store8(y + base + j0, o);
+      if (y2) {
+        int32_t m[8], sh[8];
+        load8_i64_as_i32(rq_mult + j0, m);
+        load8_i64_as_i32(rq_shift + j0, sh);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) o[i] = qc_int::requant_hi(o[i] - rzi, m[i], sh[i], rzo, rlo, rhi);
+        store8(y2 + base + j0, o);
+      }
+    }
+  }
+}
+
 // ---- host side --------------------------------------------------------------------------------
 
 void check(const TensorView& t, DLDataTypeCode code, int bits, const char* what) {
@@ -443,19 +610,20 @@ int sm_count(const TensorView& t) {
 }
 
 // the table in shared memory: an int16 input, 8 | cols, 16-byte aligned x and y, a table that fits
-template <class Out, bool Rq>
+template <class Out, bool Rq, bool Hi>
 bool lut_smem_launch(const TensorView& x, const int16_t* tp, int64_t tlen, int64_t offset, int64_t count,
                      int64_t cols, int64_t in_zp, const int64_t* mp, const int64_t* sp, bool per_channel,
                      int64_t out_zp, int64_t qmin, int64_t qmax, Out* yp, cudaStream_t st) {
   constexpr int64_t kMaxBytes = 160 * 1024;
   const size_t bytes = size_t(tlen) * sizeof(int16_t);
-  if (cols % 8 || bytes > kMaxBytes || reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 ||
+  if (cols % 8 || bytes > kMaxBytes || offset <= -(int64_t(1) << 30) || offset >= (int64_t(1) << 30) ||
+      reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 ||
       reinterpret_cast<uintptr_t>(yp) % 16 || (Rq && per_channel && (reinterpret_cast<uintptr_t>(mp) % 16 ||
                                                                       reinterpret_cast<uintptr_t>(sp) % 16)))
     return false;
   static bool attr = false;  // per instantiation
   if (!attr) {
-    if (cudaFuncSetAttribute(lut_smem<Out, Rq>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kMaxBytes)) !=
+    if (cudaFuncSetAttribute(lut_smem<Out, Rq, Hi>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kMaxBytes)) !=
         cudaSuccess) {
       cudaGetLastError();
       return false;
@@ -465,13 +633,13 @@ bool lut_smem_launch(const TensorView& x, const int16_t* tp, int64_t tlen, int64
   int64_t chunks = count / 8;
   int64_t blocks = (chunks + kLutThreads - 1) / kLutThreads;
   int sms = sm_count(x);
-  lut_smem<Out, Rq><<<unsigned(blocks < sms ? blocks : sms), kLutThreads, bytes, st>>>(
+  lut_smem<Out, Rq, Hi><<<unsigned(blocks < sms ? blocks : sms), kLutThreads, bytes, st>>>(
       static_cast<const int16_t*>(x.data_ptr()), tp, tlen, offset, chunks, cols, in_zp, mp, sp, per_channel, out_zp,
       qmin, qmax, yp);
   return true;
 }
 
-void lut_impl(TensorView x, TensorView tab, int64_t offset, bool rq, int64_t in_zp, const TensorView* mult,
+void lut_impl(TensorView x, TensorView tab, int64_t offset, bool rq, bool hi, int64_t in_zp, const TensorView* mult,
               const TensorView* shift, int64_t out_zp, int64_t qmin, int64_t qmax, TensorView y) {
   check(tab, kDLInt, 16, "table");
   TVM_FFI_ICHECK(tab.ndim() == 1 && tab.size(0) >= 1) << "qc int_lut: empty table";
@@ -501,10 +669,12 @@ void lut_impl(TensorView x, TensorView tab, int64_t offset, bool rq, int64_t in_
     using In = elem_t<decltype(xp)>;
     using Out = elem_t<decltype(yp)>;
     if constexpr (std::is_same_v<In, int16_t>) {
-      bool done = rq ? lut_smem_launch<Out, true>(x, tp, tab.size(0), offset, count, cols, in_zp, mp, sp, per_channel,
-                                                  out_zp, qmin, qmax, yp, st)
-                     : lut_smem_launch<Out, false>(x, tp, tab.size(0), offset, count, cols, 0, nullptr, nullptr,
-                                                   false, 0, 0, 0, yp, st);
+      bool done = rq && hi ? lut_smem_launch<Out, true, true>(x, tp, tab.size(0), offset, count, cols, in_zp, mp, sp,
+                                                              per_channel, out_zp, qmin, qmax, yp, st)
+                  : rq ? lut_smem_launch<Out, true, false>(x, tp, tab.size(0), offset, count, cols, in_zp, mp, sp,
+                                                           per_channel, out_zp, qmin, qmax, yp, st)
+                       : lut_smem_launch<Out, false, false>(x, tp, tab.size(0), offset, count, cols, 0, nullptr,
+                                                            nullptr, false, 0, 0, 0, yp, st);
       if (done) return;
     }
     if (rq)
@@ -518,19 +688,53 @@ void lut_impl(TensorView x, TensorView tab, int64_t offset, bool rq, int64_t in_
 }
 
 void lut(TensorView x, TensorView tab, int64_t offset, TensorView y) {
-  lut_impl(x, tab, offset, false, 0, nullptr, nullptr, 0, 0, 0, y);
+  lut_impl(x, tab, offset, false, false, 0, nullptr, nullptr, 0, 0, 0, y);
 }
 
+// Hi: the translation checked every shift is 32..62 and |in_zp|, |out_zp| <= 2^16 (qc_int::requant_hi)
+template <bool Hi>
 void lut_requant(TensorView x, TensorView tab, int64_t offset, int64_t in_zp, TensorView mult, TensorView shift,
                  int64_t out_zp, int64_t qmin, int64_t qmax, TensorView y) {
-  lut_impl(x, tab, offset, true, in_zp, &mult, &shift, out_zp, qmin, qmax, y);
+  lut_impl(x, tab, offset, true, Hi, in_zp, &mult, &shift, out_zp, qmin, qmax, y);
 }
 
 // a, b [R, C] (b: the int_add's second operand, read where params[L_ADD] is 1), prm [L_LEN] int64,
 // gamma / beta [C] int64, rq_mult / rq_shift [C] int64 (read only with y2), y [R, C], y2 [R, C] int8
+// the hi kernel's launch: ch a multiple of 8 up to 32 * 8 * 4, every row pointer 16-byte aligned
+// (8-byte rows of int8 need 8); false where it does not apply (the general kernel runs instead)
+template <class In, class Out>
+bool layer_norm_hi_launch(const In* ap, const In* bp, const int64_t* pp, int64_t rows, int64_t ch, const int64_t* gp,
+                          const int64_t* bep, const int64_t* mp, const int64_t* sp, Out* yp, int8_t* y2p, In* xsp,
+                          int sms, cudaStream_t st) {
+  auto al = [](const void* p, size_t n) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % n == 0; };
+  const size_t in_al = sizeof(In) == 2 ? 16 : 8, out_al = sizeof(Out) == 2 ? 16 : 8;
+  if (ch % 8 || ch > 1024 || !al(ap, in_al) || !al(bp, in_al) || !al(xsp, in_al) || !al(yp, out_al) ||
+      !al(y2p, 8) || !al(gp, 16) || !al(bep, 16) || (y2p && (!al(mp, 16) || !al(sp, 16))))
+    return false;
+  auto go = [&](auto kern) {
+    static int per_sm = 0;  // per instantiation
+    if (!per_sm && (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kern, kLnHiWarps * 32, 0) != cudaSuccess ||
+                    per_sm < 1)) {
+      cudaGetLastError();
+      per_sm = 1;
+    }
+    const int64_t need = (rows + kLnHiWarps - 1) / kLnHiWarps, cap = int64_t(sms) * per_sm;
+    kern<<<unsigned(need < cap ? need : cap), kLnHiWarps * 32, 0, st>>>(ap, bp, pp, rows, int32_t(ch), gp, bep, mp, sp,
+                                                                         yp, y2p, xsp);
+  };
+  if (ch <= 512)
+    go(layer_norm_hi<In, Out, 2>);
+  else if (ch <= 768)
+    go(layer_norm_hi<In, Out, 3>);
+  else
+    go(layer_norm_hi<In, Out, 4>);
+  return true;
+}
+
+
 void layer_norm_impl(TensorView a, TensorView b, TensorView prm, TensorView gamma, TensorView beta,
                      TensorView rq_mult, TensorView rq_shift, TensorView y, const TensorView* y2,
-                     const TensorView* xs) {
+                     const TensorView* xs, bool hi) {
   TVM_FFI_ICHECK(a.ndim() == 2 && y.ndim() == 2 && a.size(0) == y.size(0) && a.size(1) == y.size(1))
       << "qc int_layer_norm: x and y must be [rows, C] alike";
   int64_t rows = a.size(0), ch = a.size(1);
@@ -563,6 +767,7 @@ void layer_norm_impl(TensorView a, TensorView b, TensorView prm, TensorView gamm
     using In = elem_t<decltype(ap)>;
     const In* bptr = static_cast<const In*>(b.data_ptr());
     In* xsp = xs ? static_cast<In*>(xs->data_ptr()) : nullptr;
+    if (hi && layer_norm_hi_launch(ap, bptr, pp, rows, ch, gp, bp, mp, sp, yp, y2p, xsp, sm_count(a), st)) return;
     auto go = [&](auto vpl) {
       layer_norm_rows<In, elem_t<decltype(yp)>, decltype(vpl)::value><<<grid, block, 0, st>>>(
           ap, bptr, pp, rows, ch, gp, bp, mp, sp, yp, y2p, xsp);
@@ -577,19 +782,23 @@ void layer_norm_impl(TensorView a, TensorView b, TensorView prm, TensorView gamm
   TVM_FFI_ICHECK(cudaGetLastError() == cudaSuccess) << "qc int_layer_norm: launch failed";
 }
 
+// Hi: the translation checked the constants as layer_norm_hi needs them (cuda_kernels.ln_hi_ok)
+template <bool Hi>
 void layer_norm(TensorView a, TensorView b, TensorView prm, TensorView gamma, TensorView beta, TensorView rq_mult,
                 TensorView rq_shift, TensorView y) {
-  layer_norm_impl(a, b, prm, gamma, beta, rq_mult, rq_shift, y, nullptr, nullptr);
+  layer_norm_impl(a, b, prm, gamma, beta, rq_mult, rq_shift, y, nullptr, nullptr, Hi);
 }
 
+template <bool Hi>
 void add_layer_norm(TensorView a, TensorView b, TensorView prm, TensorView gamma, TensorView beta, TensorView rq_mult,
                     TensorView rq_shift, TensorView xs, TensorView y) {
-  layer_norm_impl(a, b, prm, gamma, beta, rq_mult, rq_shift, y, nullptr, &xs);
+  layer_norm_impl(a, b, prm, gamma, beta, rq_mult, rq_shift, y, nullptr, &xs, Hi);
 }
 
+template <bool Hi>
 void layer_norm_requant(TensorView a, TensorView b, TensorView prm, TensorView gamma, TensorView beta,
                         TensorView rq_mult, TensorView rq_shift, TensorView y, TensorView y2) {
-  layer_norm_impl(a, b, prm, gamma, beta, rq_mult, rq_shift, y, &y2, nullptr);
+  layer_norm_impl(a, b, prm, gamma, beta, rq_mult, rq_shift, y, &y2, nullptr, Hi);
 }
 
 }  // namespace qc_rows
@@ -599,8 +808,13 @@ TVM_FFI_STATIC_INIT_BLOCK() {
   Function::SetGlobal("qc.cuda.int_softmax", Function::FromTyped(qc_rows::softmax), true);
   Function::SetGlobal("qc.cuda.int_softmax_masked", Function::FromTyped(qc_rows::softmax_masked), true);
   Function::SetGlobal("qc.cuda.int_lut", Function::FromTyped(qc_rows::lut), true);
-  Function::SetGlobal("qc.cuda.int_lut_requant", Function::FromTyped(qc_rows::lut_requant), true);
-  Function::SetGlobal("qc.cuda.int_layer_norm", Function::FromTyped(qc_rows::layer_norm), true);
-  Function::SetGlobal("qc.cuda.int_layer_norm_requant", Function::FromTyped(qc_rows::layer_norm_requant), true);
-  Function::SetGlobal("qc.cuda.int_add_layer_norm", Function::FromTyped(qc_rows::add_layer_norm), true);
+  Function::SetGlobal("qc.cuda.int_lut_requant", Function::FromTyped(qc_rows::lut_requant<false>), true);
+  Function::SetGlobal("qc.cuda.int_lut_requant_hi", Function::FromTyped(qc_rows::lut_requant<true>), true);
+  Function::SetGlobal("qc.cuda.int_layer_norm", Function::FromTyped(qc_rows::layer_norm<false>), true);
+  Function::SetGlobal("qc.cuda.int_layer_norm_hi", Function::FromTyped(qc_rows::layer_norm<true>), true);
+  Function::SetGlobal("qc.cuda.int_layer_norm_requant", Function::FromTyped(qc_rows::layer_norm_requant<false>), true);
+  Function::SetGlobal("qc.cuda.int_layer_norm_requant_hi", Function::FromTyped(qc_rows::layer_norm_requant<true>),
+                      true);
+  Function::SetGlobal("qc.cuda.int_add_layer_norm", Function::FromTyped(qc_rows::add_layer_norm<false>), true);
+  Function::SetGlobal("qc.cuda.int_add_layer_norm_hi", Function::FromTyped(qc_rows::add_layer_norm<true>), true);
 }

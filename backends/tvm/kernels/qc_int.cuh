@@ -19,23 +19,29 @@ __device__ __forceinline__ int64_t rshift_round(int64_t p, int64_t c) {
   return (p + (int64_t(1) << (c - 1)) - (p < 0 ? 1 : 0)) >> c;
 }
 
-// requant(a, in_zp = 0, m, c, out_zp, qmin, qmax) for int32 a and m (|product| <= 2^62) and
-// 32 <= c <= 62 (the caller guarantees the range), in 32-bit words. With p = a m = hi 2^32 + lo
-// (hi signed, lo unsigned) and t = c - 32:
-//   t >= 1: (p + 2^(c-1) - [p < 0]) >> c = (hi + 2^(t-1) - [p < 0 and lo == 0]) >> t
-//   t == 0: (p + 2^31 - [p < 0]) >> 32  = hi + [lo >= 2^31 + [p < 0]]
-// (p < 0 exactly when hi < 0; |hi| <= 2^30, so nothing overflows, and |out_zp| <= 2^16).
+// rshift_round(p, c) for 32 <= c <= 62: (p + 2^(c-1) - [p < 0]) >> c, where 2^(c-1) is one word
+// of a register pair (the low word 2^31 for c = 32, else the high word 2^(c-33)) and the shift by
+// c >= 32 is the high word shifted by c - 32: a 64-bit add and a 32-bit shift, no branch (a
+// select on c == 32 rather than two formulas: lanes of a warp with different shifts would
+// diverge). Exact for every p for which int_ops' |p| + 2^(c-1) does not overflow int64; the
+// result fits int32.
+__host__ __device__ __forceinline__ int32_t rshift_round_hi(int64_t p, int32_t c) {
+  const int32_t t = c - 32;
+  const uint32_t half_lo = t == 0 ? 0x80000000u : 0u;
+  const uint32_t half_hi = t == 0 ? 0u : (1u << ((t - 1) & 31));
+  const int64_t q = p + int64_t((uint64_t(half_hi) << 32) | half_lo) - (p < 0 ? 1 : 0);
+  return int32_t(q >> 32) >> (t & 31);
+}
+
+__host__ __device__ __forceinline__ int32_t clamp32(int32_t v, int32_t lo, int32_t hi) {
+  return v < lo ? lo : (v > hi ? hi : v);
+}
+
+// requant(a, in_zp = 0, m, c, out_zp, qmin, qmax) for int32 a and m and 32 <= c <= 62 (the caller
+// guarantees the ranges; |out_zp| <= 2^16): the product a m is one IMAD.WIDE, the rest 32-bit
 __host__ __device__ __forceinline__ int32_t requant_hi(int32_t a, int32_t m, int32_t c, int32_t out_zp, int32_t qmin,
                                                        int32_t qmax) {
-  const int64_t p = int64_t(a) * int64_t(m);  // one IMAD.WIDE: the two words below
-  const int32_t hi = int32_t(p >> 32);
-  const uint32_t lo = uint32_t(p);
-  const int32_t t = c - 32;
-  const uint32_t neg = hi < 0 ? 1u : 0u;
-  int32_t r = t == 0 ? hi + (lo >= 0x80000000u + neg ? 1 : 0)
-                     : (hi + (int32_t(1) << ((t - 1) & 31)) - ((neg && lo == 0u) ? 1 : 0)) >> (t & 31);
-  r += out_zp;
-  return r < qmin ? qmin : (r > qmax ? qmax : r);
+  return clamp32(rshift_round_hi(int64_t(a) * int64_t(m), c) + out_zp, qmin, qmax);
 }
 
 __device__ __forceinline__ int64_t clamp64(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
