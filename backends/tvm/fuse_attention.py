@@ -356,6 +356,7 @@ def match(tr, m1: fx.Node) -> Plan | None:
 def fuse(tr, m1: fx.Node):
     """Translate the attention block that starts at int_matmul m1 as one kernel call: the Fused
     value of m1, or None (nothing emitted) where match() declines."""
+    from . import cuda_kernels
     from .cuda_kernels import attention_func
     plan = match(tr, m1)
     if plan is None:
@@ -363,7 +364,7 @@ def fuse(tr, m1: fx.Node):
     # attention_hi where its constants allow, with the table in 16 bits (e - base, base in params)
     t16 = table16(plan.table)
     scaled = hi_params(plan.params)
-    hi = t16 is not None and hi_ok(scaled, plan.mult3, plan.shift3)
+    hi = cuda_kernels.ATTENTION_HI and t16 is not None and hi_ok(scaled, plan.mult3, plan.shift3)
     table, prm = (t16[0], scaled) if hi else (plan.table, plan.params)
     if hi:
         prm[-2:] = t16[1:]

@@ -997,6 +997,7 @@ def _softmax_sm90(tr, node, xv, mask, tab, dim, mult, shift, out_zp, qmin, qmax)
 def _lut_sm90(tr, n, xv, tab: torch.Tensor, offset: int):
     """int_lut as one qc.cuda.int_lut call, with the requant after it (n's only user, per tensor or
     per last-dim channel) in the same kernel. Returns (done, value of n)."""
+    from . import cuda_kernels
     from .cuda_kernels import LUT_FUNC, LUT_REQUANT_FUNC, lut_hi_ok, row_func
     shape = _static_shape(tr, xv)
     tab_dt = _dt(tab.dtype)
@@ -1011,7 +1012,7 @@ def _lut_sm90(tr, n, xv, tab: torch.Tensor, offset: int):
         in_zp, m, c, out_zp, qmin, qmax = got
         out_dt = _dt(I.int_dtype(qmin, qmax))
         if out_dt in _ROW_OUT:
-            func = row_func(LUT_REQUANT_FUNC, lut_hi_ok(int(in_zp), m, c, int(out_zp)))
+            func = row_func(LUT_REQUANT_FUNC, cuda_kernels.LUT_HI and lut_hi_ok(int(in_zp), m, c, int(out_zp)))
             tr.env[req] = _row_call(tr, func, x2, [t, int(offset), int(in_zp), tr.const(m, "int64"),
                                                                tr.const(c, "int64"), int(out_zp), int(qmin), int(qmax)],
                                     shape, out_dt)

@@ -315,7 +315,7 @@ _ROW_EX = (torch.zeros(2, 3, 8, 16, dtype=torch.int16), torch.ones(2, 1, 1, 16, 
            torch.zeros(2, 6, 32, dtype=torch.int16))
 
 
-def test_softmax_lut_layer_norm_become_kernel_calls():
+def test_softmax_lut_layer_norm_become_kernel_calls(monkeypatch):
     from qcompiler.backends.tvm.cuda_kernels import (LAYER_NORM_FUNC, LUT_FUNC, LUT_REQUANT_FUNC, SOFTMAX_FUNC,
                                                      SOFTMAX_MASKED_FUNC, row_func)
     from qcompiler.backends.tvm.translate import to_relax
@@ -326,6 +326,12 @@ def test_softmax_lut_layer_norm_become_kernel_calls():
                             row_func(LAYER_NORM_FUNC, True)])
     assert _externs(to_relax(g, dot=None)) == []  # tvm-llvm (and non-Hopper CUDA) keep the generic kernels
     ops = _row_ops()
+    ops.c = torch.arange(31, 63, dtype=torch.int64)
+    ops.c[0] = 62
+    assert row_func(LUT_REQUANT_FUNC, True) not in _externs(to_relax(qcompiler.trace(ops, _ROW_EX, dynamic=None),
+                                                                     dot="sm90"))  # cuda_kernels.LUT_HI is off
+    from qcompiler.backends.tvm import cuda_kernels
+    monkeypatch.setattr(cuda_kernels, "LUT_HI", True)
     ops.c = torch.arange(32, 64, dtype=torch.int64)  # every LUT requant shift 32..63: 63 is one too many
     assert row_func(LUT_REQUANT_FUNC, True) not in _externs(to_relax(qcompiler.trace(ops, _ROW_EX, dynamic=None),
                                                                      dot="sm90"))
@@ -688,12 +694,14 @@ def _run_sm90_on_cpu(g, *inputs):
 @pytest.mark.parametrize("tokens,d,fused_qkv,masked,per_channel,hi", [
     (20, 32, False, True, True, False), (37, 64, True, False, True, True), (16, 32, True, True, False, False),
     (70, 64, False, True, True, True), (16, 32, True, True, False, True)])
-def test_attention_block_is_one_kernel_call_exact_on_cpu(tokens, d, fused_qkv, masked, per_channel, hi):
+def test_attention_block_is_one_kernel_call_exact_on_cpu(tokens, d, fused_qkv, masked, per_channel, hi, monkeypatch):
     """The block becomes one qc.cuda.int_attention call that reads q / k / v through the views'
     strides and writes the merged heads after the per-channel requant; its contract, emulated in
     torch, reproduces the op-by-op reference bit for bit (the kernel itself is checked against
     the same contract on the GPU by bench/gpu.py). hi: every shift 32..62, the kernel's hi variant;
     otherwise one of requant3's shifts is 31 and the block takes the general one."""
+    from qcompiler.backends.tvm import cuda_kernels
+    monkeypatch.setattr(cuda_kernels, "ATTENTION_HI", True)  # off by default until measured on a GPU
     rng = np.random.default_rng(tokens)
     m = HeadsAttention(heads=3, d=d, fused_qkv=fused_qkv, masked=masked, per_channel=per_channel)
     m.s3 = torch.randint(32, 40, m.s3.shape, dtype=torch.int64) if hi else m.s3.clamp(max=31)
