@@ -196,6 +196,12 @@ def row_kernel_checks(prebuilt: Path) -> list[dict]:
         rows.append({"kernel": name, "shape": shape, "bit-exact": bool(ok), "ms": ms})
         print(f"  {name:<34} {shape:<22} bit-exact {str(bool(ok)):<5}  {ms * 1e3:8.1f} us")
 
+    def run_and_record(name, shape, call, ok):
+        """call() once, then record it with ok() (its outputs against the reference) and its time"""
+        call()
+        torch.cuda.synchronize()
+        record(name, shape, ok(), call)
+
     print("\nrow / table kernels (int_rows.cu) vs the reference kernels")
     for (b, h, s, n, ld) in ((32, 12, 128, 128, 128), (64, 6, 197, 197, 208), (2, 2, 5, 1000, 1008)):
         for masked in (True, False):
@@ -277,9 +283,8 @@ def row_kernel_checks(prebuilt: Path) -> list[dict]:
         y.fill_(99)
         call = lambda: f(K.row_func(K.LAYER_NORM_FUNC, True))(d(xg), d(xg), d(prm), d(gg), d(bg), d(none),  # noqa
                                                               d(none), d(y))
-        call()
-        torch.cuda.synchronize()
-        record("int_layer_norm (hi)", f"{m}x{c} -> {y.dtype}".replace("torch.", ""), torch.equal(y.cpu(), ref), call)
+        run_and_record("int_layer_norm (hi)", f"{m}x{c} -> {y.dtype}".replace("torch.", ""), call,
+                       lambda: torch.equal(y.cpu(), ref))
         # with the residual int_add before it and the per-channel int8 requant after it
         b = torch.randint(-32768, 32768, (m, c), dtype=torch.int16, generator=g)
         add = [3, 1439302324, -2, -881062436, 31, 1, -32768, 32767]
@@ -311,18 +316,14 @@ def row_kernel_checks(prebuilt: Path) -> list[dict]:
         y.fill_(99), y2.fill_(99)
         call = lambda: f(K.row_func(K.LAYER_NORM_REQUANT_FUNC, True))(d(xg), d(bg2), d(prm3), d(gg), d(bg), d(mg),  # noqa
                                                                       d(sg3), d(y), d(y2))
-        call()
-        torch.cuda.synchronize()
-        record("int_add + int_layer_norm + requant (hi)", f"{m}x{c} -> {y.dtype}, int8".replace("torch.", ""),
-               torch.equal(y.cpu(), ref) and torch.equal(y2.cpu(), ref2), call)
+        run_and_record("int_add + int_layer_norm + requant (hi)", f"{m}x{c} -> {y.dtype}, int8".replace("torch.", ""),
+                       call, lambda: torch.equal(y.cpu(), ref) and torch.equal(y2.cpu(), ref2))
         xs = torch.empty(m, c, dtype=torch.int16, device="cuda")
         y.fill_(99)
         call = lambda: f(K.row_func(K.ADD_LAYER_NORM_FUNC, True))(d(xg), d(bg2), d(prm3), d(gg), d(bg), d(none),  # noqa
                                                                   d(none), d(xs), d(y))
-        call()
-        torch.cuda.synchronize()
-        record("int_add (stored) + int_layer_norm (hi)", f"{m}x{c} -> {y.dtype}".replace("torch.", ""),
-               torch.equal(y.cpu(), ref) and torch.equal(xs.cpu(), x3), call)
+        run_and_record("int_add (stored) + int_layer_norm (hi)", f"{m}x{c} -> {y.dtype}".replace("torch.", ""),
+                       call, lambda: torch.equal(y.cpu(), ref) and torch.equal(xs.cpu(), x3))
     return rows
 
 
