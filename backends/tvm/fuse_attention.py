@@ -168,33 +168,61 @@ def _lead4(lead: list) -> list:
 
 
 def params(q: list, k: list, v: list, y: list, mask: list, r1: list, softmax: list, r2: list,
-           r3: list | None, table16: tuple = (0, 0)) -> np.ndarray:
+           r3: list | None, factors: tuple = (0, 0)) -> np.ndarray:
     """The kernel's int64 params (int_attention.cu's P_* layout): the views of q, k, v and y as
     [offset, batch, head, row] strides (unit stride along d), the mask's [batch, head, row, key]
     strides, requant1 and requant2 as [in_zp, mult, shift, out_zp, qmin, qmax], the softmax's
     [mult, shift, out_zp, qmin, qmax], requant3 as [in_zp, mult(s), shift(s), out_zp, qmin, qmax]
     or None (its multipliers and shifts go to the kernel as tensors of 1 or heads * d entries), and
-    attention_hi's (base, e0): what it adds to its uint16 table's entries, and the entry at d = 0
-    (see table16)."""
+    attention_hi's (k, e0) of exp_factors: its rounding margin 2^-k and the table's entry at d = 0."""
     r3_row = [0] * 6 if r3 is None else [1, int(np.asarray(r3[1]).size != 1), r3[0], r3[3], r3[4], r3[5]]
-    out = np.asarray([*q, *k, *v, *y, *mask, *r1, *softmax, *r2, *r3_row, *table16], np.int64)
+    out = np.asarray([*q, *k, *v, *y, *mask, *r1, *softmax, *r2, *r3_row, *factors], np.int64)
     assert out.size == 45, out.size  # int_attention.cu: P_LEN
     return out
 
 
-def table16(tab: np.ndarray) -> tuple[np.ndarray, int, int] | None:
-    """The softmax table as attention_hi reads it: (uint16 entries e - base for d >= 1, base, e at
-    d = 0), half the bytes of the int32 table that every entry gathers from (the kernel's
-    bottleneck: a 65536-entry table does not fit L1 as int32). Entry 0 (the row maximum's, 2^16 for
-    int_ops.exp_table) is kept apart so the rest fits 16 bits; None where it does not."""
+FACTORS = 256  # attention_hi: e(d) from two float64 factor tables of this many entries, d = 256 a + b
+
+
+def exp_factors(tab: np.ndarray) -> tuple[np.ndarray, int, int] | None:
+    """The softmax table as attention_hi computes it, from shared memory instead of a gather from
+    the table in device memory: (factors float64 [2 * FACTORS], k, e at d = 0), with
+
+        p = factors[d >> 8] * factors[FACTORS + (d & 255)]         (one float64 product)
+        e(d) = rint(p)   where |p - rint(p)| <= 1/2 - 2^-k,   else table[d] (a gather)
+
+    for d in [0, T), which this function checks entry by entry with the same float64 arithmetic
+    (numpy's IEEE products and sums are the device's __dmul_rn / __dadd_rn): the kernel's values
+    are the table's by construction. The factors are 2^EXP_BITS exp(-256 a s) and exp(-b s) for
+    the scale s that int_ops.exp_table's rounding allows (the midpoint of the interval every entry
+    leaves); k is the largest of 40 .. 8 that the check passes (the fewest gathers). None where
+    the table is not an exp_table of T <= 2^16 entries (entries at most 2^16: the kernel sums a
+    row's in int32), or no k passes."""
     t = np.asarray(tab, np.int64).reshape(-1)
-    rest = t[1:] if t.size > 1 else t
-    base = int(rest.min())
-    if int(rest.max()) - base > 0xFFFF:
+    n, one = t.size, 2 ** I.EXP_BITS
+    if not 2 <= n <= FACTORS * FACTORS or t[0] != one or int(t[1:].max()) > 0xFFFF or int(t.min()) < 0:
         return None
-    out = (t - base).clip(0, 0xFFFF).astype(np.uint16)
-    out[0] = 0  # not read: d = 0 takes e0
-    return out, base, int(t[0])
+    j = np.arange(1, n, dtype=np.float64)
+    e = t[1:].astype(np.float64)
+    with np.errstate(divide="ignore"):
+        lo = np.log(one / (e + 0.5)) / j                                        # 2^16 exp(-j s) < e + 1/2
+        hi = np.where(e > 0, np.log(one / np.maximum(e - 0.5, 1e-300)) / j, np.inf)  # >= e - 1/2
+    top = float(hi.min()) if np.isfinite(hi.min()) else 2 * float(lo.max())  # only zeros past d = 0: any s above
+    s = 0.5 * (float(lo.max()) + top)
+    if not (np.isfinite(s) and s > 0):
+        return None
+    a = np.arange(FACTORS, dtype=np.float64)
+    fac = np.concatenate([one * np.exp(-FACTORS * a * s), np.exp(-a * s)])
+    d = np.arange(n)
+    p = fac[d >> 8] * fac[FACTORS + (d & (FACTORS - 1))]
+    two52 = 2.0**52
+    r = (p + two52) - two52
+    off = np.abs(p - r)
+    for k in range(40, 7, -1):
+        near = 0.5 - 2.0**-k
+        if np.array_equal(r[off <= near].astype(np.int64), t[off <= near]):
+            return fac, k, int(t[0])
+    return None
 
 
 MULT_BITS_HI = 39  # attention_hi's requant1 / requant2: |acc| < 2^23 (sk <= 256) times |m| < 2^39
@@ -361,16 +389,18 @@ def fuse(tr, m1: fx.Node):
     plan = match(tr, m1)
     if plan is None:
         return None
-    # attention_hi where its constants allow, with the table in 16 bits (e - base, base in params)
-    t16 = table16(plan.table)
-    scaled = hi_params(plan.params)
-    hi = cuda_kernels.ATTENTION_HI and t16 is not None and hi_ok(scaled, plan.mult3, plan.shift3)
-    table, prm = (t16[0], scaled) if hi else (plan.table, plan.params)
+    # attention_hi where its constants allow, with e(d) from factor tables (exp_factors)
+    fac = exp_factors(plan.table)
+    prm = hi_params(plan.params)
+    hi = cuda_kernels.ATTENTION_HI and plan.sizes[3] >= cuda_kernels.ATTENTION_HI_MIN_KEYS and fac is not None and \
+        hi_ok(prm, plan.mult3, plan.shift3)
     if hi:
-        prm[-2:] = t16[1:]
+        prm[-2:] = fac[1:]
+    else:
+        prm = plan.params
     args = list(plan.sources) + ([tr.cast(plan.mask, "bool")] if plan.mask is not None else [])
-    args += [tr.const(table, "uint16" if hi else "int32"), tr.const(prm, "int64"), tr.const(plan.mult3, "int64"),
-             tr.const(plan.shift3, "int64")]
+    args += [tr.const(plan.table, "int32")] + ([tr.const(fac[0], "float64")] if hi else [])
+    args += [tr.const(prm, "int64"), tr.const(plan.mult3, "int64"), tr.const(plan.shift3, "int64")]
     args += [tr.relax.prim_value(int(v)) for v in plan.sizes]
     out_ty = tr.relax.TensorType(plan.out_shape, plan.out_dtype)
     func = attention_func(plan.mask is not None, hi)

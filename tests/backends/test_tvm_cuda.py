@@ -328,9 +328,12 @@ def test_softmax_lut_layer_norm_become_kernel_calls(monkeypatch):
     ops = _row_ops()
     ops.c = torch.arange(31, 63, dtype=torch.int64)
     ops.c[0] = 62
-    assert row_func(LUT_REQUANT_FUNC, True) not in _externs(to_relax(qcompiler.trace(ops, _ROW_EX, dynamic=None),
-                                                                     dot="sm90"))  # cuda_kernels.LUT_HI is off
+    assert row_func(LUT_REQUANT_FUNC, True) in _externs(to_relax(qcompiler.trace(ops, _ROW_EX, dynamic=None),
+                                                                 dot="sm90"))
     from qcompiler.backends.tvm import cuda_kernels
+    monkeypatch.setattr(cuda_kernels, "LUT_HI", False)
+    assert row_func(LUT_REQUANT_FUNC, True) not in _externs(to_relax(qcompiler.trace(ops, _ROW_EX, dynamic=None),
+                                                                     dot="sm90"))
     monkeypatch.setattr(cuda_kernels, "LUT_HI", True)
     ops.c = torch.arange(32, 64, dtype=torch.int64)  # every LUT requant shift 32..63: 63 is one too many
     assert row_func(LUT_REQUANT_FUNC, True) not in _externs(to_relax(qcompiler.trace(ops, _ROW_EX, dynamic=None),
@@ -499,13 +502,17 @@ def _emulate_kernels():
 
     def attention_hi(f):
         def g(q, k, v, *rest):
-            tab, prm, mult3, shift3 = rest[-10:-6]
+            tab, fac, prm, mult3, shift3 = rest[-11:-6]
             assert hi_ok(T(prm).numpy(), T(mult3).numpy(), T(shift3).numpy())  # attention_hi's contract
-            assert T(tab).dtype == torch.uint16  # its table: e - base for d >= 1, e at d = 0 in params
-            rest = list(rest)
-            base, e0 = (int(v) for v in T(prm)[-2:])
-            rest[-10] = torch.cat([torch.tensor([e0]), T(tab).to(torch.int64)[1:] + base])
-            f(q, k, v, *rest)
+            # its table: computed from the factors where they are 2^-k clear of a rounding tie
+            fk, e0 = (int(v) for v in T(prm)[-2:])
+            t, fv = T(tab).long(), T(fac).double()
+            dd = torch.arange(t.numel())
+            p = fv[dd >> 8] * fv[256 + (dd & 255)]
+            r = (p + 2.0**52) - 2.0**52
+            near = (p - r).abs() <= 0.5 - 2.0**-fk
+            assert e0 == int(t[0]) and near.any() and torch.equal(r[near].long(), t[near])
+            f(q, k, v, *[a for i, a in enumerate(rest) if i != len(rest) - 10])
         return g
 
     from qcompiler.backends.tvm.fuse_attention import hi_ok
@@ -701,7 +708,8 @@ def test_attention_block_is_one_kernel_call_exact_on_cpu(tokens, d, fused_qkv, m
     the same contract on the GPU by bench/gpu.py). hi: every shift 32..62, the kernel's hi variant;
     otherwise one of requant3's shifts is 31 and the block takes the general one."""
     from qcompiler.backends.tvm import cuda_kernels
-    monkeypatch.setattr(cuda_kernels, "ATTENTION_HI", True)  # off by default until measured on a GPU
+    default_min_keys = cuda_kernels.ATTENTION_HI_MIN_KEYS
+    monkeypatch.setattr(cuda_kernels, "ATTENTION_HI_MIN_KEYS", 1)  # the hi kernel at these few keys too
     rng = np.random.default_rng(tokens)
     m = HeadsAttention(heads=3, d=d, fused_qkv=fused_qkv, masked=masked, per_channel=per_channel)
     m.s3 = torch.randint(32, 40, m.s3.shape, dtype=torch.int64) if hi else m.s3.clamp(max=31)
@@ -716,17 +724,38 @@ def test_attention_block_is_one_kernel_call_exact_on_cpu(tokens, d, fused_qkv, m
                                                     ("_hi" if hi else "")]
     assert not any("softmax" in e or "gemm" in e for e in ext), ext
     assert np.array_equal(out[0], g(x, mask)[0].numpy())
+    if hi:  # by default the hi kernel only from ATTENTION_HI_MIN_KEYS keys (129: slower at 128)
+        monkeypatch.setattr(cuda_kernels, "ATTENTION_HI_MIN_KEYS", default_min_keys)
+        from qcompiler.backends.tvm.translate import to_relax
+        assert default_min_keys > tokens and not any(e.endswith("_hi") for e in _externs(to_relax(g, dot="sm90")))
 
 
-def test_attention_hi_table_is_16_bits_and_the_maximum_apart():
-    from qcompiler.backends.tvm.fuse_attention import table16
+def test_attention_hi_table_from_factors_is_the_table():
+    """fuse_attention.exp_factors: the kernel's entries, rint(H[d >> 8] L[d & 255]) where that is
+    2^-k clear of a tie (else a gather), are the table's for every d, in the same float64
+    arithmetic; tables it cannot reproduce, or whose entries past d = 0 need 17 bits, are refused."""
+    from qcompiler.backends.tvm.fuse_attention import FACTORS, exp_factors
     from qcompiler.backends.tvm.translate import softmax_table
-    for scale in (0.02, 0.0001):  # decays to 0 (cut), or stays above 0 over 65536 entries
-        t = softmax_table(I.exp_table(scale, 65536).numpy()).astype(np.int64)
-        t16, base, e0 = table16(t)
-        assert t16.dtype == np.uint16 and e0 == t[0] == 2**16
-        assert np.array_equal(t16[1:].astype(np.int64) + base, t[1:])
-    assert table16(np.array([70000, 65536, 0])) is None and table16(np.array([70000, 65535, 0])) is not None
+    for scale, levels in ((0.02, 65536), (2e-4, 65536), (1e-5, 65536), (0.3, 256), (1.7e-3, 256)):
+        t = softmax_table(I.exp_table(scale, levels).numpy()).astype(np.int64)
+        fac, k, e0 = exp_factors(t)
+        assert fac.shape == (2 * FACTORS,) and fac.dtype == np.float64 and e0 == t[0] == 2**16 and 8 <= k <= 40
+        d = np.arange(t.size)
+        p = fac[d >> 8] * fac[FACTORS + (d & (FACTORS - 1))]
+        r = (p + 2.0**52) - 2.0**52
+        near = np.abs(p - r) <= 0.5 - 2.0**-k
+        assert near.mean() > 0.99 and np.array_equal(r[near].astype(np.int64), t[near])
+    t = softmax_table(I.exp_table(2e-4, 65536).numpy()).astype(np.int64)
+    t2 = t.copy()
+    t2[1000] += 1  # not an exp_table: no scale reproduces it, every k fails at d = 1000 (or it takes the gather)
+    got = exp_factors(t2)
+    if got is not None:
+        fac, k, _ = got
+        p = fac[1000 >> 8] * fac[FACTORS + (1000 & 255)]
+        assert abs(p - round(p)) > 0.5 - 2.0**-k
+    assert exp_factors(np.array([2**16, 30000, 100, 5])) is None  # no single scale
+    assert exp_factors(np.array([70000, 65535, 0])) is None  # e at d = 0 is 2^16 in an exp_table
+    assert exp_factors(np.full(2**16 + 1, 1) * (np.arange(2**16 + 1) == 0) * 2**16) is None  # longer than 2^16
 
 
 def test_attention_hi_takes_only_constants_it_computes():

@@ -16,8 +16,9 @@
 //                         shift3 [C] int64, batch, heads, sq, sk, d, y)
 //   qc.cuda.int_attention_masked(q, k, v, mask, table, params, mult3, shift3, batch, heads, sq, sk,
 //                                d, y)
-//   qc.cuda.int_attention[_masked]_hi(...): the same, in 32-bit words and a float64 FMA per
-//     probability, for the constants fuse_attention.hi_ok admits (see attention_hi)
+//   qc.cuda.int_attention[_masked]_hi(q, k, v, [mask,] table, factors [512] float64, params, ...): the
+//     same, in 32-bit words, e(d) from two factor tables in shared memory and a float64 FMA per
+//     probability, for the constants fuse_attention.hi_ok / exp_factors admit (see attention_hi)
 // q, k, v: int8 buffers that the views in `params` index (element (b, h, i, j) of q at
 // q[off + b sb + h sh + i ss + j]); mask: bool / int8, indexed the same way (strides, 0 where it
 // broadcasts); y: int8 or int16. `params` (see the P_* offsets) holds the views and the requant /
@@ -47,6 +48,7 @@ using tvm::ffi::TensorView;
 
 constexpr int kWarps = 4;            // a warp owns 16 query rows
 constexpr int kRows = 16 * kWarps;   // query rows per block
+constexpr int kFactors = 256;        // attention_hi: entries of each factor table (d = 256 a + b)
 
 // params: four int64 per view (offset, batch, head, row strides; unit stride along d), then the
 // constants of requant1 / softmax / requant2 / requant3
@@ -56,8 +58,8 @@ enum : int {
   P_SM = 26,                                            // mult, shift, out_zp, qmin, qmax
   P_R2 = 31,                                            // in_zp, mult, shift, out_zp, qmin, qmax
   P_R3 = 37,                                            // present, per_channel, in_zp, out_zp, qmin, qmax
-  P_TBASE = 43,                                         // attention_hi: its uint16 table holds e - base
-  P_TE0 = 44,                                           // for d >= 1, and e at d = 0 is this
+  P_FEXP = 43,                                          // attention_hi: k, its rounding margin 2^-k, and
+  P_TE0 = 44,                                           // e at d = 0 (fuse_attention.exp_factors)
   P_LEN = 45
 };
 
@@ -287,27 +289,35 @@ __global__ void __launch_bounds__(kWarps * 32)
 // (fuse_attention.hi_ok): requant1 and requant2 with in_zp 0 and shifts 32..62 (smaller ones
 // scaled up by the translation, their multipliers with them, within 2^39), requant3's per-channel
 // shifts 32..62 (qc_int::requant_hi), requant1's output within int16, the softmax's
-// multiplier M > 0 with M / 2^c <= 2^20, the table in 16 bits (fuse_attention.table16: e - base
-// for d >= 1, e at d = 0 in params). Then
-// - the scores are kept as int16 pairs (half the registers), the row max taken on the way, and
-//   replaced by their table entries (one gather each: a 65536-entry table is read from L2, the
-//   kernel's bottleneck, so the uint16 table halves the bytes and each entry is gathered once);
-// - the softmax's y - out_zp = rshift_round(floor(e M / S), c) = floor(e M / (S 2^c) + 1/2) (c >= 1;
+// multiplier M > 0 with M / 2^c <= 2^20, and a table that fuse_attention.exp_factors factored
+// (entries at most 2^16: a row's sum is below 2^24). It differs from attention_kernel in three ways.
+// - Nothing per key is kept in registers: the warp walks the keys three times, a 32-key chunk at a
+//   time, and recomputes the chunk's scores each time (two or four tensor-core mma per 8 keys, and
+//   requant1): first for the row maximum, then for the row sum of e, then for the probabilities,
+//   which go straight into the p @ v mma. Its registers do not grow with the keys (DeiT's 197 took
+//   168 in attention_kernel), so more warps share a multiprocessor to hide each other's latency
+//   (ncu on an H100: attention_kernel issued under one instruction per cycle, register-bound at 16
+//   warps per multiprocessor, and stalled on instruction fetch, its code unrolled over every key).
+// - e = table[min(d, T - 1)] is not gathered from the table (65536 int32 entries for the models'
+//   scores) but computed from two 256-entry float64 factor tables in shared memory,
+//   p = H[d >> 8] L[d & 255], as rint(p) where p is more than 2^-k from a half-integer:
+//   exp_factors checked that this is the table's entry for every d with the same IEEE operations
+//   (__dmul_rn, __dadd_rn: no FMA contraction); the other entries (none for the models' tables)
+//   are gathered.
+// - The softmax's y - out_zp = rshift_round(floor(e M / S), c) = floor(e M / (S 2^c) + 1/2) (c >= 1;
 //   without the 1/2 for c = 0; e >= 0, M > 0) is floor of one float64 FMA e F + 1/2 with
 //   F = M / (S 2^c) per row: its error is below 2^-31 for values up to 2^20, so the floors of the
 //   FMA's value -/+ 2^-30 agree and are the answer unless an integer lies within 2^-30 of it; those
 //   (rare) entries take the int64 division of attention_kernel. e = 0 gives 0.
 // Floors in float64 without a conversion: adding 2^52 rounding down leaves floor(x) in the low word.
-__device__ __forceinline__ uint32_t pack16(int a, int b) { return (uint32_t(uint16_t(a))) | (uint32_t(b) << 16); }
-__device__ __forceinline__ int lo16(uint32_t w) { return int(int16_t(uint16_t(w & 0xffffu))); }
-__device__ __forceinline__ int hi16(uint32_t w) { return int(w) >> 16; }
+constexpr int kHiBlocks = 5;  // attention_hi's blocks per multiprocessor (registers: at most 102)
 
 template <int D, int KT, class Out, bool Masked>
-__global__ void __launch_bounds__(kWarps * 32)
+__global__ void __launch_bounds__(kWarps * 32, kHiBlocks)
     attention_hi(const int8_t* __restrict__ q, const int8_t* __restrict__ k, const int8_t* __restrict__ v,
-                 const int8_t* __restrict__ mask, const uint16_t* __restrict__ tab, int64_t tlen,
-                 const int64_t* __restrict__ prm, const int64_t* __restrict__ mult3, const int64_t* __restrict__ shift3,
-                 int64_t heads, int64_t sq, int64_t sk, Out* __restrict__ y) {
+                 const int8_t* __restrict__ mask, const int32_t* __restrict__ tab, const double* __restrict__ fac,
+                 int64_t tlen, const int64_t* __restrict__ prm, const int64_t* __restrict__ mult3,
+                 const int64_t* __restrict__ shift3, int64_t heads, int64_t sq, int64_t sk, Out* __restrict__ y) {
   using qc_int::requant_hi;
   constexpr int NK = 32 * KT;
   constexpr int NT = 4 * KT;
@@ -316,10 +326,12 @@ __global__ void __launch_bounds__(kWarps * 32)
   __shared__ __align__(16) int8_t sq_[kRows * LDQ];
   __shared__ __align__(16) int8_t sk_[NK * LDQ];
   __shared__ __align__(16) int8_t svt[D * LDV];
+  __shared__ double sfac[2 * kFactors];  // H, then L (fuse_attention.exp_factors)
 
   const int64_t b = blockIdx.y / heads, h = blockIdx.y % heads;
   const int64_t q0 = int64_t(blockIdx.x) * kRows;
   load_qkv<D, NK, LDQ, LDV>(q, k, v, prm, b, h, q0, sq, sk, sq_, sk_, svt);
+  for (int i = threadIdx.x; i < 2 * kFactors; i += kWarps * 32) sfac[i] = __ldg(fac + i);
   __syncthreads();
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid & 31, g = lane >> 2, t = lane & 3;
@@ -354,128 +366,132 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
   auto is_kept = [&](int nt, int e) { return ((kept[e >> 1] >> (2 * nt + (e & 1))) & 1) != 0; };
 
-  // ---- scores: q k^T, requant1 (hi), as int16 pairs; the row max over kept keys
-  uint32_t sc[NT][2];
-  int mx[2] = {INT_MIN, INT_MIN};
-  {
-    // requant1 / requant2: in_zp 0, the shift 32..62 (the translation scales one below 32 up with
-    // its multiplier: fuse_attention.hi_params), |acc| < 2^23 times |m| < 2^39
-    const int64_t m1 = __ldg(prm + P_R1 + 1);
-    const int32_t c1 = int32_t(__ldg(prm + P_R1 + 2)), zo1 = int32_t(__ldg(prm + P_R1 + 3)),
-                  lo1 = int32_t(__ldg(prm + P_R1 + 4)), hi1 = int32_t(__ldg(prm + P_R1 + 5));
-    uint32_t qa[D / 32][4];
+  // requant1 / requant2: in_zp 0, the shift 32..62 (the translation scales one below 32 up with its
+  // multiplier: fuse_attention.hi_params), |acc| < 2^23 times |m| < 2^39
+  const int64_t m1 = __ldg(prm + P_R1 + 1);
+  const int32_t c1 = int32_t(__ldg(prm + P_R1 + 2)), zo1 = int32_t(__ldg(prm + P_R1 + 3)),
+                lo1 = int32_t(__ldg(prm + P_R1 + 4)), hi1 = int32_t(__ldg(prm + P_R1 + 5));
+  uint32_t qa[D / 32][4];
+#pragma unroll
+  for (int kk = 0; kk < D / 32; ++kk) {
+    const int8_t* qp = sq_ + (r0 + g) * LDQ + kk * 32 + 4 * t;
+    qa[kk][0] = *reinterpret_cast<const uint32_t*>(qp);
+    qa[kk][1] = *reinterpret_cast<const uint32_t*>(qp + 8 * LDQ);
+    qa[kk][2] = *reinterpret_cast<const uint32_t*>(qp + 16);
+    qa[kk][3] = *reinterpret_cast<const uint32_t*>(qp + 8 * LDQ + 16);
+  }
+  // the scores of 8-key tile nt (rows g, g + 8; keys 8 nt + 2t, + 1), after requant1
+  auto scores = [&](int nt, int (&acc)[4]) {
+    acc[0] = acc[1] = acc[2] = acc[3] = 0;
 #pragma unroll
     for (int kk = 0; kk < D / 32; ++kk) {
-      const int8_t* qp = sq_ + (r0 + g) * LDQ + kk * 32 + 4 * t;
-      qa[kk][0] = *reinterpret_cast<const uint32_t*>(qp);
-      qa[kk][1] = *reinterpret_cast<const uint32_t*>(qp + 8 * LDQ);
-      qa[kk][2] = *reinterpret_cast<const uint32_t*>(qp + 16);
-      qa[kk][3] = *reinterpret_cast<const uint32_t*>(qp + 8 * LDQ + 16);
+      const int8_t* kr = sk_ + (8 * nt + g) * LDQ + kk * 32 + 4 * t;
+      mma_s8(acc, qa[kk], *reinterpret_cast<const uint32_t*>(kr), *reinterpret_cast<const uint32_t*>(kr + 16));
     }
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      int acc[4] = {0, 0, 0, 0};
+    for (int e = 0; e < 4; ++e)
+      acc[e] = qc_int::clamp32(qc_int::rshift_round_hi(int64_t(acc[e]) * m1, c1) + zo1, lo1, hi1);
+  };
+
+  // ---- pass 1: the row maxima over kept keys
+  int mx[2] = {INT_MIN, INT_MIN};
+#pragma unroll 1
+  for (int c = 0; c < KT; ++c)
 #pragma unroll
-      for (int kk = 0; kk < D / 32; ++kk) {
-        const int8_t* kr = sk_ + (8 * nt + g) * LDQ + kk * 32 + 4 * t;
-        mma_s8(acc, qa[kk], *reinterpret_cast<const uint32_t*>(kr), *reinterpret_cast<const uint32_t*>(kr + 16));
-      }
+    for (int u = 0; u < 4; ++u) {
+      int acc[4];
+      scores(4 * c + u, acc);
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        acc[e] = qc_int::clamp32(qc_int::rshift_round_hi(int64_t(acc[e]) * m1, c1) + zo1, lo1, hi1);
-        if (is_kept(nt, e)) mx[e >> 1] = max(mx[e >> 1], acc[e]);
-      }
-      sc[nt][0] = pack16(acc[0], acc[1]);
-      sc[nt][1] = pack16(acc[2], acc[3]);
+      for (int e = 0; e < 4; ++e)
+        if (is_kept(4 * c + u, e)) mx[e >> 1] = max(mx[e >> 1], acc[e]);
     }
-  }
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     mx[r] = max(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
     mx[r] = max(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
   }
-  // ---- e = table[min(d, T - 1)] (0 where not kept), one gather per entry: the uint16 table holds
-  // e - base (the translation checked max - min < 2^16), which replaces the score in sc
+  // e = table[min(d, T - 1)] of score sv in row r, from the factor tables
   const int top = int(tlen - 1);
-  const int32_t tbase = int32_t(__ldg(prm + P_TBASE)), te0 = int32_t(__ldg(prm + P_TE0));
-  int64_t sum[2] = {0, 0};
-  uint64_t at_max[2] = {0, 0};  // d = 0 (e = te0), bits as kept's
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-    for (int w = 0; w < 2; ++w) {
-      uint32_t out = 0;
-#pragma unroll
-      for (int u = 0; u < 2; ++u) {
-        const int e = 2 * w + u;
-        if (is_kept(nt, e)) {
-          const int sv = u ? hi16(sc[nt][w]) : lo16(sc[nt][w]);
-          const int d = mx[w] - sv;
-          // e - base in 16 bits; the row maximum's (d = 0) is te0, which may not fit: a bit of its own
-          if (d == 0) {
-            at_max[w] |= uint64_t(1) << (2 * nt + u);
-            sum[w] += te0;
-          } else {
-            const uint32_t tv = __ldg(tab + (d < top ? d : top));
-            out |= tv << (16 * u);
-            sum[w] += int64_t(tv) + tbase;
-          }
-        }
-      }
-      sc[nt][w] = out;
-    }
-  auto expv = [&](int nt, int e) -> int32_t {
-    if (!is_kept(nt, e)) return 0;
-    if ((at_max[e >> 1] >> (2 * nt + (e & 1))) & 1) return te0;
-    return int32_t((sc[nt][e >> 1] >> (16 * (e & 1))) & 0xffffu) + tbase;
+  const int32_t te0 = int32_t(__ldg(prm + P_TE0));
+  constexpr double kTwo52 = 4503599627370496.0, kEps = 9.313225746154785e-10;  // 2^52, 2^-30
+  const double near = 0.5 - ldexp(1.0, -int(__ldg(prm + P_FEXP)));
+  auto expv = [&](int sv, int r) -> int32_t {
+    const int d = mx[r] - sv;  // >= 0 for a kept key (scores within int16)
+    if (d == 0) return te0;
+    const int dd = d < top ? d : top;
+    const double pv = __dmul_rn(sfac[dd >> 8], sfac[kFactors + (dd & (kFactors - 1))]);
+    const double yv = __dadd_rn(pv, kTwo52);  // rint(pv) in the low word
+    if (fabs(__dsub_rn(pv, __dsub_rn(yv, kTwo52))) <= near) return __double2loint(yv);
+    return __ldg(tab + dd);
   };
+
+  // ---- pass 2: the row sums of e (below 2^24)
+  int32_t sum32[2] = {0, 0};
+#pragma unroll 1
+  for (int c = 0; c < KT; ++c)
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      int acc[4];
+      scores(4 * c + u, acc);
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        if (is_kept(4 * c + u, e)) sum32[e >> 1] += expv(acc[e], e >> 1);
+    }
   const int64_t sm_mult = __ldg(prm + P_SM), sm_shift = __ldg(prm + P_SM + 1);
   const int32_t sm_zp = int32_t(__ldg(prm + P_SM + 2)), sm_lo = int32_t(__ldg(prm + P_SM + 3)),
                 sm_hi = int32_t(__ldg(prm + P_SM + 4));
   const double half = sm_shift >= 1 ? 0.5 : 0.0;
-  constexpr double kTwo52 = 4503599627370496.0, kEps = 9.313225746154785e-10;  // 2^52, 2^-30
+  int64_t sum[2];
   double f[2], inv[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], 1);
-    sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], 2);
-    sum[r] = sum[r] < 1 ? 1 : sum[r];
+    int32_t sv = sum32[r];
+    sv += __shfl_xor_sync(0xffffffffu, sv, 1);
+    sv += __shfl_xor_sync(0xffffffffu, sv, 2);
+    sum[r] = sv < 1 ? 1 : sv;
     inv[r] = static_cast<double>(sm_mult) / static_cast<double>(sum[r]);  // the exact path's estimate
     f[r] = ldexp(inv[r], -int(sm_shift));                                  // M / (S 2^c), one rounding
   }
-  // y of entry (nt, e): the softmax's int8 output (0 for keys past sk)
-  auto prob = [&](int nt, int e) -> int {
-    const int j = 8 * nt + 2 * t + (e & 1);
-    if (j >= sk32) return 0;
-    const int32_t ev = expv(nt, e);
+  // the softmax's int8 output for e = ev in row r (keys past sk give 0: they multiply v's zero rows)
+  auto prob = [&](int32_t ev, int r) -> int {
     int qv = 0;
     if (ev != 0) {
       const double ed = __hiloint2double(0x43300000, ev) - kTwo52;  // ev as a double (0 <= ev < 2^31)
-      const double u = __fma_rn(ed, f[e >> 1], half - kEps), w = __fma_rn(ed, f[e >> 1], half + kEps);
+      const double u = __fma_rn(ed, f[r], half - kEps), w = __fma_rn(ed, f[r], half + kEps);
       const int fu = __double2loint(__dadd_rd(u, kTwo52)), fw = __double2loint(__dadd_rd(w, kTwo52));
       if (fu == fw) {
         qv = fu;
       } else {  // within 2^-30 of an integer: the int64 division
-        const int64_t s = sum[e >> 1];
-        const int64_t tq = qc_int::floordiv_est(int64_t(ev) * sm_mult, s, static_cast<double>(ev) * inv[e >> 1]);
+        const int64_t tq = qc_int::floordiv_est(int64_t(ev) * sm_mult, sum[r], static_cast<double>(ev) * inv[r]);
         qv = int(rshift_round(tq, sm_shift));
       }
     }
     return qc_int::clamp32(qv + sm_zp, sm_lo, sm_hi);
   };
 
-  // ---- o = p @ v, a 32-key chunk at a time (p's A fragments in slot order, as attention_kernel)
+  // ---- pass 3: o = p @ v, a 32-key chunk at a time (p's A fragments in slot order, as attention_kernel)
   int o[D / 8][4];
 #pragma unroll
   for (int dn = 0; dn < D / 8; ++dn) o[dn][0] = o[dn][1] = o[dn][2] = o[dn][3] = 0;
-#pragma unroll
+#pragma unroll 1
   for (int c = 0; c < KT; ++c) {
+    int pr[4][4];  // the chunk's probabilities: tile 4c + u, entry e
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      int acc[4];
+      scores(4 * c + u, acc);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int j = 32 * c + 8 * u + 2 * t + (e & 1);
+        pr[u][e] = j >= sk32 ? 0 : prob(is_kept(4 * c + u, e) ? expv(acc[e], e >> 1) : 0, e >> 1);
+      }
+    }
     uint32_t a[4];
 #pragma unroll
     for (int half_ = 0; half_ < 2; ++half_) {
-      const int lt = 4 * c + 2 * half_, ht = lt + 1;
-      a[2 * half_] = pack4(prob(lt, 0), prob(lt, 1), prob(ht, 0), prob(ht, 1));      // row g
-      a[2 * half_ + 1] = pack4(prob(lt, 2), prob(lt, 3), prob(ht, 2), prob(ht, 3));  // row g + 8
+      const int lt = 2 * half_, ht = lt + 1;
+      a[2 * half_] = pack4(pr[lt][0], pr[lt][1], pr[ht][0], pr[ht][1]);      // row g
+      a[2 * half_ + 1] = pack4(pr[lt][2], pr[lt][3], pr[ht][2], pr[ht][3]);  // row g + 8
     }
 #pragma unroll
     for (int dn = 0; dn < D / 8; ++dn) {
@@ -515,17 +531,17 @@ void check_int8(const TensorView& t, const char* what) { qc_int::check(t, kDLInt
 
 template <int D, class Out, bool Masked, bool Hi>
 void launch_kt(int64_t sk, dim3 grid, cudaStream_t st, const int8_t* q, const int8_t* k, const int8_t* v,
-               const int8_t* m, const void* tab, int64_t tlen, const int64_t* prm, const int64_t* m3,
+               const int8_t* m, const int32_t* tab, const double* fac, int64_t tlen, const int64_t* prm, const int64_t* m3,
                const int64_t* s3, int64_t heads, int64_t sq, Out* y) {
   // key chunks: 2, 4, 7 (DeiT's 197 tokens) or 8, the fewest that cover sk
   int64_t chunks = (sk + 31) / 32;
 #define QC_ATTN_LAUNCH(KT)                                                                                       \
   if constexpr (Hi)                                                                                              \
     attention_hi<D, KT, Out, Masked><<<grid, kWarps * 32, 0, st>>>(                                              \
-        q, k, v, m, static_cast<const uint16_t*>(tab), tlen, prm, m3, s3, heads, sq, sk, y);                     \
+        q, k, v, m, tab, fac, tlen, prm, m3, s3, heads, sq, sk, y);                                              \
   else                                                                                                           \
     attention_kernel<D, KT, Out, Masked><<<grid, kWarps * 32, 0, st>>>(                                          \
-        q, k, v, m, static_cast<const int32_t*>(tab), tlen, prm, m3, s3, heads, sq, sk, y)
+        q, k, v, m, tab, tlen, prm, m3, s3, heads, sq, sk, y)
   if (chunks <= 2)
     QC_ATTN_LAUNCH(2);
   else if (chunks <= 4)
@@ -538,16 +554,19 @@ void launch_kt(int64_t sk, dim3 grid, cudaStream_t st, const int8_t* q, const in
 }
 
 template <bool Hi>
-void attention_impl(TensorView q, TensorView k, TensorView v, const TensorView* mask, TensorView tab, TensorView prm,
-                    TensorView mult3, TensorView shift3, int64_t batch, int64_t heads, int64_t sq, int64_t sk,
+void attention_impl(TensorView q, TensorView k, TensorView v, const TensorView* mask, TensorView tab,
+                    const TensorView* fac, TensorView prm, TensorView mult3, TensorView shift3, int64_t batch, int64_t heads, int64_t sq, int64_t sk,
                     int64_t d, TensorView y) {
   check_int8(q, "q");
   check_int8(k, "k");
   check_int8(v, "v");
-  if (Hi)  // attention_hi's table: e - params[P_TBASE] in 16 bits
-    qc_int::check(tab, kDLUInt, 16, "qc int_attention", "table");
-  else
-    qc_int::check(tab, kDLInt, 32, "qc int_attention", "table");
+  qc_int::check(tab, kDLInt, 32, "qc int_attention", "table");
+  if (Hi) {  // attention_hi's factor tables (fuse_attention.exp_factors); d's factor index below kFactors
+    qc_int::check(*fac, kDLFloat, 64, "qc int_attention", "factors");
+    TVM_FFI_ICHECK(qc_int::numel(*fac) == 2 * kFactors && qc_int::numel(tab) <= kFactors * kFactors)
+        << "qc int_attention: factors must have " << 2 * kFactors << " entries and the table at most "
+        << kFactors * kFactors;
+  }
   qc_int::check(prm, kDLInt, 64, "qc int_attention", "params");
   qc_int::check(mult3, kDLInt, 64, "qc int_attention", "mult3");
   qc_int::check(shift3, kDLInt, 64, "qc int_attention", "shift3");
@@ -571,7 +590,8 @@ void attention_impl(TensorView q, TensorView k, TensorView v, const TensorView* 
   auto qp = static_cast<const int8_t*>(q.data_ptr()), kp = static_cast<const int8_t*>(k.data_ptr()),
        vp = static_cast<const int8_t*>(v.data_ptr());
   const int8_t* mp = mask ? static_cast<const int8_t*>(mask->data_ptr()) : nullptr;
-  const void* tp = tab.data_ptr();
+  auto tp = static_cast<const int32_t*>(tab.data_ptr());
+  const double* fp = fac ? static_cast<const double*>(fac->data_ptr()) : nullptr;
   auto pp = static_cast<const int64_t*>(prm.data_ptr()), m3 = static_cast<const int64_t*>(mult3.data_ptr()),
        s3 = static_cast<const int64_t*>(shift3.data_ptr());
   auto go = [&](auto out, auto masked) {
@@ -579,9 +599,9 @@ void attention_impl(TensorView q, TensorView k, TensorView v, const TensorView* 
     constexpr bool M = decltype(masked)::value;
     Out* yp = static_cast<Out*>(y.data_ptr());
     if (d == 32)
-      launch_kt<32, Out, M, Hi>(sk, grid, st, qp, kp, vp, mp, tp, tab.size(0), pp, m3, s3, heads, sq, yp);
+      launch_kt<32, Out, M, Hi>(sk, grid, st, qp, kp, vp, mp, tp, fp, tab.size(0), pp, m3, s3, heads, sq, yp);
     else
-      launch_kt<64, Out, M, Hi>(sk, grid, st, qp, kp, vp, mp, tp, tab.size(0), pp, m3, s3, heads, sq, yp);
+      launch_kt<64, Out, M, Hi>(sk, grid, st, qp, kp, vp, mp, tp, fp, tab.size(0), pp, m3, s3, heads, sq, yp);
   };
   auto by_mask = [&](auto out) {
     if (mp)
@@ -598,26 +618,36 @@ void attention_impl(TensorView q, TensorView k, TensorView v, const TensorView* 
   TVM_FFI_ICHECK(cudaGetLastError() == cudaSuccess) << "qc int_attention: launch failed";
 }
 
-// Hi: the translation checked the constants as attention_hi needs them (fuse_attention.hi_ok)
-template <bool Hi>
-void attention(TensorView q, TensorView k, TensorView v, TensorView tab, TensorView prm, TensorView mult3,
+void call(TensorView q, TensorView k, TensorView v, TensorView tab, TensorView prm, TensorView mult3,
                TensorView shift3, int64_t batch, int64_t heads, int64_t sq, int64_t sk, int64_t d, TensorView y) {
-  attention_impl<Hi>(q, k, v, nullptr, tab, prm, mult3, shift3, batch, heads, sq, sk, d, y);
+  attention_impl<false>(q, k, v, nullptr, tab, nullptr, prm, mult3, shift3, batch, heads, sq, sk, d, y);
 }
 
-template <bool Hi>
-void attention_masked(TensorView q, TensorView k, TensorView v, TensorView mask, TensorView tab, TensorView prm,
+void call_masked(TensorView q, TensorView k, TensorView v, TensorView mask, TensorView tab, TensorView prm,
                       TensorView mult3, TensorView shift3, int64_t batch, int64_t heads, int64_t sq, int64_t sk,
                       int64_t d, TensorView y) {
-  attention_impl<Hi>(q, k, v, &mask, tab, prm, mult3, shift3, batch, heads, sq, sk, d, y);
+  attention_impl<false>(q, k, v, &mask, tab, nullptr, prm, mult3, shift3, batch, heads, sq, sk, d, y);
+}
+
+// the translation checked the constants as attention_hi needs them (fuse_attention.hi_ok, exp_factors)
+void call_hi(TensorView q, TensorView k, TensorView v, TensorView tab, TensorView fac, TensorView prm,
+                  TensorView mult3, TensorView shift3, int64_t batch, int64_t heads, int64_t sq, int64_t sk, int64_t d,
+                  TensorView y) {
+  attention_impl<true>(q, k, v, nullptr, tab, &fac, prm, mult3, shift3, batch, heads, sq, sk, d, y);
+}
+
+void call_masked_hi(TensorView q, TensorView k, TensorView v, TensorView mask, TensorView tab, TensorView fac,
+                         TensorView prm, TensorView mult3, TensorView shift3, int64_t batch, int64_t heads, int64_t sq,
+                         int64_t sk, int64_t d, TensorView y) {
+  attention_impl<true>(q, k, v, &mask, tab, &fac, prm, mult3, shift3, batch, heads, sq, sk, d, y);
 }
 
 }  // namespace qc_attn
 
 TVM_FFI_STATIC_INIT_BLOCK() {
   using tvm::ffi::Function;
-  Function::SetGlobal("qc.cuda.int_attention", Function::FromTyped(qc_attn::attention<false>), true);
-  Function::SetGlobal("qc.cuda.int_attention_masked", Function::FromTyped(qc_attn::attention_masked<false>), true);
-  Function::SetGlobal("qc.cuda.int_attention_hi", Function::FromTyped(qc_attn::attention<true>), true);
-  Function::SetGlobal("qc.cuda.int_attention_masked_hi", Function::FromTyped(qc_attn::attention_masked<true>), true);
+  Function::SetGlobal("qc.cuda.int_attention", Function::FromTyped(qc_attn::call), true);
+  Function::SetGlobal("qc.cuda.int_attention_masked", Function::FromTyped(qc_attn::call_masked), true);
+  Function::SetGlobal("qc.cuda.int_attention_hi", Function::FromTyped(qc_attn::call_hi), true);
+  Function::SetGlobal("qc.cuda.int_attention_masked_hi", Function::FromTyped(qc_attn::call_masked_hi), true);
 }

@@ -163,10 +163,22 @@ __global__ void __launch_bounds__(kWarps * 32) softmax_rows(const In* __restrict
 // The table is int16 (every table dtype the translation passes, int8 / uint8 / int16, fits).
 // lut_smem: the whole table in shared memory (a 65536-entry table of an int16 input is 128 KiB,
 // which L1 would not hold beside the streamed data), one block of 1024 threads per SM, each thread
-// 8 entries per step (16-byte loads of x and of the 8 columns' requant constants: with 8-byte
-// loads of these, ncu on an H200 found the kernel bound by L1 throughput). lut_kernel: any shape,
-// the table through L1.
+// 8 entries per step (16-byte loads of x). A thread's steps are a grid's width apart; where that
+// width is a multiple of the row's chunks (132 SMs x 1024 threads for rows of 1536 or 3072) they
+// all fall in the same 8 columns, whose per-channel requant constants the thread then loads once
+// (ncu on an H100 found the kernel bound by L1 throughput while it loaded 128 bytes of them per
+// step). lut_kernel: any shape, the table through L1.
 constexpr int kLutThreads = 1024;
+
+// 8 int64 constants from a 16-byte aligned address, in registers (no local array behind them)
+__device__ __forceinline__ void load8_i64(const int64_t* __restrict__ p, int64_t (&v)[8]) {
+#pragma unroll
+  for (int i = 0; i < 8; i += 2) {
+    const int4 r = __ldg(reinterpret_cast<const int4*>(p + i));
+    v[i] = int64_t((uint64_t(uint32_t(r.y)) << 32) | uint32_t(r.x));
+    v[i + 1] = int64_t((uint64_t(uint32_t(r.w)) << 32) | uint32_t(r.z));
+  }
+}
 
 template <class Out, bool Rq, bool Hi>
 __global__ void __launch_bounds__(kLutThreads)
@@ -185,41 +197,63 @@ __global__ void __launch_bounds__(kLutThreads)
   for (int64_t i = done + threadIdx.x; i < tlen; i += kLutThreads) st[i] = tab[i];
   __syncthreads();
   const int32_t off32 = int32_t(offset), top32 = int32_t(tlen - 1);  // the host checked |offset| < 2^30
-  // columns in 32 bits where every element index fits (a 64-bit remainder is a long software routine)
-  const bool narrow = chunks * 8 < (int64_t(1) << 32);
-  for (int64_t ch = int64_t(blockIdx.x) * kLutThreads + threadIdx.x; ch < chunks; ch += int64_t(gridDim.x) * kLutThreads) {
+  // y of 8 entries of x (one 16-byte load) with the requant constants of their 8 columns
+  auto step = [&](int64_t ch, const int64_t (&mv)[8], const int64_t (&sv)[8]) {
     const int4 raw = __ldg(reinterpret_cast<const int4*>(x) + ch);
-    const int16_t* xv = reinterpret_cast<const int16_t*>(&raw);
-    const int64_t c0 = narrow ? int64_t(uint32_t(ch * 8) % uint32_t(cols)) : (ch * 8) % cols;
-    __align__(16) Out out[8];
-    // the 8 columns' constants in 16-byte loads (c0 is a multiple of 8; the host checks alignment)
-    __align__(16) int64_t mv[8], sv[8];
-    if (Rq) {
-#pragma unroll
-      for (int e = 0; e < 8; e += 2) {
-        if (per_channel) {
-          *reinterpret_cast<int4*>(mv + e) = __ldg(reinterpret_cast<const int4*>(mult + c0 + e));
-          *reinterpret_cast<int4*>(sv + e) = __ldg(reinterpret_cast<const int4*>(shift + c0 + e));
-        } else {
-          mv[e] = mv[e + 1] = __ldg(mult);
-          sv[e] = sv[e + 1] = __ldg(shift);
-        }
-      }
-    }
+    const uint32_t w[4] = {uint32_t(raw.x), uint32_t(raw.y), uint32_t(raw.z), uint32_t(raw.w)};
+    int32_t o[8];
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
-      int64_t v = st[qc_int::clamp32(int32_t(xv[e]) - off32, 0, top32)];
+      const int32_t xe = int32_t(int16_t(uint16_t(w[e >> 1] >> (16 * (e & 1)))));
+      int64_t v = st[qc_int::clamp32(xe - off32, 0, top32)];
       if (Rq && Hi)  // every shift 32..62, |in_zp| <= 2^16 (the translation checked): 32-bit words
         v = qc_int::requant_hi(int32_t(v) - int32_t(in_zp), int32_t(mv[e]), int32_t(sv[e]), int32_t(out_zp),
                                int32_t(qmin), int32_t(qmax));
       else if (Rq)
         v = qc_int::requant(v, in_zp, mv[e], sv[e], out_zp, qmin, qmax);
-      out[e] = static_cast<Out>(v);
+      o[e] = int32_t(v);
     }
-    if constexpr (sizeof(Out) == 2)
-      reinterpret_cast<int4*>(y)[ch] = *reinterpret_cast<const int4*>(out);
-    else
-      reinterpret_cast<int2*>(y)[ch] = *reinterpret_cast<const int2*>(out);
+    if constexpr (sizeof(Out) == 2) {
+      int4 pk;
+      pk.x = int((uint32_t(uint16_t(o[0]))) | (uint32_t(uint16_t(o[1])) << 16));
+      pk.y = int((uint32_t(uint16_t(o[2]))) | (uint32_t(uint16_t(o[3])) << 16));
+      pk.z = int((uint32_t(uint16_t(o[4]))) | (uint32_t(uint16_t(o[5])) << 16));
+      pk.w = int((uint32_t(uint16_t(o[6]))) | (uint32_t(uint16_t(o[7])) << 16));
+      reinterpret_cast<int4*>(y)[ch] = pk;
+    } else {
+      int2 pk;
+      pk.x = int(uint32_t(uint8_t(o[0])) | (uint32_t(uint8_t(o[1])) << 8) | (uint32_t(uint8_t(o[2])) << 16) |
+                 (uint32_t(uint8_t(o[3])) << 24));
+      pk.y = int(uint32_t(uint8_t(o[4])) | (uint32_t(uint8_t(o[5])) << 8) | (uint32_t(uint8_t(o[6])) << 16) |
+                 (uint32_t(uint8_t(o[7])) << 24));
+      reinterpret_cast<int2*>(y)[ch] = pk;
+    }
+  };
+  const int64_t per_row = cols / 8, nthreads = int64_t(gridDim.x) * kLutThreads;
+  const int64_t first = int64_t(blockIdx.x) * kLutThreads + threadIdx.x;
+  int64_t mv[8], sv[8];
+  if (!Rq || !per_channel || nthreads % per_row == 0) {
+    // every chunk of this thread is in the same 8 columns (the host sizes the grid so where it can):
+    // their constants once, in registers
+    if (Rq && per_channel) {
+      const int64_t c0 = (first % per_row) * 8;
+      load8_i64(mult + c0, mv);
+      load8_i64(shift + c0, sv);
+    } else if (Rq) {
+      const int64_t m0 = __ldg(mult), s0 = __ldg(shift);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) mv[e] = m0, sv[e] = s0;
+    }
+    for (int64_t ch = first; ch < chunks; ch += nthreads) step(ch, mv, sv);
+  } else {
+    // columns in 32 bits where every element index fits (a 64-bit remainder is a long software routine)
+    const bool narrow = chunks * 8 < (int64_t(1) << 32);
+    for (int64_t ch = first; ch < chunks; ch += nthreads) {
+      const int64_t c0 = narrow ? int64_t(uint32_t(ch * 8) % uint32_t(cols)) : (ch * 8) % cols;
+      load8_i64(mult + c0, mv);  // c0 is a multiple of 8; the host checks alignment
+      load8_i64(shift + c0, sv);
+      step(ch, mv, sv);
+    }
   }
 }
 
@@ -360,7 +394,10 @@ __global__ void __launch_bounds__(kWarps * 32)
 //   y2 = qc_int::requant_hi(y - rq_in_zp, ...).
 // The row's two divisions (sum(d^2) / C and 2^56 / r) are a float64 estimate with integer
 // fix-ups. A lane owns NCH chunks of 8 consecutive channels (chunk lane + 32 c): 16-byte loads and
-// stores of x, y, and of the per-channel constants. Blocks loop over rows (a grid of what fits).
+// stores of x and y. The per-channel constants are copied into shared memory once per block, as
+// the int32 they fit in (beta int64), and read from there in 16-byte pieces: ncu on an H100 found
+// the kernel bound by L1 throughput when each row loaded them as int64 from global memory (32
+// bytes per element, at a 64-byte stride between lanes). Blocks loop over rows (a grid of what fits).
 template <class T>
 __device__ __forceinline__ void load8(const T* __restrict__ p, int32_t (&v)[8]) {
   static_assert(sizeof(T) <= 2, "int8 / int16 rows");
@@ -388,14 +425,10 @@ __device__ __forceinline__ void store8(T* __restrict__ p, const int32_t (&v)[8])
     *reinterpret_cast<int2*>(p) = *reinterpret_cast<const int2*>(o);
 }
 
-// 8 int64 constants from a 16-byte aligned address, as int32 (the translation checked they fit)
-__device__ __forceinline__ void load8_i64_as_i32(const int64_t* __restrict__ p, int32_t (&v)[8]) {
-#pragma unroll
-  for (int i = 0; i < 8; i += 2) {
-    const int4 r = __ldg(reinterpret_cast<const int4*>(p + i));
-    v[i] = r.x;      // low words (little-endian)
-    v[i + 1] = r.z;
-  }
+// 8 int32 from shared memory at a 16-byte aligned address
+__device__ __forceinline__ void load8_smem(const int32_t* p, int32_t (&v)[8]) {
+  const int4 r0 = *reinterpret_cast<const int4*>(p), r1 = *reinterpret_cast<const int4*>(p + 4);
+  v[0] = r0.x, v[1] = r0.y, v[2] = r0.z, v[3] = r0.w, v[4] = r1.x, v[5] = r1.y, v[6] = r1.z, v[7] = r1.w;
 }
 
 __device__ __forceinline__ int32_t warp_sum32(int32_t v) {
@@ -405,6 +438,7 @@ __device__ __forceinline__ int32_t warp_sum32(int32_t v) {
 }
 
 constexpr int kLnHiWarps = 8;
+constexpr int kLnHiMaxC = 1024;  // channels layer_norm_hi takes (32 lanes x 8 x 4 chunks)
 
 template <class In, class Out, int NCH>
 __global__ void __launch_bounds__(kLnHiWarps * 32)
@@ -428,6 +462,17 @@ __global__ void __launch_bounds__(kLnHiWarps * 32)
   const int64_t eps = __ldg(prm + L_EPS);
   const int32_t nshift = 40 - sqrt_bits / 2;  // LN_RECIP_BITS - k/2 - LN_NORM_BITS: 32..40
   const double inv_ch = 1.0 / static_cast<double>(ch);  // the estimate of s2 / C (fixed up exactly below)
+  __shared__ __align__(16) int32_t s_gamma[kLnHiMaxC], s_mult[kLnHiMaxC], s_shift[kLnHiMaxC];
+  __shared__ __align__(16) int64_t s_beta[kLnHiMaxC];
+  for (int j = threadIdx.x; j < ch; j += kLnHiWarps * 32) {
+    s_gamma[j] = int32_t(__ldg(gamma + j));
+    s_beta[j] = __ldg(beta + j);
+    if (y2) {
+      s_mult[j] = int32_t(__ldg(rq_mult + j));
+      s_shift[j] = int32_t(__ldg(rq_shift + j));
+    }
+  }
+  __syncthreads();
   for (int64_t row = int64_t(blockIdx.x) * kLnHiWarps + threadIdx.x / 32; row < rows;
        row += int64_t(gridDim.x) * kLnHiWarps) {
     const int64_t base = row * ch;
@@ -480,10 +525,10 @@ __global__ void __launch_bounds__(kLnHiWarps * 32)
       const int j0 = (lane + 32 * c) * 8;
       if (j0 >= ch) continue;
       int32_t g[8], o[8];
-      load8_i64_as_i32(gamma + j0, g);
+      load8_smem(s_gamma + j0, g);
 #pragma unroll
       for (int i = 0; i < 8; i += 2) {
-        const int4 bb = __ldg(reinterpret_cast<const int4*>(beta + j0 + i));
+        const int4 bb = *reinterpret_cast<const int4*>(s_beta + j0 + i);
         const int64_t be[2] = {(int64_t(uint32_t(bb.y)) << 32) | uint32_t(bb.x),
                                (int64_t(uint32_t(bb.w)) << 32) | uint32_t(bb.z)};
 #pragma unroll
@@ -496,8 +541,8 @@ __global__ void __launch_bounds__(kLnHiWarps * 32)
       store8(y + base + j0, o);
       if (y2) {
         int32_t m[8], sh[8];
-        load8_i64_as_i32(rq_mult + j0, m);
-        load8_i64_as_i32(rq_shift + j0, sh);
+        load8_smem(s_mult + j0, m);
+        load8_smem(s_shift + j0, sh);
 #pragma unroll
         for (int i = 0; i < 8; ++i) o[i] = qc_int::requant_hi(o[i] - rzi, m[i], sh[i], rzo, rlo, rhi);
         store8(y2 + base + j0, o);
@@ -708,7 +753,7 @@ bool layer_norm_hi_launch(const In* ap, const In* bp, const int64_t* pp, int64_t
                           int sms, cudaStream_t st) {
   auto al = [](const void* p, size_t n) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % n == 0; };
   const size_t in_al = sizeof(In) == 2 ? 16 : 8, out_al = sizeof(Out) == 2 ? 16 : 8;
-  if (ch % 8 || ch > 1024 || !al(ap, in_al) || !al(bp, in_al) || !al(xsp, in_al) || !al(yp, out_al) ||
+  if (ch % 8 || ch > kLnHiMaxC || !al(ap, in_al) || !al(bp, in_al) || !al(xsp, in_al) || !al(yp, out_al) ||
       !al(y2p, 8) || !al(gp, 16) || !al(bep, 16) || (y2p && (!al(mp, 16) || !al(sp, 16))))
     return false;
   auto go = [&](auto kern) {
