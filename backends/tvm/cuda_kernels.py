@@ -137,23 +137,21 @@ SMS = 132  # an H100 SXM's SMs: one wave of output tiles
 
 def pick_tile(m: int | None, n: int, k: int) -> str:
     """The tile configuration for an [M, K] x [K, N] GEMM (M None: not known when building), from
-    bench/gpu.py's kernel table on an H100 (2026-12-07 16:45, device time, hi epilogue):
-    - N and K >= 2048: 256x128 up to 4096^3 (1197 TOP/s against 1190 for 128x256 and 969 for
-      128x128), 128x256 beyond (8192^3: 1359 against 1286);
-    - K >= 2048: ping-pong 64x128, whose epilogue overlaps the other warp group's main loop
-      (4096 x 768 x 3072: 811 against 743);
-    - N >= 2048: 256x128 (4096 x 3072 x 768: 465 against 419 for 128x128);
-    - N <= 768 where 128x128 tiles would fill more than one wave: 128x64, more tiles for the
-      last wave (4096 x 768 x 768: 320 against 288; 12608 x 384 x 1536: 545 against 513);
-    - otherwise 128x128 (one wave at 4096 x 384 x 384: 136 against 126 for 128x64)."""
-    if n >= 2048 and k >= 2048:
-        return "128x256" if m is not None and m * n > 4096 * 4096 else "256x128"
-    if k >= 2048:
-        return "pp64x128"
+    bench/gpu.py's kernel table on an H100 (2026-12-07 21:25, device time, hi epilogue; "later runs"
+    in bench/results/gpu.json):
+    - N >= 2048: 256x128 (4096^3: 1355 TOP/s against 1353 for 128x256 and 1101 for 128x128; 8192^3:
+      1466 against 1441; 4096 x 3072 x 768: 626 against 569 for 128x128);
+    - K >= 2048, or N <= 768 where 128x128 tiles would fill more than one wave: ping-pong 64x128,
+      whose epilogue overlaps the other warp group's main loop (4096 x 768 x 3072: 1024 against
+      938 for pp128x64 and 850 for 256x128; 12608 x 384 x 1536: 737 against 717 for pp128x64 and 649 for
+      128x64; 4096 x 768 x 768: 446 against 441 and 400; 12608 x 384 x 384: 272 against 279 for
+      pp128x64, the one shape where another tile is ahead, by 3 %);
+    - otherwise 128x128 (one wave at 4096 x 384 x 1536: 518 against 485 for pp128x64; 12608 x 1152
+      x 384 and 12608 x 1536 x 384: 353 and 385, the best there)."""
     if n >= 2048:
         return "256x128"
-    if n <= 768 and (m is None or -(-m // 128) * -(-n // 128) > SMS):
-        return "128x64"
+    if k >= 2048 or (n <= 768 and (m is None or -(-m // 128) * -(-n // 128) > SMS)):
+        return "pp64x128"
     return "128x128"
 
 

@@ -52,36 +52,36 @@ def _translate(m, ex):
     return to_relax(qcompiler.trace(m, ex, dynamic="batch"), dot="sm90")
 
 
-# the batch is dynamic: M unknown, so pick_tile takes 128x64 for these narrow N
+# the batch is dynamic: M unknown, so pick_tile takes pp64x128 for these narrow N
 def test_int8_linear_and_matmul_with_requant_become_one_kernel_call():
     """The linear's shifts (38) take the int32 (hi) epilogue; the matmul's (30) the general one."""
     ex = (torch.zeros(2, 16, 32, dtype=torch.int8), torch.zeros(2, 32, 48, dtype=torch.int8))
     calls = _translate(LinearRequant(), ex)
-    assert calls and sorted(_externs(calls)) == ["qc.cuda.gemm_s8_requant_128x64",
-                                                 "qc.cuda.gemm_s8_requant_hi_128x64"]
+    assert calls and sorted(_externs(calls)) == ["qc.cuda.gemm_s8_requant_hi_pp64x128",
+                                                 "qc.cuda.gemm_s8_requant_pp64x128"]
 
 
 def test_int16_out_requant_uses_the_int16_kernel():
     ex = (torch.zeros(2, 16, 32, dtype=torch.int8), torch.zeros(2, 32, 48, dtype=torch.int8))
     assert sorted(_externs(_translate(LinearRequant(out_int16=True), ex))) == \
-        ["qc.cuda.gemm_s8_requant_128x64", "qc.cuda.gemm_s8_requant_i16_hi_128x64"]
+        ["qc.cuda.gemm_s8_requant_i16_hi_pp64x128", "qc.cuda.gemm_s8_requant_pp64x128"]
 
 
 def test_one_shift_below_32_takes_the_general_epilogue():
     m = LinearRequant()
     m.s[5] = 31
     ex = (torch.zeros(2, 16, 32, dtype=torch.int8), torch.zeros(2, 32, 48, dtype=torch.int8))
-    assert sorted(_externs(_translate(m, ex))) == ["qc.cuda.gemm_s8_requant_128x64"] * 2
+    assert sorted(_externs(_translate(m, ex))) == ["qc.cuda.gemm_s8_requant_pp64x128"] * 2
 
 
 def test_pick_tile_follows_the_kernel_table():
     from qcompiler.backends.tvm.cuda_kernels import pick_tile
-    assert pick_tile(4096, 4096, 4096) == pick_tile(None, 4096, 4096) == "256x128"
-    assert pick_tile(8192, 8192, 8192) == "128x256"
-    assert pick_tile(4096, 768, 3072) == "pp64x128"
+    assert pick_tile(4096, 4096, 4096) == pick_tile(None, 4096, 4096) == pick_tile(8192, 8192, 8192) == "256x128"
     assert pick_tile(4096, 3072, 768) == pick_tile(4096, 2304, 768) == "256x128"
-    assert pick_tile(4096, 768, 768) == pick_tile(12608, 384, 1536) == pick_tile(None, 384, 384) == "128x64"
+    assert pick_tile(4096, 768, 3072) == pick_tile(4096, 1536, 3072) == "pp64x128"
+    assert pick_tile(4096, 768, 768) == pick_tile(12608, 384, 1536) == pick_tile(None, 384, 384) == "pp64x128"
     assert pick_tile(4096, 384, 384) == pick_tile(4096, 1536, 384) == pick_tile(12608, 1152, 384) == "128x128"
+    assert pick_tile(4096, 384, 1536) == "128x128"  # 96 tiles of 128x128: one wave
 
 
 def test_kernel_call_declines_what_the_kernel_does_not_compute():
@@ -89,7 +89,7 @@ def test_kernel_call_declines_what_the_kernel_does_not_compute():
     narrow = LinearRequant()
     narrow.q = (-100, 100)  # a clamp narrower than the output dtype: not the kernel's saturation
     # the linear declines; the matmul's N = 40 is zero-padded to 48 (its requant is per tensor)
-    assert _externs(_translate(narrow, ex)) == ["qc.cuda.gemm_s8_requant_128x64"]
+    assert _externs(_translate(narrow, ex)) == ["qc.cuda.gemm_s8_requant_pp64x128"]
 
 
 @pytest.mark.slow
