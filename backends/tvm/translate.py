@@ -597,11 +597,11 @@ def _static(d) -> bool:
     return isinstance(d, (int, tirx.IntImm))
 
 
-def _gemm_requant(tr, n, xv, x_zp: int, n_out: int, k_in: int, w_dtype):
+def _gemm_requant(tr, n, xv, x_zp: int, n_out: int, k_in: int, w_dtype, ch_axis: int | None = None):
     """The requant that the CUDA GEMM kernel can compute in its epilogue for `n`, or None:
     `n`'s only user, int8 or int16 out (the full range), input zero point 0, |out_zp| <= 2^16,
-    per tensor or per output channel; int8 operands with K and N multiples of 16 (TMA's 16-byte
-    rows)."""
+    per tensor or per output channel (the last axis of `n`, which has x's rank, or ch_axis); int8
+    operands with K and N multiples of 16 (TMA's 16-byte rows)."""
     users = list(n.users)
     if len(users) != 1 or users[0].target is not I.requant or w_dtype != torch.int8 or tr.dtype_of(xv) != "int8":
         return None
@@ -611,7 +611,8 @@ def _gemm_requant(tr, n, xv, x_zp: int, n_out: int, k_in: int, w_dtype):
             abs(int(out_zp)) > 2**16:  # the epilogue adds out_zp in int32 to a value of at most 2^30
         return None
     m, c = tr.tensor_const(mult), tr.tensor_const(shift)
-    if m.numel() != 1 and (axis % max(1, tr.ndim(xv)) != tr.ndim(xv) - 1 or m.numel() != n_out):
+    want = tr.ndim(xv) - 1 if ch_axis is None else ch_axis
+    if m.numel() != 1 and (axis % max(1, tr.ndim(xv)) != want or m.numel() != n_out):
         return None
     if m.abs().max() >= 2**31 or c.min() < 0 or c.max() > 62:  # the kernel takes int32 multipliers
         return None
@@ -660,8 +661,47 @@ def _gemm_sm90_call(tr, xv, wv, bias: np.ndarray, mult: np.ndarray, shift: np.nd
     return tr.emit(tr.R.reshape(y, [*lead, n_out]))
 
 
+def _conv_patches_sm90(tr, n):
+    """A 2-D convolution whose windows tile its input (stride = kernel, no padding, dilation 1,
+    groups 1: a ViT's patch embedding) and its requant as one call of the GEMM kernel: x [B, C, H,
+    W] viewed as the rows of its windows, [B Ho Wo, C kh kw] (a reshape and a transpose: each input
+    entry is in one window), times the weights as [O, C kh kw], the result transposed back to [B, O,
+    Ho, Wo]; the input zero point folded into the bias as for a linear (exact). Returns whether it
+    applied (the requant then bound)."""
+    x, x_zp, w, bias, stride, padding, dilation, groups = n.args
+    if not (isinstance(w, fx.Node) and w.op == "get_attr"):
+        return False
+    wt = tr.tensor_const(w)
+    xv = tr.arg(x)
+    shape = _static_shape(tr, xv)
+    if wt.dim() != 4 or wt.dtype != torch.int8 or groups != 1 or any(int(d) != 1 for d in dilation) or \
+            any(int(p) != 0 for p in padding) or [int(v) for v in stride] != list(wt.shape[2:]) or shape is None:
+        return False
+    b_, c_in, h, w_ = (int(v) for v in shape)
+    o, kh, kw = (int(v) for v in (wt.shape[0], wt.shape[2], wt.shape[3]))
+    k_in = c_in * kh * kw
+    if c_in != wt.shape[1] or h % kh or w_ % kw:
+        return False
+    req = _gemm_requant(tr, n, xv, x_zp, o, k_in, wt.dtype, ch_axis=1)
+    if req is None:
+        return False
+    w2 = _np(wt).reshape(o, k_in)
+    b = _bias64(tr, bias, o) - x_zp * w2.astype(np.int64).sum(1)  # (x - zp) w = x w - zp colsum(w)
+    if np.abs(b).max(initial=0) + k_in * 128 * 128 >= 2**31:
+        return False
+    R, ho, wo = tr.R, h // kh, w_ // kw
+    win = tr.emit(R.reshape(xv, [b_, c_in, ho, kh, wo, kw]))
+    win = tr.emit(R.reshape(tr.emit(R.permute_dims(win, [0, 2, 4, 1, 3, 5])), [b_ * ho * wo, k_in]))
+    _gemm_sm90(tr, n, req, win, tr.const(w2, "int8"), b.astype(np.int32), batched=False)
+    y = tr.emit(R.reshape(tr.env[req], [b_, ho, wo, o]))
+    tr.env[req] = tr.emit(R.permute_dims(y, [0, 3, 1, 2]))
+    return True
+
+
 def _int_conv(tr, n):
     x, x_zp, w, bias, stride, padding, dilation, groups = n.args
+    if tr.dot == "sm90" and _conv_patches_sm90(tr, n):
+        return None
     xv = _mm_operand(tr, tr.arg(x), x_zp)
     wt = tr.tensor_const(w)
     wv = tr.const(_np(wt), _dt(wt.dtype))

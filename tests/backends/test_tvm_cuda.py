@@ -698,6 +698,36 @@ def _run_sm90_on_cpu(g, *inputs):
     return _externs(mod), [o.numpy() for o in out]
 
 
+class PatchConvRequant(nn.Module):
+    """A ViT's patch embedding in the integer graph: int_conv with stride = kernel, then a
+    per-channel requant along axis 1."""
+    def __init__(self, c=3, o=32, k=4, stride=None, padding=0, x_zp=5):
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.register_buffer("w", torch.randint(-128, 128, (o, c, k, k), dtype=torch.int8, generator=g))
+        self.register_buffer("b", torch.randint(-5000, 5000, (o,), dtype=torch.int32, generator=g))
+        self.register_buffer("m", torch.randint(2**29, 2**31 - 1, (o,), dtype=torch.int64, generator=g))
+        self.register_buffer("s", torch.randint(34, 40, (o,), dtype=torch.int64, generator=g))
+        self.stride, self.padding, self.x_zp = stride or k, padding, x_zp
+
+    def forward(self, x):
+        acc = qc.int_conv(x, self.x_zp, self.w, self.b, [self.stride] * 2, [self.padding] * 2, [1, 1], 1)
+        return qc.requant(acc, 0, self.m, self.s, -3, -128, 127, 1)
+
+
+@pytest.mark.parametrize("stride,padding,gemm", [(4, 0, True), (2, 0, False), (4, 1, False)])
+def test_patch_convolution_is_one_gemm_call_exact_on_cpu(stride, padding, gemm):
+    """A convolution whose windows tile the input (stride = kernel, no padding) and its
+    per-channel requant become one GEMM kernel call over the windows (the input's zero point in
+    the bias), bit for bit the reference; overlapping or padded windows stay a convolution."""
+    m = PatchConvRequant(stride=stride, padding=padding)
+    x = torch.randint(-128, 128, (2, 3, 16, 12), dtype=torch.int8, generator=torch.Generator().manual_seed(2))
+    g = qcompiler.trace(m, (x,), dynamic=None)
+    ext, out = _run_sm90_on_cpu(g, x)
+    assert any("gemm" in e for e in ext) == gemm, ext
+    assert np.array_equal(out[0], g(x)[0].numpy())
+
+
 @pytest.mark.parametrize("tokens,d,fused_qkv,masked,per_channel,hi", [
     (20, 32, False, True, True, False), (37, 64, True, False, True, True), (16, 32, True, True, False, False),
     (70, 64, False, True, True, True), (16, 32, True, True, False, True)])
