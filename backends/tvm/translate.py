@@ -345,11 +345,17 @@ def _linear_sm90(tr, lin, xv):
     req = _gemm_requant(tr, lin, xv, x_zp, wt.shape[0], wt.shape[1], wt.dtype)
     if req is None:
         return None
-    b = _bias64(tr, bias, wt.shape[0])
-    b = b - x_zp * _np(wt).astype(np.int64).sum(1)  # (x - zp) w = x w - zp colsum(w): exact (checked)
-    if np.abs(b).max(initial=0) + wt.shape[1] * 128 * 128 >= 2**31:
+    b = _gemm_bias(tr, bias, _np(wt), x_zp)
+    return None if b is None else (req, b)
+
+
+def _gemm_bias(tr, bias, w2: np.ndarray, x_zp: int) -> np.ndarray | None:
+    """The GEMM kernel's int32 bias for (x - x_zp) @ w2^T + bias (w2 [N, K] int8): bias - x_zp
+    colsum(w2), exact; None where an int32 accumulator could overflow with it."""
+    b = _bias64(tr, bias, w2.shape[0]) - x_zp * w2.astype(np.int64).sum(1)
+    if np.abs(b).max(initial=0) + w2.shape[1] * 128 * 128 >= 2**31:
         return None
-    return req, b.astype(np.int32)
+    return b.astype(np.int32)
 
 
 def _linear_group_sm90(tr, n, xv) -> list:
@@ -686,13 +692,13 @@ def _conv_patches_sm90(tr, n):
     if req is None:
         return False
     w2 = _np(wt).reshape(o, k_in)
-    b = _bias64(tr, bias, o) - x_zp * w2.astype(np.int64).sum(1)  # (x - zp) w = x w - zp colsum(w)
-    if np.abs(b).max(initial=0) + k_in * 128 * 128 >= 2**31:
+    b = _gemm_bias(tr, bias, w2, x_zp)
+    if b is None:
         return False
     R, ho, wo = tr.R, h // kh, w_ // kw
     win = tr.emit(R.reshape(xv, [b_, c_in, ho, kh, wo, kw]))
     win = tr.emit(R.reshape(tr.emit(R.permute_dims(win, [0, 2, 4, 1, 3, 5])), [b_ * ho * wo, k_in]))
-    _gemm_sm90(tr, n, req, win, tr.const(w2, "int8"), b.astype(np.int32), batched=False)
+    _gemm_sm90(tr, n, req, win, tr.const(w2, "int8"), b, batched=False)
     y = tr.emit(R.reshape(tr.env[req], [b_, ho, wo, o]))
     tr.env[req] = tr.emit(R.permute_dims(y, [0, 3, 1, 2]))
     return True
