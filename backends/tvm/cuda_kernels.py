@@ -50,15 +50,13 @@ ROW_FUNCS = (SOFTMAX_FUNC, SOFTMAX_MASKED_FUNC, LUT_FUNC, LUT_REQUANT_FUNC, LAYE
 # row kernels with a `hi` variant (name + "_hi"): the same arithmetic in 32-bit words, for calls
 # whose constants pass lut_hi_ok / ln_hi_ok (int_rows.cu lut_smem<.., Hi>, layer_norm_hi)
 ROW_HI_FUNCS = (LUT_REQUANT_FUNC, LAYER_NORM_FUNC, LAYER_NORM_REQUANT_FUNC, ADD_LAYER_NORM_FUNC)
-# Whether the translation picks the LUT's and the attention kernel's hi variants, and from how many
-# keys the attention's (bench/gpu.py's row checks, H100, 2026-12-07 22:30, all bit-exact: LUT +
-# per-channel requant 15.1 against 17.0 us at 4096 x 1536, 34.2 against 42.3 at 12608 x 1536;
-# attention at DeiT-S's 197 keys 221 against 280 us, but at 128 keys slower, BERT-base 102 against
-# 74 and MiniLM 86 against 63: attention_hi walks the keys three times, which pays where the
-# general kernel's registers, growing with the keys, limit its warps).
+# Whether the translation picks the LUT's and the attention kernel's hi variants where their
+# constants allow (bench/gpu.py's row checks, H100, all bit-exact: LUT + per-channel requant 15.1
+# against 17.0 us at 4096 x 1536 and 34.2 against 42.3 at 12608 x 1536 (2026-12-07 22:30);
+# attention, with its scores cached in shared memory, 34.7 against 62.9 us at MiniLM's shape,
+# 67.6 against 74.4 at BERT-base's and 148.7 against 280.4 at DeiT-S's (2026-12-08 00:38)).
 LUT_HI = True
 ATTENTION_HI = True
-ATTENTION_HI_MIN_KEYS = 129
 # kernels/int_attention.cu: q k^T, requant, int_softmax, p v, requant(s) as one kernel
 ATTENTION_FUNC = "qc.cuda.int_attention"
 ATTENTION_MASKED_FUNC = "qc.cuda.int_attention_masked"

@@ -174,7 +174,8 @@ def params(q: list, k: list, v: list, y: list, mask: list, r1: list, softmax: li
     strides, requant1 and requant2 as [in_zp, mult, shift, out_zp, qmin, qmax], the softmax's
     [mult, shift, out_zp, qmin, qmax], requant3 as [in_zp, mult(s), shift(s), out_zp, qmin, qmax]
     or None (its multipliers and shifts go to the kernel as tensors of 1 or heads * d entries), and
-    attention_hi's (k, e0) of exp_factors: its rounding margin 2^-k and the table's entry at d = 0."""
+    attention_hi's (k, e0) of exp_factors: its rounding margin 2^-k (0: every entry is rint(p)) and the
+    table's entry at d = 0."""
     r3_row = [0] * 6 if r3 is None else [1, int(np.asarray(r3[1]).size != 1), r3[0], r3[3], r3[4], r3[5]]
     out = np.asarray([*q, *k, *v, *y, *mask, *r1, *softmax, *r2, *r3_row, *factors], np.int64)
     assert out.size == 45, out.size  # int_attention.cu: P_LEN
@@ -189,18 +190,20 @@ def exp_factors(tab: np.ndarray) -> tuple[np.ndarray, int, int] | None:
     the table in device memory: (factors float64 [2 * FACTORS], k, e at d = 0), with
 
         p = factors[d >> 8] * factors[FACTORS + (d & 255)]         (one float64 product)
+        e(d) = rint(p)                                              where k = 0, else
         e(d) = rint(p)   where |p - rint(p)| <= 1/2 - 2^-k,   else table[d] (a gather)
 
     for d in [0, T), which this function checks entry by entry with the same float64 arithmetic
     (numpy's IEEE products and sums are the device's __dmul_rn / __dadd_rn): the kernel's values
     are the table's by construction. The factors are 2^EXP_BITS exp(-256 a s) and exp(-b s) for
     the scale s that int_ops.exp_table's rounding allows (the midpoint of the interval every entry
-    leaves); k is the largest of 40 .. 8 that the check passes (the fewest gathers). None where
-    the table is not an exp_table of T <= 2^16 entries (entries at most 2^16: the kernel sums a
-    row's in int32), or no k passes."""
+    leaves); k is 0 where rint(p) is every entry (no check on the device), else the largest of
+    40 .. 8 that the check passes (the fewest gathers). None where the table is not an exp_table of
+    T <= 2^16 entries with e(0) = 2^16 and the others below 0xFFFF (the kernel sums a row's e in
+    int32 and keeps each e in 16 bits, e(0) as 0xFFFF), or no k passes."""
     t = np.asarray(tab, np.int64).reshape(-1)
     n, one = t.size, 2 ** I.EXP_BITS
-    if not 2 <= n <= FACTORS * FACTORS or t[0] != one or int(t[1:].max()) > 0xFFFF or int(t.min()) < 0:
+    if not 2 <= n <= FACTORS * FACTORS or t[0] != one or int(t[1:].max()) >= 0xFFFF or int(t.min()) < 0:
         return None
     j = np.arange(1, n, dtype=np.float64)
     e = t[1:].astype(np.float64)
@@ -217,6 +220,8 @@ def exp_factors(tab: np.ndarray) -> tuple[np.ndarray, int, int] | None:
     p = fac[d >> 8] * fac[FACTORS + (d & (FACTORS - 1))]
     two52 = 2.0**52
     r = (p + two52) - two52
+    if np.array_equal(r.astype(np.int64), t):
+        return fac, 0, int(t[0])
     off = np.abs(p - r)
     for k in range(40, 7, -1):
         near = 0.5 - 2.0**-k
@@ -392,7 +397,7 @@ def fuse(tr, m1: fx.Node):
     # attention_hi where its constants allow, with e(d) from factor tables (exp_factors)
     fac = exp_factors(plan.table)
     prm = hi_params(plan.params)
-    hi = cuda_kernels.ATTENTION_HI and plan.sizes[3] >= cuda_kernels.ATTENTION_HI_MIN_KEYS and fac is not None and \
+    hi = cuda_kernels.ATTENTION_HI and fac is not None and \
         hi_ok(prm, plan.mult3, plan.shift3)
     if hi:
         prm[-2:] = fac[1:]

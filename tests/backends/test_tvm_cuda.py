@@ -504,14 +504,16 @@ def _emulate_kernels():
         def g(q, k, v, *rest):
             tab, fac, prm, mult3, shift3 = rest[-11:-6]
             assert hi_ok(T(prm).numpy(), T(mult3).numpy(), T(shift3).numpy())  # attention_hi's contract
-            # its table: computed from the factors where they are 2^-k clear of a rounding tie
+            # its table: computed from the factors (k = 0: all of it; else where they are 2^-k clear
+            # of a rounding tie), every entry past d = 0 below 0xFFFF (e(0)'s 16-bit code)
             fk, e0 = (int(v) for v in T(prm)[-2:])
             t, fv = T(tab).long(), T(fac).double()
             dd = torch.arange(t.numel())
             p = fv[dd >> 8] * fv[256 + (dd & 255)]
             r = (p + 2.0**52) - 2.0**52
-            near = (p - r).abs() <= 0.5 - 2.0**-fk
+            near = (p - r).abs() <= 0.5 - 2.0**-fk if fk else torch.ones(t.numel(), dtype=torch.bool)
             assert e0 == int(t[0]) and near.any() and torch.equal(r[near].long(), t[near])
+            assert int(t[1:].max()) < 0xFFFF
             f(q, k, v, *[a for i, a in enumerate(rest) if i != len(rest) - 10])
         return g
 
@@ -738,8 +740,6 @@ def test_attention_block_is_one_kernel_call_exact_on_cpu(tokens, d, fused_qkv, m
     the same contract on the GPU by bench/gpu.py). hi: every shift 32..62, the kernel's hi variant;
     otherwise one of requant3's shifts is 31 and the block takes the general one."""
     from qcompiler.backends.tvm import cuda_kernels
-    default_min_keys = cuda_kernels.ATTENTION_HI_MIN_KEYS
-    monkeypatch.setattr(cuda_kernels, "ATTENTION_HI_MIN_KEYS", 1)  # the hi kernel at these few keys too
     rng = np.random.default_rng(tokens)
     m = HeadsAttention(heads=3, d=d, fused_qkv=fused_qkv, masked=masked, per_channel=per_channel)
     m.s3 = torch.randint(32, 40, m.s3.shape, dtype=torch.int64) if hi else m.s3.clamp(max=31)
@@ -754,27 +754,34 @@ def test_attention_block_is_one_kernel_call_exact_on_cpu(tokens, d, fused_qkv, m
                                                     ("_hi" if hi else "")]
     assert not any("softmax" in e or "gemm" in e for e in ext), ext
     assert np.array_equal(out[0], g(x, mask)[0].numpy())
-    if hi:  # by default the hi kernel only from ATTENTION_HI_MIN_KEYS keys (129: slower at 128)
-        monkeypatch.setattr(cuda_kernels, "ATTENTION_HI_MIN_KEYS", default_min_keys)
+    if hi:  # with the hi variant switched off the same block takes the general kernel
+        monkeypatch.setattr(cuda_kernels, "ATTENTION_HI", False)
         from qcompiler.backends.tvm.translate import to_relax
-        assert default_min_keys > tokens and not any(e.endswith("_hi") for e in _externs(to_relax(g, dot="sm90")))
+        assert not any(e.endswith("_hi") for e in _externs(to_relax(g, dot="sm90")))
 
 
 def test_attention_hi_table_from_factors_is_the_table():
-    """fuse_attention.exp_factors: the kernel's entries, rint(H[d >> 8] L[d & 255]) where that is
-    2^-k clear of a tie (else a gather), are the table's for every d, in the same float64
-    arithmetic; tables it cannot reproduce, or whose entries past d = 0 need 17 bits, are refused."""
+    """fuse_attention.exp_factors: the kernel's entries, rint(H[d >> 8] L[d & 255]) (k = 0), or that
+    where it is 2^-k clear of a tie and else a gather, are the table's for every d, in the same
+    float64 arithmetic; tables it cannot reproduce, or whose entries past d = 0 need 17 bits or
+    reach 0xFFFF (the kernel's 16-bit code of e(0)), are refused."""
     from qcompiler.backends.tvm.fuse_attention import FACTORS, exp_factors
     from qcompiler.backends.tvm.translate import softmax_table
-    for scale, levels in ((0.02, 65536), (2e-4, 65536), (1e-5, 65536), (0.3, 256), (1.7e-3, 256)):
+    ks = []
+    for scale, levels in ((0.02, 65536), (2e-4, 65536), (3e-5, 65536), (0.3, 256), (1.7e-3, 256)):
         t = softmax_table(I.exp_table(scale, levels).numpy()).astype(np.int64)
         fac, k, e0 = exp_factors(t)
-        assert fac.shape == (2 * FACTORS,) and fac.dtype == np.float64 and e0 == t[0] == 2**16 and 8 <= k <= 40
+        assert fac.shape == (2 * FACTORS,) and fac.dtype == np.float64 and e0 == t[0] == 2**16
+        assert k == 0 or 8 <= k <= 40
         d = np.arange(t.size)
         p = fac[d >> 8] * fac[FACTORS + (d & (FACTORS - 1))]
         r = (p + 2.0**52) - 2.0**52
-        near = np.abs(p - r) <= 0.5 - 2.0**-k
+        near = np.abs(p - r) <= 0.5 - 2.0**-k if k else np.ones(t.size, bool)
         assert near.mean() > 0.99 and np.array_equal(r[near].astype(np.int64), t[near])
+        ks.append(k)
+    assert 0 in ks  # the models' scale (2e-4) needs no check on the device
+    t = softmax_table(I.exp_table(1e-5, 65536).numpy()).astype(np.int64)
+    assert t[1] == 0xFFFF and exp_factors(t) is None  # e(1) would read as e(0)'s code
     t = softmax_table(I.exp_table(2e-4, 65536).numpy()).astype(np.int64)
     t2 = t.copy()
     t2[1000] += 1  # not an exp_table: no scale reproduces it, every k fails at d = 1000 (or it takes the gather)

@@ -17,8 +17,9 @@
 //   qc.cuda.int_attention_masked(q, k, v, mask, table, params, mult3, shift3, batch, heads, sq, sk,
 //                                d, y)
 //   qc.cuda.int_attention[_masked]_hi(q, k, v, [mask,] table, factors [512] float64, params, ...): the
-//     same, in 32-bit words, e(d) from two factor tables in shared memory and a float64 FMA per
-//     probability, for the constants fuse_attention.hi_ok / exp_factors admit (see attention_hi)
+//     same, in 32-bit words, the scores cached in shared memory, e(d) from two factor tables there
+//     and a float64 FMA per probability, for the constants fuse_attention.hi_ok / exp_factors admit
+//     (see attention_hi)
 // q, k, v: int8 buffers that the views in `params` index (element (b, h, i, j) of q at
 // q[off + b sb + h sh + i ss + j]); mask: bool / int8, indexed the same way (strides, 0 where it
 // broadcasts); y: int8 or int16. `params` (see the P_* offsets) holds the views and the requant /
@@ -58,7 +59,7 @@ enum : int {
   P_SM = 26,                                            // mult, shift, out_zp, qmin, qmax
   P_R2 = 31,                                            // in_zp, mult, shift, out_zp, qmin, qmax
   P_R3 = 37,                                            // present, per_channel, in_zp, out_zp, qmin, qmax
-  P_FEXP = 43,                                          // attention_hi: k, its rounding margin 2^-k, and
+  P_FEXP = 43,                                          // attention_hi: k, its rounding margin 2^-k (0: none), and
   P_TE0 = 44,                                           // e at d = 0 (fuse_attention.exp_factors)
   P_LEN = 45
 };
@@ -86,8 +87,8 @@ __device__ __forceinline__ uint32_t pack4(int a, int b, int c, int d) {
          (uint32_t(uint8_t(d)) << 24);
 }
 
-// q's kRows rows of the block and all of k in shared memory as rows of D bytes (zero rows past sq
-// and sk), v transposed with its keys in slot order (key_slot) for the second mma's B fragments
+// q's kRows rows of the block (unless sq_ is null) and all of k in shared memory as rows of D bytes
+// (zero rows past sq and sk), v transposed with its keys in slot order (key_slot) for the second mma's B fragments
 template <int D, int NK, int LDQ, int LDV>
 __device__ __forceinline__ void load_qkv(const int8_t* __restrict__ q, const int8_t* __restrict__ k,
                                          const int8_t* __restrict__ v, const int64_t* __restrict__ prm, int64_t b,
@@ -112,6 +113,7 @@ __device__ __forceinline__ void load_qkv(const int8_t* __restrict__ q, const int
 #pragma unroll
     for (int x = 0; x < 16; ++x) svt[(16 * p + x) * LDV + slot] = vbytes[x];
   }
+  if (sq_ == nullptr) return;  // attention_hi reads q's fragments from device memory
   for (int i = tid; i < kRows * PR; i += kWarps * 32) {
     int r = i / PR, p = i % PR;
     uint4 qv = make_uint4(0, 0, 0, 0);
@@ -290,27 +292,38 @@ __global__ void __launch_bounds__(kWarps * 32)
 // scaled up by the translation, their multipliers with them, within 2^39), requant3's per-channel
 // shifts 32..62 (qc_int::requant_hi), requant1's output within int16, the softmax's
 // multiplier M > 0 with M / 2^c <= 2^20, and a table that fuse_attention.exp_factors factored
-// (entries at most 2^16: a row's sum is below 2^24). It differs from attention_kernel in three ways.
-// - Nothing per key is kept in registers: the warp walks the keys three times, a 32-key chunk at a
-//   time, and recomputes the chunk's scores each time (two or four tensor-core mma per 8 keys, and
-//   requant1): first for the row maximum, then for the row sum of e, then for the probabilities,
-//   which go straight into the p @ v mma. Its registers do not grow with the keys (DeiT's 197 took
-//   168 in attention_kernel), so more warps share a multiprocessor to hide each other's latency
-//   (ncu on an H100: attention_kernel issued under one instruction per cycle, register-bound at 16
-//   warps per multiprocessor, and stalled on instruction fetch, its code unrolled over every key).
-// - e = table[min(d, T - 1)] is not gathered from the table (65536 int32 entries for the models'
-//   scores) but computed from two 256-entry float64 factor tables in shared memory,
-//   p = H[d >> 8] L[d & 255], as rint(p) where p is more than 2^-k from a half-integer:
-//   exp_factors checked that this is the table's entry for every d with the same IEEE operations
-//   (__dmul_rn, __dadd_rn: no FMA contraction); the other entries (none for the models' tables)
-//   are gathered.
+// (entries at most 2^16, all but e(0) below 0xFFFF). It differs from attention_kernel in three ways.
+// - The keys are walked three times, a 32-key chunk at a time, through a per-warp cache in shared
+//   memory (each thread's own fragment slots, 8 bytes per 8-key tile: no barrier, no bank
+//   conflict), not in registers: pass 1 computes the chunk's scores (tensor-core mma and requant1),
+//   keeps them there as int16 pairs with the keys' keep bits, and takes the row maxima; pass 2
+//   reads the scores, sums e = table[min(max - s, T - 1)] per row and overwrites each score with
+//   its e as uint16 (e(0) = 2^16 as 0xFFFF); pass 3 reads e, forms the int8 probabilities and
+//   feeds them to the p @ v mma. Registers do not grow with the keys (attention_kernel took 168 at
+//   DeiT's 197), so more warps share a multiprocessor, and each score's mma, requant1 and e are
+//   computed once.
+// - e is not gathered from the table (65536 int32 entries for the models' scores) but computed
+//   from two 256-entry float64 factor tables in shared memory, p = H[d >> 8] L[d & 255]: rint(p)
+//   (__dmul_rn, __dadd_rn: no FMA contraction). exp_factors checked every entry with the same IEEE
+//   operations; where all are rint(p) (k = 0: the models' tables) that is e; else e = rint(p) where
+//   p is more than 2^-k from a half-integer and the other entries are gathered.
 // - The softmax's y - out_zp = rshift_round(floor(e M / S), c) = floor(e M / (S 2^c) + 1/2) (c >= 1;
 //   without the 1/2 for c = 0; e >= 0, M > 0) is floor of one float64 FMA e F + 1/2 with
 //   F = M / (S 2^c) per row: its error is below 2^-31 for values up to 2^20, so the floors of the
 //   FMA's value -/+ 2^-30 agree and are the answer unless an integer lies within 2^-30 of it; those
 //   (rare) entries take the int64 division of attention_kernel. e = 0 gives 0.
 // Floors in float64 without a conversion: adding 2^52 rounding down leaves floor(x) in the low word.
+// Keys past sk get e = 0 and multiply v's zero rows in pass 3.
 constexpr int kHiBlocks = 5;  // attention_hi's blocks per multiprocessor (registers: at most 102)
+
+// attention_hi's dynamic shared memory: the factor tables, k, v^T, the warps' score / e caches
+// (uint2 per thread and 8-key tile) and keep bits (a word per thread and chunk)
+template <int D, int KT>
+constexpr int hi_smem_bytes() {
+  return 2 * kFactors * 8 + 32 * KT * (D + 16) + D * (32 * KT + 16) + kWarps * 4 * KT * 32 * 8 + kWarps * KT * 32 * 4;
+}
+
+__device__ __forceinline__ uint32_t pack16(int a, int b) { return (uint32_t(a) & 0xFFFFu) | (uint32_t(b) << 16); }
 
 template <int D, int KT, class Out, bool Masked>
 __global__ void __launch_bounds__(kWarps * 32, kHiBlocks)
@@ -323,14 +336,16 @@ __global__ void __launch_bounds__(kWarps * 32, kHiBlocks)
   constexpr int NT = 4 * KT;
   constexpr int LDQ = D + 16;
   constexpr int LDV = NK + 16;
-  __shared__ __align__(16) int8_t sq_[kRows * LDQ];
-  __shared__ __align__(16) int8_t sk_[NK * LDQ];
-  __shared__ __align__(16) int8_t svt[D * LDV];
-  __shared__ double sfac[2 * kFactors];  // H, then L (fuse_attention.exp_factors)
+  extern __shared__ __align__(16) unsigned char smem[];
+  double* sfac = reinterpret_cast<double*>(smem);  // H, then L (fuse_attention.exp_factors)
+  int8_t* sk_ = reinterpret_cast<int8_t*>(smem + 2 * kFactors * 8);
+  int8_t* svt = sk_ + NK * LDQ;
+  uint2* cache = reinterpret_cast<uint2*>(svt + D * LDV);
+  uint32_t* keepw = reinterpret_cast<uint32_t*>(cache + kWarps * NT * 32);
 
   const int64_t b = blockIdx.y / heads, h = blockIdx.y % heads;
   const int64_t q0 = int64_t(blockIdx.x) * kRows;
-  load_qkv<D, NK, LDQ, LDV>(q, k, v, prm, b, h, q0, sq, sk, sq_, sk_, svt);
+  load_qkv<D, NK, LDQ, LDV>(q, k, v, prm, b, h, q0, sq, sk, nullptr, sk_, svt);
   for (int i = threadIdx.x; i < 2 * kFactors; i += kWarps * 32) sfac[i] = __ldg(fac + i);
   __syncthreads();
 
@@ -339,9 +354,29 @@ __global__ void __launch_bounds__(kWarps * 32, kHiBlocks)
   if (q0 + r0 >= sq) return;  // no row of this warp is stored (no barrier follows)
   const int64_t ra = q0 + r0 + g, rb = ra + 8;
   const int sk32 = int(sk);
-  // keep bits as in attention_kernel: (tile nt, entry e) at 2 nt + (e & 1) of kept[e >> 1]
-  uint64_t kept[2] = {0, 0};
+  uint2* cw = cache + warp * NT * 32 + lane;  // this thread's slot of tile nt: cw[32 nt]
+  uint32_t* kw = keepw + warp * KT * 32 + lane;
+
+  // requant1 / requant2: in_zp 0, the shift 32..62 (the translation scales one below 32 up with its
+  // multiplier: fuse_attention.hi_params), |acc| < 2^23 times |m| < 2^39
+  const int64_t m1 = __ldg(prm + P_R1 + 1);
+  const int32_t c1 = int32_t(__ldg(prm + P_R1 + 2)), zo1 = int32_t(__ldg(prm + P_R1 + 3)),
+                lo1 = int32_t(__ldg(prm + P_R1 + 4)), hi1 = int32_t(__ldg(prm + P_R1 + 5));
+
+  // ---- pass 1: scores (q's A fragments from device memory, rows past sq as zeros), keep bits, row maxima
+  int mx[2] = {INT_MIN, INT_MIN};
   {
+    uint32_t qa[D / 32][4];
+    const int8_t* qb = q + __ldg(prm + P_Q) + b * __ldg(prm + P_Q + 1) + h * __ldg(prm + P_Q + 2);
+    const int64_t qss = __ldg(prm + P_Q + 3);
+#pragma unroll
+    for (int kk = 0; kk < D / 32; ++kk)
+#pragma unroll
+      for (int x = 0; x < 4; ++x) {
+        const int64_t row = (x & 1) ? rb : ra;
+        qa[kk][x] = row < sq ? __ldg(reinterpret_cast<const uint32_t*>(qb + row * qss + kk * 32 + 4 * t + 16 * (x >> 1)))
+                             : 0u;
+      }
     const int8_t* mrow[2] = {nullptr, nullptr};
     int64_t msk = 0;
     if constexpr (Masked) {
@@ -351,92 +386,80 @@ __global__ void __launch_bounds__(kWarps * 32, kHiBlocks)
       mrow[0] = ra < sq ? mask + base + ra * msq : nullptr;
       mrow[1] = rb < sq ? mask + base + rb * msq : nullptr;
     }
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int j = 8 * nt + 2 * t + (e & 1);
-        bool keep = j < sk32;
-        if constexpr (Masked) {
-          const int8_t* mr = mrow[e >> 1];
-          if (keep && mr) keep = mr[j * msk] != 0;
-        }
-        if (keep) kept[e >> 1] |= uint64_t(1) << (2 * nt + (e & 1));
-      }
-  }
-  auto is_kept = [&](int nt, int e) { return ((kept[e >> 1] >> (2 * nt + (e & 1))) & 1) != 0; };
-
-  // requant1 / requant2: in_zp 0, the shift 32..62 (the translation scales one below 32 up with its
-  // multiplier: fuse_attention.hi_params), |acc| < 2^23 times |m| < 2^39
-  const int64_t m1 = __ldg(prm + P_R1 + 1);
-  const int32_t c1 = int32_t(__ldg(prm + P_R1 + 2)), zo1 = int32_t(__ldg(prm + P_R1 + 3)),
-                lo1 = int32_t(__ldg(prm + P_R1 + 4)), hi1 = int32_t(__ldg(prm + P_R1 + 5));
-  uint32_t qa[D / 32][4];
-#pragma unroll
-  for (int kk = 0; kk < D / 32; ++kk) {
-    const int8_t* qp = sq_ + (r0 + g) * LDQ + kk * 32 + 4 * t;
-    qa[kk][0] = *reinterpret_cast<const uint32_t*>(qp);
-    qa[kk][1] = *reinterpret_cast<const uint32_t*>(qp + 8 * LDQ);
-    qa[kk][2] = *reinterpret_cast<const uint32_t*>(qp + 16);
-    qa[kk][3] = *reinterpret_cast<const uint32_t*>(qp + 8 * LDQ + 16);
-  }
-  // the scores of 8-key tile nt (rows g, g + 8; keys 8 nt + 2t, + 1), after requant1
-  auto scores = [&](int nt, int (&acc)[4]) {
-    acc[0] = acc[1] = acc[2] = acc[3] = 0;
-#pragma unroll
-    for (int kk = 0; kk < D / 32; ++kk) {
-      const int8_t* kr = sk_ + (8 * nt + g) * LDQ + kk * 32 + 4 * t;
-      mma_s8(acc, qa[kk], *reinterpret_cast<const uint32_t*>(kr), *reinterpret_cast<const uint32_t*>(kr + 16));
-    }
-#pragma unroll
-    for (int e = 0; e < 4; ++e)
-      acc[e] = qc_int::clamp32(qc_int::rshift_round_hi(int64_t(acc[e]) * m1, c1) + zo1, lo1, hi1);
-  };
-
-  // ---- pass 1: the row maxima over kept keys
-  int mx[2] = {INT_MIN, INT_MIN};
 #pragma unroll 1
-  for (int c = 0; c < KT; ++c)
+    for (int c = 0; c < KT; ++c) {
+      uint32_t kb = 0;  // bit 4 u + e: entry e of tile 4 c + u is a kept key
 #pragma unroll
-    for (int u = 0; u < 4; ++u) {
-      int acc[4];
-      scores(4 * c + u, acc);
+      for (int u = 0; u < 4; ++u) {
+        const int nt = 4 * c + u;
+        int acc[4] = {0, 0, 0, 0};
 #pragma unroll
-      for (int e = 0; e < 4; ++e)
-        if (is_kept(4 * c + u, e)) mx[e >> 1] = max(mx[e >> 1], acc[e]);
+        for (int kk = 0; kk < D / 32; ++kk) {
+          const int8_t* kr = sk_ + (8 * nt + g) * LDQ + kk * 32 + 4 * t;
+          mma_s8(acc, qa[kk], *reinterpret_cast<const uint32_t*>(kr), *reinterpret_cast<const uint32_t*>(kr + 16));
+        }
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          acc[e] = qc_int::clamp32(qc_int::rshift_round_hi(int64_t(acc[e]) * m1, c1) + zo1, lo1, hi1);
+          const int j = 8 * nt + 2 * t + (e & 1);
+          bool keep = j < sk32;
+          if constexpr (Masked) {
+            const int8_t* mr = mrow[e >> 1];
+            if (keep && mr) keep = mr[j * msk] != 0;
+          }
+          if (keep) {
+            kb |= 1u << (4 * u + e);
+            mx[e >> 1] = max(mx[e >> 1], acc[e]);
+          }
+        }
+        cw[32 * nt] = make_uint2(pack16(acc[0], acc[1]), pack16(acc[2], acc[3]));
+      }
+      kw[32 * c] = kb;
     }
+  }
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     mx[r] = max(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
     mx[r] = max(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
   }
-  // e = table[min(d, T - 1)] of score sv in row r, from the factor tables
+
+  // e = table[min(d, T - 1)] of score sv in row r, from the factor tables (d >= 0 for a kept key:
+  // scores within int16)
   const int top = int(tlen - 1);
+  const int fexp = int(__ldg(prm + P_FEXP));
   const int32_t te0 = int32_t(__ldg(prm + P_TE0));
   constexpr double kTwo52 = 4503599627370496.0, kEps = 9.313225746154785e-10;  // 2^52, 2^-30
-  const double near = 0.5 - ldexp(1.0, -int(__ldg(prm + P_FEXP)));
+  const double near = 0.5 - ldexp(1.0, -fexp);
   auto expv = [&](int sv, int r) -> int32_t {
-    const int d = mx[r] - sv;  // >= 0 for a kept key (scores within int16)
-    if (d == 0) return te0;
+    const int d = mx[r] - sv;
     const int dd = d < top ? d : top;
     const double pv = __dmul_rn(sfac[dd >> 8], sfac[kFactors + (dd & (kFactors - 1))]);
     const double yv = __dadd_rn(pv, kTwo52);  // rint(pv) in the low word
+    if (fexp == 0) return __double2loint(yv);  // every entry is rint(p) (uniform branch)
+    if (d == 0) return te0;
     if (fabs(__dsub_rn(pv, __dsub_rn(yv, kTwo52))) <= near) return __double2loint(yv);
     return __ldg(tab + dd);
   };
 
-  // ---- pass 2: the row sums of e (below 2^24)
+  // ---- pass 2: the row sums of e (below 2^24); e replaces the score in the cache
   int32_t sum32[2] = {0, 0};
 #pragma unroll 1
-  for (int c = 0; c < KT; ++c)
+  for (int c = 0; c < KT; ++c) {
+    const uint32_t kb = kw[32 * c];
 #pragma unroll
     for (int u = 0; u < 4; ++u) {
-      int acc[4];
-      scores(4 * c + u, acc);
+      const uint2 w = cw[32 * (4 * c + u)];
+      const int sv[4] = {int(int16_t(w.x & 0xFFFFu)), int(w.x) >> 16, int(int16_t(w.y & 0xFFFFu)), int(w.y) >> 16};
+      uint32_t ec[4];
 #pragma unroll
-      for (int e = 0; e < 4; ++e)
-        if (is_kept(4 * c + u, e)) sum32[e >> 1] += expv(acc[e], e >> 1);
+      for (int e = 0; e < 4; ++e) {
+        const int32_t ev = (kb >> (4 * u + e)) & 1u ? expv(sv[e], e >> 1) : 0;
+        sum32[e >> 1] += ev;
+        ec[e] = min(uint32_t(ev), 0xFFFFu);  // e(0) = 2^16 -> 0xFFFF, which no other entry is
+      }
+      cw[32 * (4 * c + u)] = make_uint2(ec[0] | (ec[1] << 16), ec[2] | (ec[3] << 16));
     }
+  }
   const int64_t sm_mult = __ldg(prm + P_SM), sm_shift = __ldg(prm + P_SM + 1);
   const int32_t sm_zp = int32_t(__ldg(prm + P_SM + 2)), sm_lo = int32_t(__ldg(prm + P_SM + 3)),
                 sm_hi = int32_t(__ldg(prm + P_SM + 4));
@@ -452,7 +475,7 @@ __global__ void __launch_bounds__(kWarps * 32, kHiBlocks)
     inv[r] = static_cast<double>(sm_mult) / static_cast<double>(sum[r]);  // the exact path's estimate
     f[r] = ldexp(inv[r], -int(sm_shift));                                  // M / (S 2^c), one rounding
   }
-  // the softmax's int8 output for e = ev in row r (keys past sk give 0: they multiply v's zero rows)
+  // the softmax's int8 output for e = ev in row r
   auto prob = [&](int32_t ev, int r) -> int {
     int qv = 0;
     if (ev != 0) {
@@ -478,13 +501,10 @@ __global__ void __launch_bounds__(kWarps * 32, kHiBlocks)
     int pr[4][4];  // the chunk's probabilities: tile 4c + u, entry e
 #pragma unroll
     for (int u = 0; u < 4; ++u) {
-      int acc[4];
-      scores(4 * c + u, acc);
+      const uint2 w = cw[32 * (4 * c + u)];
+      const uint32_t ec[4] = {w.x & 0xFFFFu, w.x >> 16, w.y & 0xFFFFu, w.y >> 16};
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int j = 32 * c + 8 * u + 2 * t + (e & 1);
-        pr[u][e] = j >= sk32 ? 0 : prob(is_kept(4 * c + u, e) ? expv(acc[e], e >> 1) : 0, e >> 1);
-      }
+      for (int e = 0; e < 4; ++e) pr[u][e] = prob(int32_t(ec[e] + (ec[e] == 0xFFFFu ? 1u : 0u)), e >> 1);
     }
     uint32_t a[4];
 #pragma unroll
@@ -529,6 +549,19 @@ __global__ void __launch_bounds__(kWarps * 32, kHiBlocks)
 
 void check_int8(const TensorView& t, const char* what) { qc_int::check(t, kDLInt, 8, "qc int_attention", what); }
 
+template <int D, int KT, class Out, bool Masked>
+void launch_hi(dim3 grid, cudaStream_t st, const int8_t* q, const int8_t* k, const int8_t* v, const int8_t* m,
+               const int32_t* tab, const double* fac, int64_t tlen, const int64_t* prm, const int64_t* m3,
+               const int64_t* s3, int64_t heads, int64_t sq, int64_t sk, Out* y) {
+  constexpr int bytes = hi_smem_bytes<D, KT>();  // above the 48 KB a launch gets without asking
+  static const cudaError_t opt_in = cudaFuncSetAttribute(attention_hi<D, KT, Out, Masked>,
+                                                         cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  TVM_FFI_ICHECK(opt_in == cudaSuccess) << "qc int_attention: " << bytes << " bytes of shared memory refused: "
+                                        << cudaGetErrorString(opt_in);
+  attention_hi<D, KT, Out, Masked><<<grid, kWarps * 32, bytes, st>>>(q, k, v, m, tab, fac, tlen, prm, m3, s3, heads,
+                                                                     sq, sk, y);
+}
+
 template <int D, class Out, bool Masked, bool Hi>
 void launch_kt(int64_t sk, dim3 grid, cudaStream_t st, const int8_t* q, const int8_t* k, const int8_t* v,
                const int8_t* m, const int32_t* tab, const double* fac, int64_t tlen, const int64_t* prm, const int64_t* m3,
@@ -537,8 +570,7 @@ void launch_kt(int64_t sk, dim3 grid, cudaStream_t st, const int8_t* q, const in
   int64_t chunks = (sk + 31) / 32;
 #define QC_ATTN_LAUNCH(KT)                                                                                       \
   if constexpr (Hi)                                                                                              \
-    attention_hi<D, KT, Out, Masked><<<grid, kWarps * 32, 0, st>>>(                                              \
-        q, k, v, m, tab, fac, tlen, prm, m3, s3, heads, sq, sk, y);                                              \
+    launch_hi<D, KT, Out, Masked>(grid, st, q, k, v, m, tab, fac, tlen, prm, m3, s3, heads, sq, sk, y);          \
   else                                                                                                           \
     attention_kernel<D, KT, Out, Masked><<<grid, kWarps * 32, 0, st>>>(                                          \
         q, k, v, m, tab, tlen, prm, m3, s3, heads, sq, sk, y)

@@ -393,8 +393,8 @@ __global__ void __launch_bounds__(kWarps * 32)
 //   n = rshift_round(d inv, 40 - k/2) and y = rshift_round(n gamma + beta, shift) shift words;
 //   y2 = qc_int::requant_hi(y - rq_in_zp, ...).
 // The row's two divisions (sum(d^2) / C and 2^56 / r) are a float64 estimate with integer
-// fix-ups. A lane owns NCH chunks of 8 consecutive channels (chunk lane + 32 c): 16-byte loads and
-// stores of x and y. The per-channel constants are copied into shared memory once per block, as
+// fix-ups. A row belongs to LPR lanes (a warp, or half of one for C <= 384), a lane to NCH chunks of 8
+// consecutive channels (chunk l + LPR c): 16-byte loads and stores of x and y. The per-channel constants are copied into shared memory once per block, as
 // the int32 they fit in (beta int64), and read from there in 16-byte pieces: ncu on an H100 found
 // the kernel bound by L1 throughput when each row loaded them as int64 from global memory (32
 // bytes per element, at a 64-byte stride between lanes). Blocks loop over rows (a grid of what fits).
@@ -431,16 +431,20 @@ __device__ __forceinline__ void load8_smem(const int32_t* p, int32_t (&v)[8]) {
   v[0] = r0.x, v[1] = r0.y, v[2] = r0.z, v[3] = r0.w, v[4] = r1.x, v[5] = r1.y, v[6] = r1.z, v[7] = r1.w;
 }
 
-__device__ __forceinline__ int32_t warp_sum32(int32_t v) {
+// the sum over the LPR lanes of a row (a warp's 32, or each half's 16: every lane takes part)
+template <int LPR, class T>
+__device__ __forceinline__ T lanes_sum(T v) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  for (int o = LPR / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
 }
 
 constexpr int kLnHiWarps = 8;
 constexpr int kLnHiMaxC = 1024;  // channels layer_norm_hi takes (32 lanes x 8 x 4 chunks)
 
-template <class In, class Out, int NCH>
+// LPR lanes a row: 32, or 16 for rows of up to 384 channels (two rows a warp: C = 384 is 48 chunks,
+// 3 for each of 16 lanes, where 32 lanes would leave half of them idle in their second chunk)
+template <class In, class Out, int NCH, int LPR>
 __global__ void __launch_bounds__(kLnHiWarps * 32)
     layer_norm_hi(const In* __restrict__ a, const In* __restrict__ b, const int64_t* __restrict__ prm, int64_t rows,
                   int32_t ch, const int64_t* __restrict__ gamma, const int64_t* __restrict__ beta,
@@ -473,14 +477,19 @@ __global__ void __launch_bounds__(kLnHiWarps * 32)
     }
   }
   __syncthreads();
-  for (int64_t row = int64_t(blockIdx.x) * kLnHiWarps + threadIdx.x / 32; row < rows;
-       row += int64_t(gridDim.x) * kLnHiWarps) {
-    const int64_t base = row * ch;
+  constexpr int RPW = 32 / LPR;  // rows a warp
+  const int sub = lane / LPR, l = lane % LPR;
+  // the warp's rows row0 .. row0 + RPW - 1; a lane group past the last row recomputes row0 and
+  // stores nothing (its lanes still take part in the shuffles)
+  for (int64_t row0 = (int64_t(blockIdx.x) * kLnHiWarps + threadIdx.x / 32) * RPW; row0 < rows;
+       row0 += int64_t(gridDim.x) * kLnHiWarps * RPW) {
+    const bool live = row0 + sub < rows;
+    const int64_t base = (live ? row0 + sub : row0) * ch;
     int32_t xv[NCH][8];
     int32_t s1 = 0;
 #pragma unroll
     for (int c = 0; c < NCH; ++c) {
-      const int j0 = (lane + 32 * c) * 8;
+      const int j0 = (l + LPR * c) * 8;
       if (j0 < ch) {
         load8(a + base + j0, xv[c]);
         if (add) {
@@ -491,16 +500,16 @@ __global__ void __launch_bounds__(kLnHiWarps * 32)
             xv[c][i] = clamp32(rshift_round_hi(int64_t(xv[c][i] - azp) * amult + int64_t(bv[i] - bzp) * bmult, ashift) +
                                    azo, alo, ahi);
         }
-        if (xs) store8(xs + base + j0, xv[c]);
+        if (xs && live) store8(xs + base + j0, xv[c]);
 #pragma unroll
         for (int i = 0; i < 8; ++i) s1 += xv[c][i] - x_zp;
       }
     }
-    s1 = warp_sum32(s1);
+    s1 = lanes_sum<LPR>(s1);
     int64_t s2 = 0;
 #pragma unroll
     for (int c = 0; c < NCH; ++c) {
-      if ((lane + 32 * c) * 8 < ch) {
+      if ((l + LPR * c) * 8 < ch) {
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
           const int32_t d = ch * (xv[c][i] - x_zp) - s1;
@@ -508,7 +517,7 @@ __global__ void __launch_bounds__(kLnHiWarps * 32)
         }
       }
     }
-    s2 = warp_sum(s2);
+    s2 = lanes_sum<LPR>(s2);
     // V = (floor(s2 / C) + eps) 2^k (s2 >= 0), r = isqrt(V), inv = floor(2^56 / r)
     const int64_t var = qc_int::floordiv_est(s2, ch, static_cast<double>(s2) * inv_ch);
     const int64_t v = (var + eps) * (int64_t(1) << sqrt_bits);
@@ -522,8 +531,8 @@ __global__ void __launch_bounds__(kLnHiWarps * 32)
         r > 0 ? qc_int::floordiv_est(int64_t(1) << 56, r, 72057594037927936.0 / static_cast<double>(r)) : 0;
 #pragma unroll
     for (int c = 0; c < NCH; ++c) {
-      const int j0 = (lane + 32 * c) * 8;
-      if (j0 >= ch) continue;
+      const int j0 = (l + LPR * c) * 8;
+      if (j0 >= ch || !live) continue;
       int32_t g[8], o[8];
       load8_smem(s_gamma + j0, g);
 #pragma unroll
@@ -763,16 +772,21 @@ bool layer_norm_hi_launch(const In* ap, const In* bp, const int64_t* pp, int64_t
       cudaGetLastError();
       per_sm = 1;
     }
-    const int64_t need = (rows + kLnHiWarps - 1) / kLnHiWarps, cap = int64_t(sms) * per_sm;
+    const int64_t rpb = kLnHiWarps * (ch <= 384 ? 2 : 1);  // rows a block takes at a time
+    const int64_t need = (rows + rpb - 1) / rpb, cap = int64_t(sms) * per_sm;
     kern<<<unsigned(need < cap ? need : cap), kLnHiWarps * 32, 0, st>>>(ap, bp, pp, rows, int32_t(ch), gp, bep, mp, sp,
                                                                          yp, y2p, xsp);
   };
-  if (ch <= 512)
-    go(layer_norm_hi<In, Out, 2>);
+  if (ch <= 256)
+    go(layer_norm_hi<In, Out, 2, 16>);
+  else if (ch <= 384)
+    go(layer_norm_hi<In, Out, 3, 16>);
+  else if (ch <= 512)
+    go(layer_norm_hi<In, Out, 2, 32>);
   else if (ch <= 768)
-    go(layer_norm_hi<In, Out, 3>);
+    go(layer_norm_hi<In, Out, 3, 32>);
   else
-    go(layer_norm_hi<In, Out, 4>);
+    go(layer_norm_hi<In, Out, 4, 32>);
   return true;
 }
 
