@@ -54,7 +54,7 @@ ROW_HI_FUNCS = (LUT_REQUANT_FUNC, LAYER_NORM_FUNC, LAYER_NORM_REQUANT_FUNC, ADD_
 # constants allow (bench/gpu.py's row checks, H100, all bit-exact: LUT + per-channel requant 15.1
 # against 17.0 us at 4096 x 1536 and 34.2 against 42.3 at 12608 x 1536 (2026-12-07 22:30);
 # attention, with its scores cached in shared memory, 34.7 against 62.9 us at MiniLM's shape,
-# 67.6 against 74.4 at BERT-base's and 148.7 against 280.4 at DeiT-S's (2026-12-08 00:38)).
+# 67.6 against 74.4 at BERT-base's and 148.7 against 280.4 at DeiT-S's (2026-12-08 00:37)).
 LUT_HI = True
 ATTENTION_HI = True
 # kernels/int_attention.cu: q k^T, requant, int_softmax, p v, requant(s) as one kernel

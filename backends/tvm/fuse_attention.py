@@ -397,8 +397,7 @@ def fuse(tr, m1: fx.Node):
     # attention_hi where its constants allow, with e(d) from factor tables (exp_factors)
     fac = exp_factors(plan.table)
     prm = hi_params(plan.params)
-    hi = cuda_kernels.ATTENTION_HI and fac is not None and \
-        hi_ok(prm, plan.mult3, plan.shift3)
+    hi = cuda_kernels.ATTENTION_HI and fac is not None and hi_ok(prm, plan.mult3, plan.shift3)
     if hi:
         prm[-2:] = fac[1:]
     else:
