@@ -523,11 +523,13 @@ class OnnxRunner:
     `self.fused_int8` says which it is.
     """
 
-    def __init__(self, path_or_bytes: str | os.PathLike | bytes, *, optimize: bool = True):
+    def __init__(self, path_or_bytes: str | os.PathLike | bytes, *, optimize: bool = True, spinning: bool = True):
         import onnxruntime as ort
 
         src = path_or_bytes if isinstance(path_or_bytes, bytes) else os.fspath(path_or_bytes)
         opts = ort.SessionOptions()
+        if not spinning:  # ORT's threads spin after each run by default, taking cores from what runs next
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.fused_int8 = optimize and fused_int8_is_exact()
         if not optimize:
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL

@@ -1,6 +1,6 @@
 """CPU speed of the integer-only TVM artifact against ONNX Runtime on MiniLM.
 
-    .venv/bin/python bench/cpu.py [--profile]    (writes bench/results/cpu.json)
+    .venv/bin/python bench/cpu.py [--profile]    (writes bench/results/cpu-<int8 kernels>.json)
 
 all-MiniLM-L6-v2, batch 8 x seq 128 (real sentences padded to 128 tokens), the machine's
 cores, median of interleaved runs. Rows: ORT FP32; ORT int8 static QDQ S8S8 (ORT's own
@@ -45,8 +45,9 @@ def profile(artifact_dir: Path, feeds: dict, runs: int = 5) -> list[dict]:
     import tvm
     from tvm import relax
 
-    from qcompiler.backends.tvm.runtime import request_amx_permission
+    from qcompiler.backends.tvm.runtime import configure_threads, request_amx_permission
     request_amx_permission()
+    configure_threads()
     man = json.loads((artifact_dir / "manifest.json").read_text())
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(artifact_dir / "model.so")), tvm.cpu())
     args = [tvm.runtime.tensor(np.ascontiguousarray(feeds[d["name"]])) for d in man["inputs"]]
@@ -84,18 +85,21 @@ def main() -> int:
     fp32 = export_onnx(g)
     work = tempfile.mkdtemp()
     runners, compile_s, dirs = {}, {}, {}
-    runners["ORT FP32"] = OnnxRunner(fp32)
+    # no ORT session spins after its run (its default): in interleaved runs the spinning threads
+    # took the cores from whatever ran next (measured: the tvm-llvm artifact 1.5x slower after one)
+    ort_runner = lambda model: OnnxRunner(model, spinning=False)  # noqa: E731
+    runners["ORT FP32"] = ort_runner(fp32)
     t0 = time.perf_counter()
-    runners["ORT int8 static QDQ S8S8 (quantize_static)"] = OnnxRunner(
+    runners["ORT int8 static QDQ S8S8 (quantize_static)"] = ort_runner(
         ort_static(fp32, calib, 8, 8, "MinMax", work))
     compile_s["ORT static"] = time.perf_counter() - t0
     # bench/accuracy.py's best ORT static configuration for MiniLM W8A8 (S8S8 MinMax, MatMul/Gemm/Conv only)
-    runners["ORT int8 static QDQ S8S8, MatMul/Gemm/Conv only"] = OnnxRunner(
+    runners["ORT int8 static QDQ S8S8, MatMul/Gemm/Conv only"] = ort_runner(
         ort_static(fp32, calib, 8, 8, "MinMax", work, op_types=ORT_OP_SCOPES["MatMul/Gemm/Conv"]))
-    runners["ORT int8 dynamic (quantize_dynamic)"] = OnnxRunner(ort_dynamic(fp32, work))
+    runners["ORT int8 dynamic (quantize_dynamic)"] = ort_runner(ort_dynamic(fp32, work))
     from qcompiler.backends.tvm.build import int8_dot, target_for
     target = target_for("llvm", None)
-    dot = int8_dot(target)  # the int8 kernels the tvm-llvm artifact uses here: "amx", "vnni" or None (generic)
+    dot = int8_dot(target)  # the int8 kernels the tvm-llvm artifact uses here: "amx", "vnni", "avx2" or None
     for name, target_name in (("qcompiler W8A8 QDQ artifact on ORT", "onnx"),
                          ("qcompiler integer-only tvm-llvm artifact", "tvm-llvm"),
                          # what a CPU with AVX-512 VNNI but no AMX runs (Ice Lake server, AMD Zen 4)
@@ -107,6 +111,8 @@ def main() -> int:
         compile_s[name] = time.perf_counter() - t0
         dirs[name] = Path(work) / target_name
         runners[name] = qcompiler.load(art.save(dirs[name])).runner
+        if target_name == "onnx":
+            runners[name] = ort_runner(dirs[name] / "model.onnx")
     out = g.outputs[0].name
     acc = {name: score("cosine", ref, run_batched(lambda f, r=r: r.run(f)[out], ev, 32), None)
            for name, r in runners.items()}
@@ -133,7 +139,7 @@ def main() -> int:
         for p in prof[:20]:
             print(f"  {p['ms_per_run']:8.2f}  x{p['calls_per_run']:<4d} {p['kernel']}")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "cpu.json").write_text(json.dumps({
+    (RESULTS / f"cpu-{dot or 'generic'}.json").write_text(json.dumps({
         "model": "all-MiniLM-L6-v2", "batch": 8, "seq": 128, "cores": os.cpu_count(),
         "cpu": next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), None),
         "tvm_int8_dot": dot, "tvm_target": str(target.attrs.get("mcpu", "")),

@@ -18,7 +18,7 @@ of each task).
 """
 from __future__ import annotations
 
-from .vnni import Requant, requant16
+from .vnni import Requant, requant_vec
 
 
 def fits(k: int, n: int) -> bool:
@@ -49,7 +49,7 @@ def kernel(k: int, n: int, ep: Requant | None = None):
     part = kloop("ua[{row}, ko * 64]", f"T.int64({k})", 16)
     col0 = "jp * 32 + t * 16"
     val = "ct[i, T.ramp(t * 16, 1, 16)]"
-    out = val if ep is None else requant16(ep, val, col0)
+    out = val if ep is None else requant_vec(ep, val, col0)
     edecl = "" if ep is None else f'    e = T.match_buffer(var_e, (4, {n if ep.per_channel else 1}), "int64")\n'
     cfg = "\n".join(f"        cfg[{i}] = T.uint8({v})" for i, v in
                     [(0, 1)] + [(16 + 2 * t, 64) for t in range(8)] + [(48 + t, 16) for t in range(8)])

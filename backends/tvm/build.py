@@ -46,6 +46,8 @@ def int8_dot(target) -> str | None:
         if codegen.target_has_features("amx-int8", target) and request_amx_permission():
             return "amx"  # linears on AMX tiles (amx.py), the rest on VNNI
         return "vnni"
+    if target.kind.name == "llvm" and codegen.target_has_features("avx2", target):
+        return "avx2"  # vnni.py's kernel with vpmaddwd in place of vpdpbusd
     if target.kind.name == "cuda":
         from .cuda_kernels import supported_arch
         if supported_arch(str(target.attrs.get("arch", ""))):

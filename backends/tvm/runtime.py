@@ -63,6 +63,31 @@ def load_runtime(artifact_dir: str, libs: tuple[str, ...], tvm_version: str | No
                           f"installed apache-tvm {tvm_version or ''}")
 
 
+def physical_cores() -> int:
+    """The physical cores this process may run on: its CPU affinity with SMT siblings counted
+    once (from /sys topology), else the CPUs it may use."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    cores = set()
+    for c in cpus:
+        try:
+            with open(f"/sys/devices/system/cpu/cpu{c}/topology/core_id") as f1, \
+                    open(f"/sys/devices/system/cpu/cpu{c}/topology/physical_package_id") as f2:
+                cores.add((f2.read().strip(), f1.read().strip()))
+        except OSError:
+            return len(cpus)
+    return max(1, len(cores))
+
+
+def configure_threads() -> None:
+    """Give the TVM runtime's thread pool one thread per physical core, unless TVM_NUM_THREADS
+    is set (TVM 0.27 reads only that; OMP_NUM_THREADS measured no effect). Left alone, it takes
+    half of std::thread::hardware_concurrency() on x86-64 to skip hyper-threads, whether or not
+    the CPUs are siblings: on a 2-core VM without SMT every kernel ran on one core. Read when
+    the pool starts, at the first parallel kernel of the process."""
+    if "TVM_NUM_THREADS" not in os.environ:
+        os.environ["TVM_NUM_THREADS"] = str(physical_cores())
+
+
 _amx: bool | None = None
 
 
@@ -122,6 +147,7 @@ class Runner:
                 raise QCError(f"cannot load the kernel library {kernels}: {e}") from None
         if self.kind == "llvm":
             _check_int8_kernels(artifact_dir)
+            configure_threads()
         import tvm_ffi
         self.ffi = tvm_ffi
         path = os.path.join(artifact_dir, "model.so")

@@ -52,6 +52,12 @@ def _dt(t: torch.dtype) -> str:
 
 
 VNNI_BLOCK = "qc_dot_u8s8"  # the name of backends/tvm/vnni.py's kernels in the module
+CPU_DOTS = ("vnni", "amx", "avx2")  # build.int8_dot's names for vnni.py's instruction sets
+
+
+def _isa(tr):
+    from . import vnni
+    return vnni.isa_of(tr.dot)
 
 
 class _Element:
@@ -78,7 +84,7 @@ class Translator:
         self.bb = relax.BlockBuilder()
         self.env: dict[fx.Node, object] = {}
         self.dims: dict[str, object] = {}
-        # "vnni": int8 linears as u8 x s8 dot products over a packed weight layout (CPU);
+        # "vnni" / "avx2": int8 linears as u8 x s8 dot products over a packed weight layout (CPU);
         # "sm90": int8 linears / matmuls and the requant after them as one call of
         # qcompiler's CUTLASS kernel (cuda_kernels.py), on Hopper's tensor cores
         self.dot = dot
@@ -175,11 +181,11 @@ class Translator:
             attrs = {"primfunc_attrs": {"op_pattern": 2}}  # 2: kInjective
         return self.bb.emit_te(body, *args, primfunc_name_hint=name, **attrs)
 
-    def per_channel(self, t: torch.Tensor, like, axis: int):
-        """An integer constant of a requant-like op: a Python int when it is one value, else an
-        int64 tensor shaped to broadcast along `axis` of `like` (for elementwise)."""
+    def per_channel(self, t: torch.Tensor, like, axis: int, dtype: str = "int64"):
+        """An integer constant of a requant-like op: a Python int when it is one value, else a
+        tensor of `dtype` shaped to broadcast along `axis` of `like` (for elementwise)."""
         a = _np(t).astype(np.int64)
-        return int(a.reshape(-1)[0]) if a.size == 1 else self.axis_const(t, like, axis, "int64")
+        return int(a.reshape(-1)[0]) if a.size == 1 else self.axis_const(t, like, axis, dtype)
 
     def arg(self, a):
         if isinstance(a, fx.Node):
@@ -291,11 +297,14 @@ def _requant(tr, n):
     """y = clamp(rshift_round((acc - in_zp) * mult, shift) + out_zp): one elementwise kernel."""
     acc, in_zp, mult, shift, out_zp, qmin, qmax, axis = n.args
     av = tr.arg(acc)
-    m = tr.per_channel(tr.tensor_const(mult), av, axis)
+    mt = tr.tensor_const(mult)
+    # per-channel multipliers as int32 where they fit: the product of two sign-extended int32
+    # values is one vpmuldq on AVX2, where an int64 x int64 product takes LLVM five instructions
+    m = tr.per_channel(mt, av, axis, "int32" if mt.abs().max() < 2**31 else "int64")
     c = tr.per_channel(tr.tensor_const(shift), av, axis)
 
     def fn(el, a, m_, c_):
-        p = (_i64(a) - in_zp) * m_
+        p = (_i64(a) - in_zp) * (_i64(m_) if not isinstance(m_, int) else m_)
         return _saturate(_rshift_round(p, c_) + out_zp, qmin, qmax)
     return tr.elementwise("requant", [av, m, c], fn, _dt(I.int_dtype(qmin, qmax)))
 
@@ -324,8 +333,8 @@ def _int_linear(tr, n):
         if group:
             _l, req, b = group[0]
             return _gemm_sm90(tr, n, req, xv, tr.const(_np(wt), "int8"), b, batched=False)
-    if tr.dot in ("vnni", "amx") and wt.dtype == torch.int8 and tr.dtype_of(xv) in ("int8", "uint8") and \
-            wt.shape[0] % 16 == 0 and wt.shape[1] % 4 == 0:
+    if tr.dot in CPU_DOTS and wt.dtype == torch.int8 and tr.dtype_of(xv) in ("int8", "uint8") and \
+            wt.shape[0] % _isa(tr).lanes == 0 and wt.shape[1] % 4 == 0:
         return _linear_vnni(tr, n, xv, x_zp, wt, bias)
     xv = _mm_operand(tr, xv, x_zp)
     wv = tr.const(_np(wt), _dt(wt.dtype))
@@ -400,19 +409,21 @@ def _linears_sm90(tr, n, xv, group):
 
 
 def _linear_vnni(tr, n, xv, x_zp: int, wt: torch.Tensor, bias):
-    """(x - x_zp) @ w^T + bias as AVX-512 VNNI computes it: u = x + 128 as uint8 for int8 x (x
-    itself for uint8), sum_k u_k w_jk in int32 over w packed as [N/16, K/4, 16, 4], minus
-    (128 + x_zp) * sum_k w_jk: the same integers, since every term is exact in int32. With the
-    requant after it (_vnni_requant) in the kernel's epilogue: binds that node, returns None."""
+    """(x - x_zp) @ w^T + bias as vnni.py's kernel computes it: u = x + 128 as uint8 for int8 x
+    (x itself for uint8), sum_k u_k w_jk in int32 over w packed (vnni.pack), minus
+    (128 + x_zp) * sum_k w_jk: the same integers, since every term is exact in int32 (AVX2: u =
+    x - x_zp as int16, nothing to subtract). With the requant after it (_vnni_requant) in the
+    kernel's epilogue: binds that node, returns None."""
+    from . import vnni
     n_out, k_in = wt.shape
-    off = 128 if tr.dtype_of(xv) == "int8" else 0
-    xv = _as_uint8(tr, xv, off)
-    packed = _np(wt).reshape(1, n_out // 16, 16, k_in // 4, 4).transpose(0, 1, 3, 2, 4).reshape(
-        1, n_out // 16, k_in // 4, 64).copy()
+    isa = _isa(tr)
+    off = 128 if tr.dtype_of(xv) == "int8" and isa.act == "uint8" else 0
+    xv = _as_uint8(tr, xv, off) if isa.act == "uint8" else tr.sub_zp(xv, x_zp, "int16")
+    packed = vnni.pack(_np(wt), isa)
     lead = tr.shape_of(xv)[:-1]
     rows = math.prod(lead)
     u3 = tr.emit(tr.R.reshape(xv, [1, rows, k_in]))
-    corr = (off + x_zp) * _np(wt).astype(np.int64).sum(1)
+    corr = (off + x_zp) * _np(wt).astype(np.int64).sum(1) if isa.act == "uint8" else np.zeros(n_out, np.int64)
     b = _bias64(tr, bias, n_out)
     req = _vnni_requant(tr, n, n_out, len(lead) + 1)
     if req is not None and np.abs(b - corr).max(initial=0) < 2**31:
@@ -463,7 +474,8 @@ def _vnni_call(tr, u3, w, k: int | None, n: int | None, out_shape: list, packed:
     rq = None
     if req is not None:
         _acc, in_zp, mult, shift, out_zp, qmin, qmax, _axis = req.args
-        table = vnni.epilogue_table(offset - in_zp, _np(tr.tensor_const(mult)), _np(tr.tensor_const(shift)))
+        table = vnni.epilogue_table(offset - in_zp, _np(tr.tensor_const(mult)), _np(tr.tensor_const(shift)),
+                                    _isa(tr), int(out_zp))
         rq = vnni.Requant(_dt(I.int_dtype(qmin, qmax)), int(out_zp), int(qmin), int(qmax), table.shape[1] > 1,
                           colsum_mult)
         args.append(tr.const(table, "int64"))
@@ -472,7 +484,7 @@ def _vnni_call(tr, u3, w, k: int | None, n: int | None, out_shape: list, packed:
     if key not in tr.kernels:
         name = (f"qc_amx_dot_{k}x{n}" if tiles else f"{VNNI_BLOCK}_{k or 'k'}x{n or 'n'}" + ("" if packed else "_act")) + \
             ("" if rq is None else f"_rq{len(tr.kernels)}")
-        f = amx.kernel(k, n, rq) if tiles else vnni.kernel(k, n, packed, rq)
+        f = amx.kernel(k, n, rq) if tiles else vnni.kernel(k, n, packed, rq, _isa(tr))
         tr.kernels[key] = tr.bb.add_func(f.with_attr("global_symbol", name), name)
     return tr.emit(tr.relax.call_tir(tr.kernels[key], args, tr.relax.TensorType(out_shape, rq.out_dtype if rq else "int32")))
 
@@ -486,10 +498,10 @@ def _as_uint8(tr, v, off: int):
 
 def _matmul_vnni(tr, node, a, a_zp: int, bv):
     """(a - a_zp) @ b for activations a (int8 / uint8) and b (int8, zero point 0), batched over
-    equal leading dims, with the linears' VNNI kernel: u = a as uint8 (a itself when it cannot
-    be negative, as a softmax's output, else a + 128), b packed by the kernel panel by panel
-    (zeros past its edges add nothing), then minus (128 + a_zp) * sum_k b[k, j] where that is
-    not 0. With the requant after it in the kernel (per tensor, or per column where n is static):
+    equal leading dims, with the linears' kernel (vnni.py): u = a as uint8 (a itself when it
+    cannot be negative, as a softmax's output, else a + 128), b packed by the kernel panel by
+    panel (zeros past its edges add nothing), then minus (128 + a_zp) * sum_k b[k, j] where that
+    is not 0 (AVX2: u = a - a_zp as int16, nothing to subtract). With the requant after it in the kernel (per tensor, or per column where n is static):
     binds that node and returns None. The leading dims must be equal (_same_batch)."""
     av = tr.arg(a)
     sa, sb = tr.shape_of(av), tr.shape_of(bv)
@@ -497,9 +509,13 @@ def _matmul_vnni(tr, node, a, a_zp: int, bv):
     ks, ns = (int(k) if _static(k) else None), (int(n) if _static(n) else None)
     if ks is not None and ks % 4:
         ks = None
-    off = 128 if tr.dtype_of(av) == "int8" and not _nonnegative(a) else 0
+    if _isa(tr).act == "int16":  # a - a_zp exactly: nothing to correct
+        off, a_zp, ua = 0, 0, tr.sub_zp(av, a_zp, "int16")
+    else:
+        off = 128 if tr.dtype_of(av) == "int8" and not _nonnegative(a) else 0
+        ua = _as_uint8(tr, av, off)
     bt = math.prod(lead) if lead else 1
-    u3 = tr.emit(tr.R.reshape(_as_uint8(tr, av, off), [bt, m, k]))
+    u3 = tr.emit(tr.R.reshape(ua, [bt, m, k]))
     b3 = tr.emit(tr.R.reshape(bv, [bt, k, n]))
     req = _vnni_requant(tr, node, ns, len(sa))
     if req is not None:
@@ -590,7 +606,7 @@ def _int_matmul(tr, n):
                     else:
                         tr.env[req] = _slice_last(tr, tr.env[req], n_out)
                 return None
-    if tr.dot in ("vnni", "amx") and b_zp == 0 and tr.dtype_of(tr.arg(b)) == "int8" and \
+    if tr.dot in CPU_DOTS and b_zp == 0 and tr.dtype_of(tr.arg(b)) == "int8" and \
             tr.dtype_of(tr.arg(a)) in ("int8", "uint8") and _same_batch(tr, tr.arg(a), tr.arg(b)):
         return _matmul_vnni(tr, n, a, a_zp, tr.arg(b))
     av, bv = _mm_operand(tr, _unpad(tr, a, tr.arg(a)), a_zp), _mm_operand(tr, _unpad(tr, b, tr.arg(b)), b_zp)
@@ -855,7 +871,7 @@ def _softmax_rows_cpu(tr, xv, mask, tab: torch.Tensor, mult: int, shift: int, ou
     if key not in tr.kernels:
         name = f"qc_softmax_rows{len(tr.kernels)}"
         f = softmax(tr.dtype_of(xv), mask is not None, int(tab.numel()) - 1, tab_dt, int(mult), int(shift), int(out_zp),
-                    int(qmin), int(qmax), out_dt, _softmax_div_fits(mult, tab))
+                    int(qmin), int(qmax), out_dt, _softmax_div_fits(mult, tab), _softmax_float_div(mult, tab))
         tr.kernels[key] = tr.bb.add_func(f.with_attr("global_symbol", name), name)
     args.append(tr.const(_np(tab).astype(tab_dt), tab_dt))
     y = tr.emit(tr.relax.call_tir(tr.kernels[key], args, tr.relax.TensorType([rows, n], out_dt)))
@@ -897,6 +913,12 @@ def _softmax_div_fits(mult: int, tab: torch.Tensor) -> bool:
     """Whether the softmax's floor(e * mult / S) may use _floordiv_small_quotient: e <= S (every
     e >= 0), so the quotient is at most mult (< 2^49), and e * mult stays far inside int64."""
     return 0 <= mult < 2**49 and mult * max(int(tab.max()), 1) < 2**62
+
+
+def _softmax_float_div(mult: int, tab: torch.Tensor) -> bool:
+    """Whether rows_cpu's softmax may run its output stage in float64 lanes (exact: see there):
+    0 <= e * mult < 2^49 for every table entry e."""
+    return 0 <= mult and int(tab.min()) >= 0 and mult * max(int(tab.max()), 1) < 2**49
 
 
 def _floordiv_small_quotient(a, d):
@@ -1381,8 +1403,8 @@ ATEN = {aten.view: _reshape, aten.reshape: _reshape, aten._unsafe_view: _reshape
 
 def to_relax(graph: Graph, dot: str | None = None, kind: str | None = None):
     """The Relax IRModule ("main": inputs in graph order -> tuple of outputs) of an integer graph;
-    dot="vnni": int8 linears and matmuls on backends/tvm/vnni.py's AVX-512 VNNI kernel; "amx":
-    the same, with the linears that fit on amx.py's AMX kernel;
+    dot="vnni" / "avx2": int8 linears and matmuls on backends/tvm/vnni.py's AVX-512 VNNI or AVX2
+    kernel; "amx": VNNI, with the linears that fit on amx.py's AMX kernel;
     dot="sm90": on the CUTLASS kernels of cuda_kernels.py; kind="llvm": the softmax as one row
     kernel (rows_cpu.py)."""
     return Translator(graph, dot, kind).build()

@@ -46,10 +46,15 @@ def _dot() -> str | None:
     return int8_dot(target_for("llvm", None))
 
 
-def _calls(main, part: str, where=("vnni", "amx")) -> bool:
+def _calls(main, part: str, where=("vnni", "amx", "avx2")) -> bool:
     """Whether the module has a kernel whose name contains `part`; True where this CPU's int8
     dot product (build.int8_dot) is not one of `where` (the generic schedules run there)."""
     return _dot() not in where or any(part in k for k in main.kernels)
+
+
+def _uses(main, part: str, mcpu: str | None) -> bool:
+    """_calls for this CPU (mcpu None); for a named CPU with an int8 kernel, whether it is used."""
+    return _calls(main, part) if mcpu is None else any(part in k for k in main.kernels)
 
 
 def check(g, main, *inputs):
@@ -157,26 +162,71 @@ def test_int_linear_dot_product_kernel_shapes(dtype, zp):
     check(g, main, x)
 
 
-@pytest.mark.parametrize("qrange,per_channel", [((-128, 127), True), ((0, 255), False), ((-32768, 32767), True)])
-def test_vnni_linear_with_requant_epilogue(qrange, per_channel):
-    """A linear whose requant the VNNI kernel computes in its epilogue: bias, input and output
+def _has_avx2() -> bool:
+    from tvm.target import codegen
+
+    from qcompiler.backends.tvm.build import target_for
+    return bool(codegen.target_has_features("avx2", target_for("llvm", None)))
+
+
+# the CPU's own int8 kernels (VNNI / AMX / AVX2, whichever it has), and the AVX2 kernel on any
+# CPU that has AVX2 (a CPU with VNNI runs both)
+ISAS = [None, pytest.param("haswell", marks=pytest.mark.skipif("not _has_avx2()", reason="no AVX2 here"))]
+
+
+@pytest.mark.parametrize("mcpu", ISAS)
+@pytest.mark.parametrize("qrange,per_channel,n_out", [((-128, 127), True, 48), ((0, 255), False, 48),
+                                                      ((-32768, 32767), True, 48), ((-128, 127), True, 40)])
+def test_vnni_linear_with_requant_epilogue(qrange, per_channel, n_out, mcpu):
+    """A linear whose requant the int8 kernel computes in its epilogue: bias, input and output
     zero points, per-column multipliers and shifts (0, ties at 1, large), saturation at both
-    ends, int8 / uint8 / int16 out."""
+    ends, int8 / uint8 / int16 out; weights at -128 and 127 (u = 255 times them: where
+    vpmaddubsw's int16 pair sums would saturate). 40 outputs: 5 blocks of 8 on AVX2 (an odd
+    count), the generic linear where blocks are 16 wide."""
     rng = np.random.default_rng(6)
-    w = torch.from_numpy(rng.integers(-128, 128, (48, 24)).astype(np.int8))
-    bias = torch.from_numpy(rng.integers(-40000, 40000, 48).astype(np.int32))
-    mult = rng.uniform(1e-4, 0.05, 48) if per_channel else 0.0123
-    shift = torch.from_numpy(np.resize([0, 1, 2, 9, 17, 40], 48).astype(np.int64)) if per_channel else None
+    w = torch.from_numpy(rng.integers(-128, 128, (n_out, 24)).astype(np.int8))
+    w[1], w[2] = -128, 127
+    bias = torch.from_numpy(rng.integers(-40000, 40000, n_out).astype(np.int32))
+    mult = rng.uniform(1e-4, 0.05, n_out) if per_channel else 0.0123
+    shift = torch.from_numpy(np.resize([0, 1, 2, 9, 17, 40], n_out).astype(np.int64)) if per_channel else None
     req = Requant(mult, shift, in_zp=-11, out_zp=7, qmin=qrange[0], qmax=qrange[1])
     if per_channel:  # multipliers small enough that shift 0 and 1 do not saturate everything
-        req.b = torch.from_numpy(rng.integers(1, 4, 48).astype(np.int64))
+        req.b = torch.from_numpy(rng.integers(1, 4, n_out).astype(np.int64))
     m = Ops(lambda s, x: s.req(qc.int_linear(x, -3, s.w, s.bias)), w=w, bias=bias)
     m.req = req
-    g, main = build(m, (torch.zeros(2, 3, 24, dtype=torch.int8),))
-    assert _calls(main, "qc_dot_u8s8_24x48_rq"), "the requant is not in the kernel's epilogue"
+    g, main = build(m, (torch.zeros(2, 3, 24, dtype=torch.int8),), mcpu=mcpu)
+    if n_out % (8 if "avx2" in (_dot(), mcpu and "avx2") else 16) == 0:
+        assert _uses(main, f"qc_dot_u8s8_24x{n_out}_rq", mcpu), "the requant is not in the kernel's epilogue"
     x = rng.integers(-128, 128, (5, 3, 24)).astype(np.int8)
     x[0, 0], x[0, 1] = -128, 127
     check(g, main, x)
+
+
+def test_packed_block_layouts():
+    """vnni.pack's byte order and the in-kernel packing's inverse (Isa.col_row) agree for both
+    instruction sets, and a block's dot products, computed the way each instruction reads it
+    (VNNI: 4 bytes per lane; AVX2: two int16 pairs per lane from the block's two halves), are
+    the matrix product."""
+    from qcompiler.backends.tvm import vnni
+    rng = np.random.default_rng(12)
+    for isa in (vnni.VNNI, vnni.AVX2):
+        L = isa.lanes
+        for q in range(4 * L):
+            c, r = (eval(e, {"q": q}) for e in isa.col_row("q"))
+            assert isa.pos(c, r) == q and eval(isa.pos("c", "r"), {"c": c, "r": r}) == q
+        w = rng.integers(-128, 128, (3 * L, 12)).astype(np.int8)
+        u = rng.integers(0, 256, 12).astype(np.int64)
+        p = vnni.pack(w, isa)[0].astype(np.int64)  # [n / L, k / 4, 4L]
+        out = np.zeros(3 * L, np.int64)
+        for jb in range(3):
+            for kb in range(3):
+                blk, a = p[jb, kb], u[kb * 4:kb * 4 + 4]
+                if isa is vnni.VNNI:
+                    out[jb * L:(jb + 1) * L] += (blk.reshape(L, 4) * a).sum(1)
+                else:
+                    for h in range(2):
+                        out[jb * L:(jb + 1) * L] += (blk[2 * L * h:2 * L * (h + 1)].reshape(L, 2) * a[2 * h:2 * h + 2]).sum(1)
+        assert (out == w.astype(np.int64) @ u).all()
 
 
 @pytest.mark.parametrize("rows", [5, 64, 77])
@@ -201,8 +251,9 @@ def test_amx_linear_tiles_and_row_tails(rows):
     check(g, main, x, rng.integers(0, 256, (rows, 128)).astype(np.uint8))
 
 
+@pytest.mark.parametrize("mcpu", ISAS)
 @pytest.mark.parametrize("seq", [5, 16, 37])
-def test_vnni_attention_matmuls_symbolic_shapes(seq):
+def test_vnni_attention_matmuls_symbolic_shapes(seq, mcpu):
     """Attention's activation x activation matmuls on the VNNI kernel with the sequence length
     symbolic (k and n not multiples of 4 / 16 at run time: byte tails, partial column blocks):
     int8 q (the +128 and column-sum correction), a softmax's output (never negative: no
@@ -223,8 +274,8 @@ def test_vnni_attention_matmuls_symbolic_shapes(seq):
     ex = (torch.zeros(2, 3, 6, 32, dtype=torch.int8), torch.zeros(2, 3, 32, 6, dtype=torch.int8),
           torch.zeros(2, 3, 6, 32, dtype=torch.int8), torch.zeros(2, 3, 6, 6, dtype=torch.uint8))
     consts = {k: torch.tensor([v]) for k, v in (("m3", 3), ("m5", 5), ("c", 13), ("c0", 0))}
-    g, main = build(Ops(fn, table=table, **consts), ex, dynamic=dyn, input_names=["q", "kt", "v", "u"])
-    assert _calls(main, "_act_rq") and _calls(main, "_act"), "the matmuls did not take the VNNI kernel"
+    g, main = build(Ops(fn, table=table, **consts), ex, dynamic=dyn, input_names=["q", "kt", "v", "u"], mcpu=mcpu)
+    assert _uses(main, "_act_rq", mcpu) and _uses(main, "_act", mcpu), "the matmuls did not take the int8 kernel"
     q = rng.integers(-128, 128, (3, 3, seq, 32)).astype(np.int8)
     q[0, 0, 0] = -128
     check(g, main, q, rng.integers(-128, 128, (3, 3, 32, seq)).astype(np.int8),
@@ -296,6 +347,27 @@ def test_int_softmax_masked_rows_and_layer_norm():
     y[0, 0] = 5  # zero variance: r = sqrt(eps) path
     y[0, 1] = np.where(np.arange(24) % 2, 32767, -32768)  # the largest variance
     check(g, main, x, mask, y)
+
+
+def test_softmax_rows_float64_stage_exact():
+    """The CPU softmax row kernel's output stage in float64 lanes: a row whose sum divides
+    e * mult exactly (2 entries of e = 1362286842 at the max, the others e = 0), where the
+    quotient's float64 estimate lands one below it and the fix-up must step up, and a row whose
+    sum is above 2^52, where fl(sum) is inexact and every quotient is 0 (2^21 + 37 entries:
+    also a partial last vector)."""
+    from qcompiler.backends.tvm.translate import _softmax_float_div
+    n = (1 << 21) + 37
+    e0 = 1362286842  # fl(2^15 e0 * fl(1 / (2 e0))) < 2^14 = the quotient
+    table = torch.tensor([e0] + [(1 << 31) - 1 - (i << 20) for i in range(14)] + [0], dtype=torch.int64)
+    assert _softmax_float_div(1 << 15, table)
+    m = Ops(lambda s, x: qc.int_softmax(x, None, s.table, -1, 1 << 15, 0, 3, -32768, 32767), table=table)
+    g, main = build(m, (torch.zeros(2, 40, dtype=torch.int16),), dynamic={"x": {1: "n"}}, input_names=["x"])
+    assert any("softmax_rows" in k for k in main.kernels)
+    x = np.full((2, n), -30000, np.int16)
+    x[0], x[0, 9] = 11, 12                     # e = 2^31 - 1 but one: the sum is above 2^52
+    x[1, [77, n - 1]] = 100                    # e * mult = 2^14 * the sum, exactly, at 2 entries
+    check(g, main, x)
+    assert main(tvm.runtime.tensor(x, tvm.cpu()))[0].numpy()[1, 77] == (1 << 14) + 3
 
 
 def test_int_l2_norm_exact_isqrt():
