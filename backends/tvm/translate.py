@@ -335,6 +335,9 @@ def _int_linear(tr, n):
             return _gemm_sm90(tr, n, req, xv, tr.const(_np(wt), "int8"), b, batched=False)
     if tr.dot in CPU_DOTS and wt.dtype == torch.int8 and tr.dtype_of(xv) in ("int8", "uint8") and \
             wt.shape[0] % _isa(tr).lanes == 0 and wt.shape[1] % 4 == 0:
+        group = _linear_group_cpu(tr, n, xv, x_zp)
+        if group and _linears_cpu(tr, n, xv, x_zp, group):
+            return Fused(n.name)
         return _linear_vnni(tr, n, xv, x_zp, wt, bias)
     xv = _mm_operand(tr, xv, x_zp)
     wv = tr.const(_np(wt), _dt(wt.dtype))
@@ -439,6 +442,69 @@ def _linear_vnni(tr, n, xv, x_zp: int, wt: torch.Tensor, bias):
     return y
 
 
+def _linear_group_cpu(tr, n, xv, x_zp: int) -> list:
+    """[(linear, weight, requant)] for the int_linears reading n's input with n's zero point
+    where there are several (attention's q, k, v), n is the first, none is translated yet, and
+    each has int8 weights of n's K (rows a multiple of the kernel's lanes) and a requant the
+    kernel computes in its epilogue (_vnni_requant), all with one output zero point and range:
+    then one kernel call over the concatenated weights computes them all. Else []."""
+    x = n.args[0]
+    sibs = [u for u in x.users if u.target is I.int_linear and u.args[0] is x]
+    if len(sibs) < 2 or sibs[0] is not n or any(u in tr.env for u in sibs):
+        return []
+    k_in, ndim = tr.tensor_const(n.args[2]).shape[1], tr.ndim(xv)
+    group = []
+    for lin in sibs:
+        w = lin.args[2]
+        if lin.args[1] != x_zp or not (isinstance(w, fx.Node) and w.op == "get_attr"):
+            return []
+        wt = tr.tensor_const(w)
+        if wt.dtype != torch.int8 or wt.ndim != 2 or wt.shape[1] != k_in or wt.shape[0] % _isa(tr).lanes:
+            return []
+        req = _vnni_requant(tr, lin, wt.shape[0], ndim)
+        if req is None or (group and req.args[4:7] != group[0][2].args[4:7]):
+            return []
+        group.append((lin, wt, req))
+    return group
+
+
+def _linears_cpu(tr, n, xv, x_zp: int, group) -> bool:
+    """The linears of `group` (_linear_group_cpu) as one call of vnni.py's kernel over their
+    concatenated weights, each requant in the epilogue; each requant's value is its columns of
+    the output (Columns, sliced by its readers). False (nothing emitted) where an offset does
+    not fit the epilogue (as _linear_vnni)."""
+    from . import vnni
+    isa = _isa(tr)
+    off = 128 if tr.dtype_of(xv) == "int8" and isa.act == "uint8" else 0
+    tables = []
+    for lin, wt, req in group:
+        w64 = _np(wt).astype(np.int64)
+        corr = (off + x_zp) * w64.sum(1) if isa.act == "uint8" else 0
+        offset = _bias64(tr, lin.args[3], wt.shape[0]) - corr
+        if np.abs(offset).max(initial=0) >= 2**31:
+            return False
+        _acc, in_zp, mult, shift, out_zp, _qmin, _qmax, _axis = req.args
+        tables.append(vnni.epilogue_table(offset - in_zp, _np(tr.tensor_const(mult)), _np(tr.tensor_const(shift)),
+                                          isa, int(out_zp)))
+    _acc, _in_zp, _mult, _shift, out_zp, qmin, qmax, _axis = group[0][2].args
+    rq = vnni.Requant(_dt(I.int_dtype(qmin, qmax)), int(out_zp), int(qmin), int(qmax), True)
+    u = _as_uint8(tr, xv, off) if isa.act == "uint8" else tr.sub_zp(xv, x_zp, "int16")
+    w = np.concatenate([_np(wt) for _l, wt, _r in group])
+    lead = tr.shape_of(u)[:-1]
+    rows, (n_all, k_in) = math.prod(lead), w.shape
+    u3 = tr.emit(tr.R.reshape(u, [1, rows, k_in]))
+    y = _vnni_call(tr, u3, tr.const(vnni.pack(w, isa), "int8"), k_in, n_all, [1, rows, n_all],
+                   ep=(np.concatenate(tables, axis=1), rq))
+    y = tr.emit(tr.R.reshape(y, [*lead, n_all]))
+    start = 0
+    for lin, wt, req in group:
+        tr.env[req] = Columns(y, start, wt.shape[0])
+        if lin is not n:
+            tr.env[lin] = Fused(n.name)
+        start += wt.shape[0]
+    return True
+
+
 def _bias64(tr, bias, n_out: int) -> np.ndarray:
     """A linear's bias as int64 [n_out] (zeros without one)."""
     return np.zeros(n_out, np.int64) if bias is None else _np(tr.tensor_const(bias)).astype(np.int64).reshape(-1)
@@ -463,16 +529,20 @@ def _vnni_requant(tr, n, n_out: int | None, ndim: int):
 
 
 def _vnni_call(tr, u3, w, k: int | None, n: int | None, out_shape: list, packed: bool = True,
-               req=None, offset: np.ndarray | None = None, colsum_mult: int = 0):
+               req=None, offset: np.ndarray | None = None, colsum_mult: int = 0, ep=None):
     """One call of backends/tvm/vnni.py's kernel for (k, n) (None: symbolic), or of amx.py's
     where the target has AMX and the shape fits (packed weights), each kind added to the module
     once. req: the requant node the kernel's epilogue computes, on the product plus `offset`
     (per column, or one value) minus colsum_mult * sum_k w[k, j]; the output then has the
-    requant's dtype, else it is the int32 product."""
+    requant's dtype, else it is the int32 product. ep: (e table, vnni.Requant) built by the
+    caller, in place of req."""
     from . import amx, vnni
     args = [u3, w]
     rq = None
-    if req is not None:
+    if ep is not None:
+        table, rq = ep
+        args.append(tr.const(table, "int64"))
+    elif req is not None:
         _acc, in_zp, mult, shift, out_zp, qmin, qmax, _axis = req.args
         table = vnni.epilogue_table(offset - in_zp, _np(tr.tensor_const(mult)), _np(tr.tensor_const(shift)),
                                     _isa(tr), int(out_zp))

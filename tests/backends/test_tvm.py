@@ -202,6 +202,36 @@ def test_vnni_linear_with_requant_epilogue(qrange, per_channel, n_out, mcpu):
     check(g, main, x)
 
 
+@pytest.mark.parametrize("mcpu", ISAS)
+@pytest.mark.parametrize("shared_out", [True, False])
+def test_sibling_linears_one_kernel_call(shared_out, mcpu):
+    """Linears reading one input (attention's q, k, v) with requants of one output zero point and
+    range run as one kernel call over their concatenated weights: per-column multipliers of
+    each, per-tensor ones broadcast, different input zero points and biases, saturation; each
+    requant's value is its columns. With one output zero point different, each runs alone."""
+    rng = np.random.default_rng(13)
+    ws = [torch.from_numpy(rng.integers(-128, 128, (n, 32)).astype(np.int8)) for n in (48, 16, 32)]
+    bs = [torch.from_numpy(rng.integers(-30000, 30000, w.shape[0]).astype(np.int32)) for w in ws]
+    reqs = [Requant(rng.uniform(1e-4, 0.02, 48), None, in_zp=-4, out_zp=2),
+            Requant(0.0071, None, in_zp=9, out_zp=2 if shared_out else 5),
+            Requant(rng.uniform(1e-4, 0.02, 32), torch.from_numpy(np.resize([0, 1, 7, 20], 32).astype(np.int64)),
+                    in_zp=0, out_zp=2)]
+    reqs[2].b = torch.from_numpy(rng.integers(1, 3, 32).astype(np.int64))  # shift 0 and 1 without saturating all
+
+    def fn(s, x):
+        return tuple(r(qc.int_linear(x, 6, w, b)) for r, w, b in zip((s.r0, s.r1, s.r2), (s.w0, s.w1, s.w2),
+                                                                         (s.b0, s.b1, s.b2)))
+    m = Ops(fn, w0=ws[0], w1=ws[1], w2=ws[2], b0=bs[0], b1=bs[1], b2=bs[2])
+    m.r0, m.r1, m.r2 = reqs
+    g, main = build(m, (torch.zeros(2, 5, 32, dtype=torch.int8),), mcpu=mcpu)
+    dots = [k for k in main.kernels if "qc_dot_u8s8" in k or "qc_amx_dot" in k]
+    if mcpu or _dot() in ("vnni", "amx", "avx2"):
+        assert len(dots) == (1 if shared_out else 3) and (not shared_out or any("x96" in k for k in dots)), dots
+    x = rng.integers(-128, 128, (7, 5, 32)).astype(np.int8)
+    x[0, 0], x[0, 1] = -128, 127
+    check(g, main, x)
+
+
 def test_packed_block_layouts():
     """vnni.pack's byte order and the in-kernel packing's inverse (Isa.col_row) agree for both
     instruction sets, and a block's dot products, computed the way each instruction reads it
