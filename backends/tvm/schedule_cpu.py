@@ -18,8 +18,8 @@ schedule; schedules only reorder loops, so results stay bit-identical:
   at the tile, columns vectorized, row blocks parallel;
 - other reductions (LayerNorm row sums, norms): parallel over their leading spatial loops.
 
-Where the CPU has AVX-512 VNNI, int8 linears and attention's matmuls do not come here: they
-are vnni.py's (and, with AMX, amx.py's) hand-written kernels (TVM 0.27.0.post1's tensorize
+Where the CPU has AVX2 or AVX-512 VNNI, int8 linears and attention's matmuls do not come here:
+they are vnni.py's (and, with AMX, amx.py's) hand-written kernels (TVM 0.27.0.post1's tensorize
 segfaults), and the softmax is rows_cpu.py's row kernel. Not done: vectorized row reductions
 with a symbolic row length (LayerNorm's), tuning.
 """
