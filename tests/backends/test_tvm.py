@@ -532,6 +532,20 @@ def test_amx_artifact_refused_where_tiles_are_not_allowed(tmp_path, monkeypatch)
         qcompiler.load(path)
 
 
+def test_thread_pool_one_thread_per_physical_core(monkeypatch):
+    """The runtime gives TVM's pool one thread per physical core it may use (TVM 0.27 alone
+    takes half the logical CPUs on x86-64), and keeps a TVM_NUM_THREADS the user set."""
+    from qcompiler.backends.tvm import runtime
+    n = runtime.physical_cores()
+    assert 1 <= n <= len(os.sched_getaffinity(0))
+    monkeypatch.delenv("TVM_NUM_THREADS", raising=False)
+    runtime.configure_threads()
+    assert os.environ["TVM_NUM_THREADS"] == str(n)
+    monkeypatch.setenv("TVM_NUM_THREADS", "7")
+    runtime.configure_threads()
+    assert os.environ["TVM_NUM_THREADS"] == "7"
+
+
 def test_unknown_tvm_target_is_refused():
     for bad in ("tvm-vulkan", "onnx:sm_90"):
         with pytest.raises(QCError, match="unknown target"):
