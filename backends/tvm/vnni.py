@@ -1,6 +1,7 @@
 """The int8 GEMM kernel of x86 CPUs, written directly in TIR, for AVX-512 VNNI and for AVX2:
-C[b, r, j] = sum_k u[b, r, k] w[b, k, j] with u uint8 and w int8 packed as [B, ceil(N/L),
-ceil(K/4), 4L] (zeros past the edges) for L = 16 (VNNI) or 8 (AVX2) int32 lanes a vector. Linears
+C[b, r, j] = sum_k u[b, r, k] w[b, k, j] with u the activation (VNNI: x + 128 as uint8; AVX2:
+x - x_zp as int16) and w int8 packed as [B, ceil(N/L), ceil(K/4), 4L] (zeros past the edges)
+for L = 16 (VNNI) or 8 (AVX2) int32 lanes a vector. Linears
 pass their weights packed (`pack`), as a constant; attention's activation x activation matmuls
 pass the right operand as it is, and the kernel packs each column panel before using it. With an
 epilogue the kernel also requantizes (Requant) the int32 tile in registers and writes the
@@ -9,10 +10,12 @@ requant's dtype.
 - VNNI: one vpdpbusd per L columns x 4 k, which adds the four u8 x s8 products to the int32 lane
   without saturation. A block's bytes are column-major: column c's 4 k at 4c.
 - AVX2 has no such instruction, and vpmaddubsw (u8 x s8 pairs into int16) saturates: 255 x 127
-  x 2 > 32767, the reason ONNX Runtime asks for 7-bit weights on such CPUs. So each block of 8
-  columns x 4 k is sign-extended to int16 (vpmovsxbw; its bytes are the k pair (0, 1) of the 8
-  columns, then the pair (2, 3)), the row's 4 bytes of u become two broadcast int16 pairs, and
-  two vpmaddwd (int16 pairs into int32, exact) replace the vpdpbusd: the same integers.
+  x 2 > 32767, the reason ONNX Runtime suggests 7-bit weights (reduce_range) on such CPUs. So
+  each block of 8 columns x 4 k is sign-extended to int16 (vpmovsxbw; its bytes are the k pair
+  (0, 1) of the 8 columns, then the pair (2, 3)), each int16 pair of u is one broadcast 32-bit
+  load, and two vpmaddwd (int16 pairs into int32, exact) replace the vpdpbusd. With u = x - x_zp
+  there is no +128 to correct for, and the requant runs without 64-bit multiplies
+  (_requant_avx2).
 
 Written by hand because TVM 0.27.0.post1's `tensorize` segfaults (with its own VNNI
 intrinsic, on the canonical packed-layout example).
@@ -37,17 +40,20 @@ class Isa:
     chunk: int = 0  # linears: bytes of u per row chunk (0: none), see kernel
 
     def pos(self, c, r):
-        """Where column c's byte for k % 4 == r lies in a packed block (ints or TIR strings)."""
-        if self.lanes == 16:
+        """Where column c's byte for k % 4 == r lies in a packed block (ints or TIR strings):
+        VNNI 4c + r; AVX2 (k pairs) 2L (r // 2) + 2c + r % 2."""
+        L2 = 2 * self.lanes
+        if self.act == "uint8":
             return f"({c}) * 4 + ({r})" if isinstance(c, str) else c * 4 + r
-        return (f"({r}) // 2 * 16 + ({c}) * 2 + ({r}) % 2" if isinstance(c, str) else
-                r // 2 * 16 + c * 2 + r % 2)
+        return (f"({r}) // 2 * {L2} + ({c}) * 2 + ({r}) % 2" if isinstance(c, str) else
+                r // 2 * L2 + c * 2 + r % 2)
 
     def col_row(self, q: str) -> tuple[str, str]:
         """TIR strings (column, k % 4) of byte q of a packed block (pos's inverse)."""
-        if self.lanes == 16:
+        L2 = 2 * self.lanes
+        if self.act == "uint8":
             return f"{q} // 4", f"{q} % 4"
-        return f"{q} % 16 // 2", f"{q} // 16 * 2 + {q} % 2"
+        return f"{q} % {L2} // 2", f"{q} // {L2} * 2 + {q} % 2"
 
 
 VNNI = Isa("avx512vnni", 16, (4, 3, 2, 1), 4, "uint8")
