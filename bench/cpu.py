@@ -9,7 +9,8 @@ bench/accuracy.py's best ORT static configuration for MiniLM) and dynamic (quant
 per-channel); qcompiler's
 W8A8 QDQ artifact run by ORT; qcompiler's integer-only tvm-llvm artifact for this CPU (AMX
 linears where it has AMX) and, on a CPU with AVX-512 VNNI, the same built for icelake-server
-(VNNI kernels only: what a CPU without AMX runs). Accuracy: embedding
+(VNNI kernels only: what a CPU without AMX runs); on an AVX2 CPU, also the tvm-llvm artifact
+with 7-bit weights (--w-bits 7), whose linears run on vpmaddubsw, exact for |w| <= 64. Accuracy: embedding
 cosine vs FP32 PyTorch on 256 held-aside sentences, each row scored on the same inputs.
 --profile: also time each kernel of the tvm-llvm artifact (TVM's VM instrument around every
 call, 5 runs, kernels grouped by name without their numbers), printed and stored as "profile".
@@ -35,6 +36,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 VNNI_MCPU = "icelake-server"
 VNNI_ONLY = f"qcompiler tvm-llvm artifact, VNNI only ({VNNI_MCPU})"
+W7_AVX2 = "qcompiler tvm-llvm artifact, W7A8 (vpmaddubsw)"
 
 
 def profile(artifact_dir: Path, feeds: dict, runs: int = 5) -> list[dict]:
@@ -100,16 +102,19 @@ def main() -> int:
     from qcompiler.backends.tvm.build import int8_dot, target_for
     target = target_for("llvm", None)
     dot = int8_dot(target)  # the int8 kernels the tvm-llvm artifact uses here: "amx", "vnni", "avx2" or None
-    for name, target_name in (("qcompiler W8A8 QDQ artifact on ORT", "onnx"),
-                         ("qcompiler integer-only tvm-llvm artifact", "tvm-llvm"),
-                         # what a CPU with AVX-512 VNNI but no AMX runs (Ice Lake server, AMD Zen 4)
-                         (VNNI_ONLY, f"tvm-llvm:{VNNI_MCPU}")):
+    for name, target_name, w_bits in (("qcompiler W8A8 QDQ artifact on ORT", "onnx", 8),
+                                      ("qcompiler integer-only tvm-llvm artifact", "tvm-llvm", 8),
+                                      # what a CPU with AVX-512 VNNI but no AMX runs (Ice Lake server, AMD Zen 4)
+                                      (VNNI_ONLY, f"tvm-llvm:{VNNI_MCPU}", 8),
+                                      (W7_AVX2, "tvm-llvm", 7)):
         if name == VNNI_ONLY and dot not in ("vnni", "amx"):  # this CPU has no AVX-512 VNNI to run it
             continue
+        if name == W7_AVX2 and dot != "avx2":  # 7-bit weights change the kernel on AVX2 only
+            continue
         t0 = time.perf_counter()
-        art = qcompiler.compile(g.copy(), calib, config=qcompiler.Config(target=target_name))
+        art = qcompiler.compile(g.copy(), calib, config=qcompiler.Config(target=target_name, w_bits=w_bits))
         compile_s[name] = time.perf_counter() - t0
-        dirs[name] = Path(work) / target_name
+        dirs[name] = Path(work) / f"{target_name}-w{w_bits}"
         runners[name] = qcompiler.load(art.save(dirs[name])).runner
         if target_name == "onnx":
             runners[name] = ort_runner(dirs[name] / "model.onnx")

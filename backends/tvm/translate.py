@@ -60,6 +60,15 @@ def _isa(tr):
     return vnni.isa_of(tr.dot)
 
 
+def _linear_isa(tr, *weights: np.ndarray):
+    """The CPU kernel's instruction set for linears with these constant weights: on AVX2, the
+    vpmaddubsw variant where every |w| <= 64 (7-bit weights), else the target's."""
+    from . import vnni
+    if tr.dot == "avx2" and all(np.abs(w.astype(np.int16)).max(initial=0) <= vnni.S7_MAX for w in weights):
+        return vnni.AVX2_S7
+    return _isa(tr)
+
+
 class _Element:
     """What an elementwise kernel's fn sees besides its inputs' values: raw, the tensor inputs'
     loads, and table(i), a read of the kernel's constant table. Intermediates are plain
@@ -419,7 +428,7 @@ def _linear_vnni(tr, n, xv, x_zp: int, wt: torch.Tensor, bias):
     kernel's epilogue: binds that node, returns None."""
     from . import vnni
     n_out, k_in = wt.shape
-    isa = _isa(tr)
+    isa = _linear_isa(tr, _np(wt))
     off = 128 if tr.dtype_of(xv) == "int8" and isa.act == "uint8" else 0
     xv = _as_uint8(tr, xv, off) if isa.act == "uint8" else tr.sub_zp(xv, x_zp, "int16")
     packed = vnni.pack(_np(wt), isa)
@@ -430,10 +439,11 @@ def _linear_vnni(tr, n, xv, x_zp: int, wt: torch.Tensor, bias):
     b = _bias64(tr, bias, n_out)
     req = _vnni_requant(tr, n, n_out, len(lead) + 1)
     if req is not None and np.abs(b - corr).max(initial=0) < 2**31:
-        y = _vnni_call(tr, u3, tr.const(packed, "int8"), k_in, n_out, [1, rows, n_out], req=req, offset=b - corr)
+        y = _vnni_call(tr, u3, tr.const(packed, "int8"), k_in, n_out, [1, rows, n_out], req=req, offset=b - corr,
+                       isa=isa)
         tr.env[req] = tr.emit(tr.R.reshape(y, [*lead, n_out]))
         return None
-    y = _vnni_call(tr, u3, tr.const(packed, "int8"), k_in, n_out, [1, rows, n_out])
+    y = _vnni_call(tr, u3, tr.const(packed, "int8"), k_in, n_out, [1, rows, n_out], isa=isa)
     y = tr.emit(tr.R.reshape(y, [*lead, n_out]))
     if corr.any():
         y = tr.emit(tr.R.subtract(y, tr.const(corr.astype(np.int32), "int32")))
@@ -474,7 +484,7 @@ def _linears_cpu(tr, n, xv, x_zp: int, group) -> bool:
     the output (Columns, sliced by its readers). False (nothing emitted) where an offset does
     not fit the epilogue (as _linear_vnni)."""
     from . import vnni
-    isa = _isa(tr)
+    isa = _linear_isa(tr, *[_np(wt) for _l, wt, _r in group])
     off = 128 if tr.dtype_of(xv) == "int8" and isa.act == "uint8" else 0
     tables = []
     for lin, wt, req in group:
@@ -494,7 +504,7 @@ def _linears_cpu(tr, n, xv, x_zp: int, group) -> bool:
     rows, (n_all, k_in) = math.prod(lead), w.shape
     u3 = tr.emit(tr.R.reshape(u, [1, rows, k_in]))
     y = _vnni_call(tr, u3, tr.const(vnni.pack(w, isa), "int8"), k_in, n_all, [1, rows, n_all],
-                   ep=(np.concatenate(tables, axis=1), rq))
+                   ep=(np.concatenate(tables, axis=1), rq), isa=isa)
     y = tr.emit(tr.R.reshape(y, [*lead, n_all]))
     start = 0
     for lin, wt, req in group:
@@ -529,14 +539,15 @@ def _vnni_requant(tr, n, n_out: int | None, ndim: int):
 
 
 def _vnni_call(tr, u3, w, k: int | None, n: int | None, out_shape: list, packed: bool = True,
-               req=None, offset: np.ndarray | None = None, colsum_mult: int = 0, ep=None):
+               req=None, offset: np.ndarray | None = None, colsum_mult: int = 0, ep=None, isa=None):
     """One call of backends/tvm/vnni.py's kernel for (k, n) (None: symbolic), or of amx.py's
     where the target has AMX and the shape fits (packed weights), each kind added to the module
     once. req: the requant node the kernel's epilogue computes, on the product plus `offset`
     (per column, or one value) minus colsum_mult * sum_k w[k, j]; the output then has the
     requant's dtype, else it is the int32 product. ep: (e table, vnni.Requant) built by the
-    caller, in place of req."""
+    caller, in place of req. isa: vnni.py's instruction set (default: the target's)."""
     from . import amx, vnni
+    isa = isa or _isa(tr)
     args = [u3, w]
     rq = None
     if ep is not None:
@@ -545,16 +556,17 @@ def _vnni_call(tr, u3, w, k: int | None, n: int | None, out_shape: list, packed:
     elif req is not None:
         _acc, in_zp, mult, shift, out_zp, qmin, qmax, _axis = req.args
         table = vnni.epilogue_table(offset - in_zp, _np(tr.tensor_const(mult)), _np(tr.tensor_const(shift)),
-                                    _isa(tr), int(out_zp))
+                                    isa, int(out_zp))
         rq = vnni.Requant(_dt(I.int_dtype(qmin, qmax)), int(out_zp), int(qmin), int(qmax), table.shape[1] > 1,
                           colsum_mult)
         args.append(tr.const(table, "int64"))
     tiles = tr.dot == "amx" and packed and k is not None and n is not None and amx.fits(k, n)
-    key = ("amx" if tiles else "vnni", k, n, packed, rq)
+    key = ("amx" if tiles else isa.name, k, n, packed, rq)
     if key not in tr.kernels:
-        name = (f"qc_amx_dot_{k}x{n}" if tiles else f"{VNNI_BLOCK}_{k or 'k'}x{n or 'n'}" + ("" if packed else "_act")) + \
+        name = (f"qc_amx_dot_{k}x{n}" if tiles else f"{VNNI_BLOCK}_{k or 'k'}x{n or 'n'}" + ("" if packed else "_act") +
+                ("_s7" if isa is vnni.AVX2_S7 else "")) + \
             ("" if rq is None else f"_rq{len(tr.kernels)}")
-        f = amx.kernel(k, n, rq) if tiles else vnni.kernel(k, n, packed, rq, _isa(tr))
+        f = amx.kernel(k, n, rq) if tiles else vnni.kernel(k, n, packed, rq, isa)
         tr.kernels[key] = tr.bb.add_func(f.with_attr("global_symbol", name), name)
     return tr.emit(tr.relax.call_tir(tr.kernels[key], args, tr.relax.TensorType(out_shape, rq.out_dtype if rq else "int32")))
 

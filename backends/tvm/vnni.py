@@ -58,6 +58,11 @@ class Isa:
 
 VNNI = Isa("avx512vnni", 16, (4, 3, 2, 1), 4, "uint8")
 AVX2 = Isa("avx2", 8, (2, 1), 4, "int16", 128 << 10)
+# AVX2 for weights of at most 7 bits (|w| <= 64, checked on the constant weights): vpmaddubsw's
+# int16 pair sums are then exact (255 x 64 x 2 = 32640), and vpmaddubsw + vpmaddwd by ones is
+# vpdpbusd, half the multiplies of the int16 path; u and the block layout are VNNI's
+AVX2_S7 = Isa("avx2-s7", 8, (2, 1), 4, "uint8", 128 << 10)
+S7_MAX = 64  # the largest |w| AVX2_S7 takes
 
 
 def isa_of(dot: str) -> Isa:
@@ -103,6 +108,11 @@ def _dot(isa: Isa, acc: str, a: tuple, w) -> str:
     values as int32 words (VNNI: one, the 4 bytes; AVX2: two, the int16 pairs), each broadcast
     to every lane; w(lo, ln) is the load of the block's bytes [lo, lo + ln)."""
     L = isa.lanes
+    if isa is AVX2_S7:  # u8 x s8 pairs into int16 (exact for |w| <= 64), then pairs of those into int32
+        pairs = (f'T.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", '
+                 f'T.reinterpret("int8x32", T.broadcast({a[0]}, 8)), {w(0, 32)})')
+        return (f'{acc} + T.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", {pairs}, '
+                f'T.broadcast(T.int16(1), 16))')
     if isa.act == "uint8":
         # LLVM >= 20 declares vpdpbusd's multiplicands as <64 x i8>, older releases as <16 x i32>
         bty = "int8x64" if _llvm_major() >= 20 else "int32x16"
@@ -180,15 +190,18 @@ def kernel(k: int | None, n: int | None, packed: bool = True, ep: Requant | None
         ch = rows * max(1, isa.chunk // (k * np.dtype(isa.act).itemsize * rows))
     nch = f"((m + {ch - 1}) // {ch})" if ch else "1"
     nrb = f"((m + {rows - 1}) // {rows})"
-    rbs = f"chunk * {ch // rows}, T.min({nrb}, chunk * {ch // rows} + {ch // rows})" if ch else nrb
+    # the chunks' row blocks split evenly (m / ch rounded up, chunks of equal size): with chunks
+    # of ch rows the last one is short, and the threads' equal shares of tasks unequal work
+    cb = f"((({'m'} + {nch} - 1) // {nch} + {rows - 1}) // {rows})"
+    rbs = f"chunk * {cb}, T.min({nrb}, chunk * {cb} + {cb})" if ch else nrb
     out_dt = "int32" if ep is None else ep.out_dtype
     val = f"acc[i, t, T.ramp(0, 1, {L})]"
     edecl = ""
     if ep is not None:
-        edecl = f'    e = T.match_buffer(var_e, ({TABLE_ROWS[isa.act]}, {nn if ep.per_channel else 1}), "int64")\n'
+        edecl = f'    e = T.match_buffer(var_e, ({TABLE_ROWS[L]}, {nn if ep.per_channel else 1}), "int64")\n'
         sub = (f' - T.Cast("int64x{L}", cs[t, T.ramp(0, 1, {L})]) * T.broadcast(T.int64({ep.colsum_mult}), {L})'
                if colsum else "")
-        rq = requant_vec(ep, val, col0, sub, L) if isa.act == "uint8" else _requant_avx2(ep, val, col0)
+        rq = requant_vec(ep, val, col0, sub, L) if L == 16 else _requant_avx2(ep, val, col0)
         eps = f"yv[T.ramp(0, 1, {L})] = {rq}\n{' ' * 20}"
         val = f"yv[T.ramp(0, 1, {L})]"
     else:
@@ -270,7 +283,7 @@ def requant_vec(ep: Requant, acc: str, col0: str, sub: str = "", lanes: int = 16
     return f'T.Cast("{ep.out_dtype}x{L}", T.max(T.min({r} + {c64(ep.out_zp)}, {c64(ep.qmax)}), {c64(ep.qmin)}))'
 
 
-TABLE_ROWS = {"uint8": 4, "int16": 6}  # rows of the e argument, by Isa.act
+TABLE_ROWS = {16: 4, 8: 6}  # rows of the e argument, by Isa.lanes (8: _requant_avx2's)
 
 
 def _requant_avx2(ep: Requant, acc: str, col0: str) -> str:
@@ -281,7 +294,7 @@ def _requant_avx2(ep: Requant, acc: str, col0: str) -> str:
     plus offset x m, the same integer p as (acc + offset) x m; the rounding shift of p is a
     logical shift of p + 2^63 (its sign bit flipped), which adds 2^(63-shift) to the result
     (2^63 is a multiple of 2^shift for shift <= 62), taken away with out_zp in one subtraction."""
-    assert ep.colsum_mult == 0, "the AVX2 kernel's u is x - x_zp: no column sums"
+    assert ep.colsum_mult == 0, "the AVX2 epilogue takes no column sums (u = x - x_zp, or packed weights)"
     ev = (lambda r: f"e[{r}, T.ramp({col0}, 1, 8)]") if ep.per_channel else (lambda r: f"T.broadcast(e[{r}, 0], 8)")
     c64 = lambda v: f"T.broadcast(T.int64({v}), 8)"
     p = f'(T.Cast("int64x8", {acc}) * T.Cast("int64x8", T.Cast("int32x8", {ev(1)})) + {ev(0)})'
@@ -298,7 +311,7 @@ def epilogue_table(offset: np.ndarray, mult: np.ndarray, shift: np.ndarray, isa:
     multiplier, shift, the rounding term, [shift > 0] and 2^(63-shift) - out_zp (mod 2^64)."""
     off, m, c = np.broadcast_arrays(*(np.asarray(v, np.int64).reshape(-1) for v in (offset, mult, shift)))
     rnd = np.where(c > 0, np.left_shift(np.int64(1), np.maximum(c - 1, 0)), 0)
-    if isa.act == "uint8":
+    if isa.lanes == 16:
         return np.stack([off, m, c, rnd]).astype(np.int64)
     assert np.abs(off).max(initial=0) < 2**32 and np.abs(m).max(initial=0) < 2**31, "offset x multiplier overflows"
     wrap = lambda v: (int(v) + (1 << 63)) % (1 << 64) - (1 << 63)  # noqa: E731

@@ -232,6 +232,51 @@ def test_sibling_linears_one_kernel_call(shared_out, mcpu):
     check(g, main, x)
 
 
+@pytest.mark.parametrize("w_max", [64, 65])
+def test_avx2_seven_bit_weights_vpmaddubsw(w_max):
+    """On AVX2, a linear whose weights all lie in [-64, 64] runs on vpmaddubsw (u8 x s8 pairs into
+    int16, exact there: 255 x 64 x 2 = 32640), one with a weight of 65 on the int16 kernel: both
+    bit-exact with u = 255 against w = +-64 (the largest pair sums), zero points, per-column
+    requant; and as a group of sibling linears."""
+    if not _has_avx2():
+        pytest.skip("no AVX2 here")
+    rng = np.random.default_rng(14)
+    w = torch.from_numpy(rng.integers(-64, 65, (48, 40)).astype(np.int8))
+    w[0], w[1, :20], w[1, 20:] = 64, -64, 64
+    w[2, 2], w[2, 3] = 64, w_max  # the pair (k 2, k 3): 255 x 129 > 32767 where a 65 took vpmaddubsw
+    w2 = torch.from_numpy(rng.integers(-30, 31, (16, 40)).astype(np.int8))
+    bias = torch.from_numpy(rng.integers(-9000, 9000, 48).astype(np.int32))
+    m = Ops(lambda s, x: (s.req(qc.int_linear(x, 3, s.w, s.bias)), s.req2(qc.int_linear(x, 3, s.w2, None))),
+            w=w, w2=w2, bias=bias)
+    m.req = Requant(rng.uniform(1e-4, 0.01, 48), None, in_zp=2, out_zp=-1)
+    m.req2 = Requant(0.003, None, out_zp=-1)
+    g, main = build(m, (torch.zeros(2, 40, dtype=torch.int8),), mcpu="haswell")
+    s7 = [k for k in main.kernels if k.startswith("qc_dot_u8s8") and "_s7" in k]
+    assert bool(s7) == (w_max == 64), main.kernels
+    x = rng.integers(-128, 128, (9, 40)).astype(np.int8)
+    x[0], x[1] = 127, -128  # u = 255 and 0
+    check(g, main, x)
+
+
+@pytest.mark.parametrize("rows", [3, 150, 257])
+def test_avx2_row_chunks(rows):
+    """The AVX2 kernels split the rows into chunks of about 128 KB of u (64 rows at K = 1024 for
+    int16 u, 128 for uint8), of equal size: every row computed once, at row counts that leave a
+    short last block; int16 (8-bit weights) and vpmaddubsw (7-bit) kernels."""
+    if not _has_avx2():
+        pytest.skip("no AVX2 here")
+    rng = np.random.default_rng(15)
+    w8 = torch.from_numpy(rng.integers(-128, 128, (16, 1024)).astype(np.int8))
+    w7 = torch.from_numpy(rng.integers(-64, 65, (24, 1024)).astype(np.int8))
+    m = Ops(lambda s, x, y: (s.req(qc.int_linear(x, 1, s.w8, None)), s.req(qc.int_linear(y, -2, s.w7, None))),
+            w8=w8, w7=w7)
+    m.req = Requant(2e-4, None, out_zp=3)
+    g, main = build(m, (torch.zeros(2, 1024, dtype=torch.int8), torch.zeros(2, 1024, dtype=torch.int8)), mcpu="haswell")
+    assert any("_s7" in k for k in main.kernels) and any("qc_dot_u8s8_1024x16" in k and "_s7" not in k
+                                                          for k in main.kernels), main.kernels
+    check(g, main, *(rng.integers(-128, 128, (rows, 1024)).astype(np.int8) for _ in range(2)))
+
+
 def test_packed_block_layouts():
     """vnni.pack's byte order and the in-kernel packing's inverse (Isa.col_row) agree for both
     instruction sets, and a block's dot products, computed the way each instruction reads it
