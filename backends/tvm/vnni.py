@@ -192,7 +192,7 @@ def kernel(k: int | None, n: int | None, packed: bool = True, ep: Requant | None
     nrb = f"((m + {rows - 1}) // {rows})"
     # the chunks' row blocks split evenly (m / ch rounded up, chunks of equal size): with chunks
     # of ch rows the last one is short, and the threads' equal shares of tasks unequal work
-    cb = f"((({'m'} + {nch} - 1) // {nch} + {rows - 1}) // {rows})"
+    cb = f"(((m + {nch} - 1) // {nch} + {rows - 1}) // {rows})"
     rbs = f"chunk * {cb}, T.min({nrb}, chunk * {cb} + {cb})" if ch else nrb
     out_dt = "int32" if ep is None else ep.out_dtype
     val = f"acc[i, t, T.ramp(0, 1, {L})]"
