@@ -115,9 +115,9 @@ def main() -> int:
         art = qcompiler.compile(g.copy(), calib, config=qcompiler.Config(target=target_name, w_bits=w_bits))
         compile_s[name] = time.perf_counter() - t0
         dirs[name] = Path(work) / f"{target_name}-w{w_bits}"
-        runners[name] = qcompiler.load(art.save(dirs[name])).runner
-        if target_name == "onnx":
-            runners[name] = ort_runner(dirs[name] / "model.onnx")
+        art.save(dirs[name])
+        runners[name] = ort_runner(dirs[name] / "model.onnx") if target_name == "onnx" else \
+            qcompiler.load(dirs[name]).runner
     out = g.outputs[0].name
     acc = {name: score("cosine", ref, run_batched(lambda f, r=r: r.run(f)[out], ev, 32), None)
            for name, r in runners.items()}

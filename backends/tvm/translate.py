@@ -421,35 +421,44 @@ def _linears_sm90(tr, n, xv, group):
 
 
 def _linear_vnni(tr, n, xv, x_zp: int, wt: torch.Tensor, bias):
-    """(x - x_zp) @ w^T + bias as vnni.py's kernel computes it: u = x + 128 as uint8 for int8 x
-    (x itself for uint8), sum_k u_k w_jk in int32 over w packed (vnni.pack), minus
-    (128 + x_zp) * sum_k w_jk: the same integers, since every term is exact in int32 (AVX2: u =
-    x - x_zp as int16, nothing to subtract). With the requant after it (_vnni_requant) in the
-    kernel's epilogue: binds that node, returns None."""
+    """(x - x_zp) @ w^T + bias as vnni.py's kernel computes it (_cpu_operand): u = x + 128 as
+    uint8 for int8 x (x itself for uint8), sum_k u_k w_jk in int32 over w packed (vnni.pack),
+    minus (128 + x_zp) * sum_k w_jk: the same integers, since every term is exact in int32
+    (AVX2 with 8-bit weights: u = x - x_zp as int16, nothing to subtract). With the requant
+    after it (_vnni_requant) in the kernel's epilogue (_linears_cpu): binds that node, returns
+    None."""
     from . import vnni
-    n_out, k_in = wt.shape
-    isa = _linear_isa(tr, _np(wt))
-    off = 128 if tr.dtype_of(xv) == "int8" and isa.act == "uint8" else 0
-    xv = _as_uint8(tr, xv, off) if isa.act == "uint8" else tr.sub_zp(xv, x_zp, "int16")
-    packed = vnni.pack(_np(wt), isa)
-    lead = tr.shape_of(xv)[:-1]
-    rows = math.prod(lead)
-    u3 = tr.emit(tr.R.reshape(xv, [1, rows, k_in]))
-    corr = (off + x_zp) * _np(wt).astype(np.int64).sum(1) if isa.act == "uint8" else np.zeros(n_out, np.int64)
-    b = _bias64(tr, bias, n_out)
-    req = _vnni_requant(tr, n, n_out, len(lead) + 1)
-    if req is not None and np.abs(b - corr).max(initial=0) < 2**31:
-        y = _vnni_call(tr, u3, tr.const(packed, "int8"), k_in, n_out, [1, rows, n_out], req=req, offset=b - corr,
-                       isa=isa)
-        tr.env[req] = tr.emit(tr.R.reshape(y, [*lead, n_out]))
+    req = _vnni_requant(tr, n, wt.shape[0], tr.ndim(xv))
+    if req is not None and _linears_cpu(tr, n, xv, x_zp, [(n, wt, req)]):
         return None
-    y = _vnni_call(tr, u3, tr.const(packed, "int8"), k_in, n_out, [1, rows, n_out], isa=isa)
+    isa = _linear_isa(tr, _np(wt))
+    u3, lead = _cpu_operand(tr, xv, x_zp, isa)
+    corr = _colsum_mult(tr, xv, x_zp, isa) * _np(wt).astype(np.int64).sum(1)
+    n_out, k_in = wt.shape
+    y = _vnni_call(tr, u3, tr.const(vnni.pack(_np(wt), isa), "int8"), k_in, n_out, [1, math.prod(lead), n_out],
+                   isa=isa)
     y = tr.emit(tr.R.reshape(y, [*lead, n_out]))
     if corr.any():
         y = tr.emit(tr.R.subtract(y, tr.const(corr.astype(np.int32), "int32")))
     if bias is not None:
         y = tr.emit(tr.R.add(y, tr.value(bias, "int32")))
     return y
+
+
+def _colsum_mult(tr, xv, x_zp: int, isa) -> int:
+    """c such that the linear's value is the kernel's sum minus c * sum_k w_jk (_cpu_operand)."""
+    return (128 if tr.dtype_of(xv) == "int8" else 0) + x_zp if isa.act == "uint8" else 0
+
+
+def _cpu_operand(tr, xv, x_zp: int, isa):
+    """(u as [1, rows, k], x's leading dims) for vnni.py's kernel: VNNI-style u = x + 128 (uint8
+    x as it is; _colsum_mult corrects for it), or AVX2's u = x - x_zp as int16."""
+    if isa.act == "uint8":
+        u = _as_uint8(tr, xv, 128 if tr.dtype_of(xv) == "int8" else 0)
+    else:
+        u = tr.sub_zp(xv, x_zp, "int16")
+    shape = tr.shape_of(u)
+    return tr.emit(tr.R.reshape(u, [1, math.prod(shape[:-1]), shape[-1]])), shape[:-1]
 
 
 def _linear_group_cpu(tr, n, xv, x_zp: int) -> list:
@@ -479,18 +488,16 @@ def _linear_group_cpu(tr, n, xv, x_zp: int) -> list:
 
 
 def _linears_cpu(tr, n, xv, x_zp: int, group) -> bool:
-    """The linears of `group` (_linear_group_cpu) as one call of vnni.py's kernel over their
-    concatenated weights, each requant in the epilogue; each requant's value is its columns of
-    the output (Columns, sliced by its readers). False (nothing emitted) where an offset does
-    not fit the epilogue (as _linear_vnni)."""
+    """The linears of `group` ([(linear, weight, requant)]: one, or _linear_group_cpu's) as one
+    call of vnni.py's kernel over their concatenated weights, each requant in the epilogue; one
+    linear's requant gets the output, several get their columns of it (Columns, sliced by their
+    readers). False (nothing emitted) where an offset does not fit the epilogue."""
     from . import vnni
-    isa = _linear_isa(tr, *[_np(wt) for _l, wt, _r in group])
-    off = 128 if tr.dtype_of(xv) == "int8" and isa.act == "uint8" else 0
-    tables = []
+    w = np.concatenate([_np(wt) for _l, wt, _r in group])
+    isa = _linear_isa(tr, w)
+    tables, start, cm = [], 0, _colsum_mult(tr, xv, x_zp, isa)
     for lin, wt, req in group:
-        w64 = _np(wt).astype(np.int64)
-        corr = (off + x_zp) * w64.sum(1) if isa.act == "uint8" else 0
-        offset = _bias64(tr, lin.args[3], wt.shape[0]) - corr
+        offset = _bias64(tr, lin.args[3], wt.shape[0]) - cm * _np(wt).astype(np.int64).sum(1)
         if np.abs(offset).max(initial=0) >= 2**31:
             return False
         _acc, in_zp, mult, shift, out_zp, _qmin, _qmax, _axis = req.args
@@ -498,15 +505,14 @@ def _linears_cpu(tr, n, xv, x_zp: int, group) -> bool:
                                           isa, int(out_zp)))
     _acc, _in_zp, _mult, _shift, out_zp, qmin, qmax, _axis = group[0][2].args
     rq = vnni.Requant(_dt(I.int_dtype(qmin, qmax)), int(out_zp), int(qmin), int(qmax), True)
-    u = _as_uint8(tr, xv, off) if isa.act == "uint8" else tr.sub_zp(xv, x_zp, "int16")
-    w = np.concatenate([_np(wt) for _l, wt, _r in group])
-    lead = tr.shape_of(u)[:-1]
-    rows, (n_all, k_in) = math.prod(lead), w.shape
-    u3 = tr.emit(tr.R.reshape(u, [1, rows, k_in]))
-    y = _vnni_call(tr, u3, tr.const(vnni.pack(w, isa), "int8"), k_in, n_all, [1, rows, n_all],
+    u3, lead = _cpu_operand(tr, xv, x_zp, isa)
+    n_all, k_in = w.shape
+    y = _vnni_call(tr, u3, tr.const(vnni.pack(w, isa), "int8"), k_in, n_all, [1, math.prod(lead), n_all],
                    ep=(np.concatenate(tables, axis=1), rq), isa=isa)
     y = tr.emit(tr.R.reshape(y, [*lead, n_all]))
-    start = 0
+    if len(group) == 1:
+        tr.env[group[0][2]] = y
+        return True
     for lin, wt, req in group:
         tr.env[req] = Columns(y, start, wt.shape[0])
         if lin is not n:
